@@ -1,0 +1,99 @@
+"""Which pairs a row compares: the valid set V(i) and the positive set P(i) of loss.md.
+
+Every toolkit layout (SimCLR / NT-Xent, multi-crop, SupCon ids, MoCo, two-tower) reduces to one
+`Pairs` description over an anchor matrix (N x D) and a candidate matrix (M x D):
+
+- candidate j is a positive of row i when ``candidate_ids[j] == anchor_ids[i]``
+  (``candidate_ids[j] == -1`` never matches: queue entries);
+- column ``i + self_offset`` is not in V(i) (the anchor itself in the in-batch layout);
+- an optional extra column 0 holds the MoCo positive ``<a_i, k_i>``, outside the candidate matrix.
+
+Both backends (the reference and the Triton kernel) consume this same description, so a layout is
+defined once. The counts |P(i)| and |Neg(i)| are computed here in O((N + M) log M) without any
+N x M mask, so the kernel path never builds one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NO_ID = -1  # candidate id that matches no anchor: a negative for every row
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Valid and positive pairs of an N x M problem, plus their per-row counts."""
+
+    anchor_ids: Optional[Tensor]  # (N,) int64, >= 0
+    candidate_ids: Optional[Tensor]  # (M,) int64, NO_ID or >= 0
+    self_offset: Optional[int]  # column i + self_offset is excluded from row i
+    has_positive_key: bool  # an extra positive column 0 (MoCo), not in the candidate matrix
+    num_positives: Tensor  # (N,) int64: |P(i)|
+    num_negatives: Tensor  # (N,) int64: |Neg(i)| = |V(i)| - |P(i)|
+
+
+def make_pairs(
+    num_anchors: int,
+    num_candidates: int,
+    *,
+    anchor_ids: Optional[Tensor] = None,
+    candidate_ids: Optional[Tensor] = None,
+    self_offset: Optional[int] = None,
+    has_positive_key: bool = False,
+    device: torch.device | str = "cpu",
+) -> Pairs:
+    """Describe a layout and count its positives and negatives per row (no N x M memory)."""
+    n, m = num_anchors, num_candidates
+    rows = torch.arange(n, device=device)
+    if anchor_ids is not None and candidate_ids is not None:
+        # |{j : cand_id[j] == anchor_id[i]}| by binary search in the sorted candidate ids.
+        sorted_ids = torch.sort(candidate_ids).values
+        matches = torch.searchsorted(sorted_ids, anchor_ids, right=True) - torch.searchsorted(
+            sorted_ids, anchor_ids, right=False
+        )
+    else:
+        matches = torch.zeros(n, dtype=torch.long, device=device)
+    valid = torch.full((n,), m, dtype=torch.long, device=device)
+    if self_offset is not None:
+        self_col = rows + self_offset
+        has_self = (self_col >= 0) & (self_col < m)
+        valid = valid - has_self.long()
+        if anchor_ids is not None and candidate_ids is not None:
+            self_id = candidate_ids[self_col.clamp(0, max(m - 1, 0))] if m > 0 else anchor_ids
+            matches = matches - (has_self & (self_id == anchor_ids)).long()
+    positives = matches + int(has_positive_key)
+    valid = valid + int(has_positive_key)
+    return Pairs(
+        anchor_ids=anchor_ids,
+        candidate_ids=candidate_ids,
+        self_offset=self_offset,
+        has_positive_key=has_positive_key,
+        num_positives=positives,
+        num_negatives=valid - positives,
+    )
+
+
+def dense_masks(pairs: Pairs, n: int, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (valid, positive) boolean N x M' masks, M' = M (+1 with a positive key column first).
+
+    Only for the reference op and tests: this is exactly the N x M memory the kernel avoids.
+    """
+    valid = torch.ones(n, m, dtype=torch.bool, device=device)
+    if pairs.self_offset is not None:
+        rows = torch.arange(n, device=device)
+        cols = rows + pairs.self_offset
+        keep = (cols >= 0) & (cols < m)
+        valid[rows[keep], cols[keep]] = False
+    if pairs.anchor_ids is not None and pairs.candidate_ids is not None:
+        positive = (pairs.anchor_ids[:, None] == pairs.candidate_ids[None, :]) & valid
+    else:
+        positive = torch.zeros(n, m, dtype=torch.bool, device=device)
+    if pairs.has_positive_key:
+        first = torch.ones(n, 1, dtype=torch.bool, device=device)
+        valid = torch.cat([first, valid], dim=1)
+        positive = torch.cat([first, positive], dim=1)
+    return valid, positive
