@@ -1,0 +1,26 @@
+"""smooth-infonce: the smoothed InfoNCE loss for lightweight self-supervised models.
+
+    >>> from smooth_infonce import SmoothInfoNCELoss
+    >>> loss_fn = SmoothInfoNCELoss(temperature=0.2, smoothing=0.1, neighbors=5)
+
+See `SmoothInfoNCELoss` (module), `smooth_infonce` (functional, every layout) and
+`SmoothingSchedule` (alpha per epoch).
+"""
+
+from .functional import smooth_infonce, triton_available
+from .layout import Pairs, make_pairs
+from .loss import SmoothInfoNCELoss
+from .reference import reference_row_losses
+from .schedule import SmoothingSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SmoothInfoNCELoss",
+    "SmoothingSchedule",
+    "Pairs",
+    "make_pairs",
+    "reference_row_losses",
+    "smooth_infonce",
+    "triton_available",
+]

@@ -1,0 +1,167 @@
+"""`SmoothInfoNCELoss`: the nn.Module over the functional op, with lightly's call forms."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .functional import smooth_infonce
+from .schedule import SmoothingSchedule
+from .validation import (
+    BACKENDS,
+    REDUCTIONS,
+    check_choice,
+    check_embeddings,
+    check_finite,
+    check_neighbors,
+    check_smoothing,
+    check_temperature,
+)
+
+Weights = Union[None, Sequence[float], Tensor]
+
+
+class SmoothInfoNCELoss(nn.Module):
+    """Smoothed InfoNCE loss ("Establishing a stronger baseline for lightweight contrastive
+    models", arXiv 2212.07158).
+
+    For anchor i with logits z_ij = <a_i, c_j> / tau over its valid candidates V(i), positives
+    P(i) and smoothing set S(i) (all negatives, or the ``neighbors`` most similar ones):
+
+        y_ij = (1 - alpha) / |P(i)| on P(i),   alpha / |S(i)| on S(i),   0 elsewhere
+        l_i  = logsumexp_{j in V(i)} z_ij - sum_j y_ij z_ij
+
+    and the loss is the (weighted) mean of l_i. ``smoothing=0`` is plain InfoNCE / NT-Xent.
+
+    Call forms:
+
+    - ``loss(out0, out1)``: two views (B x D each) of B images, in-batch negatives, self excluded,
+      mean over the 2B rows; equals lightly's ``NTXentLoss(temperature)`` at smoothing 0.
+    - ``loss(out0, out1, out2, ...)``: multi-crop; every view of image b is a positive of every
+      other view of b. ``labels=`` (B,) makes all rows of one class positives (SupCon-style).
+    - ``loss(query, key, queue=Q)``: MoCo. Row i's positive is key i, the queue rows (K x D, no
+      gradient) its negatives; mean over the B rows.
+    - ``loss(query, key, *more_queries, queue=Q, weights=(0.4, 0.1, ...))``: SSLight's
+      multi-query MoCo: every query view shares the key's positive and the queue's negatives.
+
+    ``weights`` is one float per anchor view (rows of view v get weights[v]; the loss is
+    sum_i w_i l_i / sum_i w_i) or a tensor with one weight per row.
+
+    Args:
+        temperature: tau > 0.
+        smoothing: alpha in [0, 1).
+        neighbors: None for uniform smoothing over all negatives; k >= 1 to smooth onto the k most
+            similar negatives of each row (the authors' default strategy).
+        schedule: optional `SmoothingSchedule`; ``set_epoch(e)`` then sets ``smoothing``.
+        normalize: L2-normalise the embeddings inside the loss.
+        gather_distributed: compare against the in-batch candidates of every rank.
+        reduction: "mean", "sum" or "none".
+        backend: "auto" (the fused Triton kernel on CUDA, the reference op elsewhere),
+            "reference" or "triton".
+        validate: value checks that synchronise with the device (non-finite inputs, too few
+            negatives); shape, dtype and device checks always run.
+
+    Example:
+        >>> import torch
+        >>> from smooth_infonce import SmoothInfoNCELoss
+        >>> loss_fn = SmoothInfoNCELoss(temperature=0.2, smoothing=0.1, neighbors=5)
+        >>> out0, out1 = torch.randn(32, 128), torch.randn(32, 128)
+        >>> loss = loss_fn(out0, out1)
+        >>> queue = torch.randn(4096, 128)
+        >>> loss = loss_fn(out0, out1, queue=queue)   # MoCo: out0 queries, out1 keys
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        smoothing: float = 0.0,
+        neighbors: Optional[int] = None,
+        *,
+        schedule: Optional[SmoothingSchedule] = None,
+        normalize: bool = True,
+        gather_distributed: bool = False,
+        reduction: str = "mean",
+        backend: str = "auto",
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.smoothing = check_smoothing(smoothing)
+        self.neighbors = check_neighbors(neighbors)
+        if schedule is not None and not isinstance(schedule, SmoothingSchedule):
+            raise TypeError(f"schedule must be a SmoothingSchedule or None, got {type(schedule).__name__}")
+        self.schedule = schedule
+        self.normalize = normalize
+        self.gather_distributed = gather_distributed
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.validate = validate
+
+    def set_epoch(self, epoch: int) -> float:
+        """Set ``smoothing`` from the schedule for this epoch and return it."""
+        if self.schedule is None:
+            raise RuntimeError("set_epoch needs a schedule: SmoothInfoNCELoss(..., schedule=SmoothingSchedule(...))")
+        self.smoothing = self.schedule(epoch)
+        return self.smoothing
+
+    def forward(
+        self,
+        out0: Tensor,
+        out1: Tensor,
+        *more_views: Tensor,
+        queue: Optional[Tensor] = None,
+        weights: Weights = None,
+        labels: Optional[Tensor] = None,
+    ) -> Tensor:
+        views = (out0, out1, *more_views)
+        check_embeddings("out0", out0)
+        for v, view in enumerate(views[1:], start=1):
+            check_embeddings(f"out{v}", view, width=out0.shape[1], rows=out0.shape[0])
+        if self.validate:  # name the offending view; the functional op would only say "anchors"
+            for v, view in enumerate(views):
+                check_finite(f"out{v}", view)
+        batch = out0.shape[0]
+        options = dict(
+            temperature=self.temperature, smoothing=check_smoothing(self.smoothing), neighbors=self.neighbors,
+            reduction=self.reduction, normalize=self.normalize, backend=self.backend, validate=self.validate,
+        )
+
+        if queue is not None:  # MoCo: out1 holds the keys, the other views are queries
+            check_embeddings("queue", queue, width=out0.shape[1])
+            if self.validate:
+                check_finite("queue", queue)
+            if labels is not None:
+                raise ValueError("labels are not supported with a queue (MoCo has one positive per query)")
+            queries = (out0, *more_views)
+            return smooth_infonce(
+                torch.cat(queries), queue.detach(), positive_keys=out1.repeat(len(queries), 1),
+                weights=self._row_weights(weights, len(queries), batch, out0), **options,
+            )
+
+        if labels is not None:
+            if labels.shape != (batch,):
+                raise ValueError(f"labels must have shape ({batch},), one per image, got {tuple(labels.shape)}")
+            ids = labels
+        else:  # instance ids, unique across ranks so gathered candidates keep their identity
+            first = distributed.rank() * batch if self.gather_distributed else 0
+            ids = torch.arange(first, first + batch, device=out0.device)
+        return smooth_infonce(
+            torch.cat(views), ids=ids.repeat(len(views)), gather_distributed=self.gather_distributed,
+            weights=self._row_weights(weights, len(views), batch, out0), **options,
+        )
+
+    @staticmethod
+    def _row_weights(weights: Weights, num_views: int, batch: int, like: Tensor) -> Optional[Tensor]:
+        if weights is None or isinstance(weights, Tensor):
+            return weights
+        if len(weights) != num_views:
+            raise ValueError(f"weights must give one value per anchor view ({num_views}), got {len(weights)}")
+        per_view = torch.as_tensor(weights, dtype=torch.float32, device=like.device)
+        return per_view.repeat_interleave(batch)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, smoothing={self.smoothing}, neighbors={self.neighbors}, "
+                f"backend={self.backend!r}")

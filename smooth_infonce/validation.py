@@ -1,0 +1,111 @@
+"""Argument checks shared by the functional op, the module and the integrations.
+
+Every message names the argument and says what was expected, so a bad call fails loudly at the
+boundary instead of surfacing later as a NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "reference", "triton")
+
+
+def check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_smoothing(smoothing: float) -> float:
+    if isinstance(smoothing, bool) or not isinstance(smoothing, Real):
+        raise TypeError(f"smoothing must be a real number in [0, 1), got {type(smoothing).__name__}")
+    if not 0.0 <= smoothing < 1.0:  # also rejects NaN
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    return float(smoothing)
+
+
+def check_neighbors(neighbors: Optional[int]) -> Optional[int]:
+    if neighbors is None:
+        return None
+    if isinstance(neighbors, bool) or not isinstance(neighbors, int):
+        raise TypeError(f"neighbors must be None (uniform smoothing) or an int >= 1, got {neighbors!r}")
+    if neighbors < 1:
+        # The authors' code accepts k = 0 with alpha > 0 and silently returns (1 - alpha) * InfoNCE.
+        raise ValueError(f"neighbors must be None (uniform smoothing) or >= 1, got {neighbors}")
+    return neighbors
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_embeddings(name: str, x: Tensor, *, width: Optional[int] = None, rows: Optional[int] = None) -> None:
+    """A 2-D floating tensor of embeddings, optionally of a given width and row count."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least one row")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has zero-width embeddings (shape {tuple(x.shape)})")
+    if width is not None and x.shape[1] != width:
+        raise ValueError(f"{name} must have embedding width {width} like the anchors, got shape {tuple(x.shape)}")
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (one per anchor), got shape {tuple(x.shape)}")
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    """Raise on NaN / inf and say where (this synchronises with the device)."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        bad_rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise ValueError(
+            f"{name} has non-finite values (NaN or inf) in {bad_rows.numel()} row(s), "
+            f"first at row {int(bad_rows[0])}"
+        )
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def check_ids(name: str, ids: Tensor, rows: int, *, minimum: int = 0) -> None:
+    """1-D integer ids, one per row, >= minimum (candidate ids may be -1: never a positive)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a 1-D integer tensor, got {type(ids).__name__}")
+    if ids.dim() != 1 or ids.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows},), got {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if rows and int(ids.min()) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got min {int(ids.min())}")
+
+
+def check_weights(weights: Tensor, rows: int) -> None:
+    if not isinstance(weights, Tensor) or not weights.dtype.is_floating_point:
+        raise TypeError("weights must be a floating-point tensor of per-row weights")
+    if weights.shape != (rows,):
+        raise ValueError(f"weights must have shape ({rows},), one per anchor row, got {tuple(weights.shape)}")
+    check_finite("weights", weights)
+    if bool((weights < 0).any()):
+        raise ValueError("weights must be >= 0")
+    if not bool(weights.sum() > 0):
+        raise ValueError("weights must not all be zero")
