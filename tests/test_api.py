@@ -1,0 +1,139 @@
+"""The public API: call forms, weights, reductions, dtypes, backends, purity."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oracles import moco_oracle, nt_xent_oracle
+from smooth_infonce import SmoothInfoNCELoss, SmoothingSchedule, smooth_infonce
+
+
+def randn(seed, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_module_and_functional_agree_in_batch():
+    out0, out1 = randn(0, 8, 16), randn(1, 8, 16)
+    module = SmoothInfoNCELoss(0.2, 0.1, 3)(out0, out1)
+    functional = smooth_infonce(torch.cat([out0, out1]), ids=torch.arange(8).repeat(2),
+                                temperature=0.2, smoothing=0.1, neighbors=3)
+    torch.testing.assert_close(module, functional)
+
+
+def test_sslight_multi_query_weighting():
+    """loss = 0.4 * mean(global rows) + 0.1 * sum over 6 locals of mean(local rows)."""
+    batch, width = 4, 8
+    key, queue = randn(0, batch, width, dtype=torch.float64), randn(1, 30, width, dtype=torch.float64)
+    queries = [randn(2 + v, batch, width, dtype=torch.float64) for v in range(7)]
+    weights = (0.4,) + (0.6 / 6,) * 6
+    got = SmoothInfoNCELoss(0.2, 0.1, 5)(queries[0], key, *queries[1:], queue=queue, weights=weights)
+    per_view = [moco_oracle(q, key, queue, temperature=0.2, smoothing=0.1, neighbors=5).mean() for q in queries]
+    expected = sum(w * l for w, l in zip(weights, per_view)) / sum(weights)
+    torch.testing.assert_close(got, expected)
+
+
+def test_per_row_weight_tensor_and_reductions():
+    views = [randn(v, 5, 6, dtype=torch.float64) for v in range(2)]
+    rows = nt_xent_oracle(views, temperature=0.3, smoothing=0.2, neighbors=None)
+    w = torch.rand(10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss = SmoothInfoNCELoss(0.3, 0.2, reduction="none")
+    torch.testing.assert_close(loss(*views), rows)
+    torch.testing.assert_close(loss(*views, weights=w), w * rows)
+    loss.reduction = "sum"
+    torch.testing.assert_close(loss(*views, weights=w), (w * rows).sum())
+    loss.reduction = "mean"
+    torch.testing.assert_close(loss(*views, weights=w), (w * rows).sum() / w.sum())
+
+
+def test_labels_make_same_class_rows_positives():
+    out0, out1 = randn(0, 6, 4, dtype=torch.float64), randn(1, 6, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    got = SmoothInfoNCELoss(0.5, 0.1)(out0, out1, labels=labels)
+    expected = smooth_infonce(torch.cat([out0, out1]), ids=labels.repeat(2), temperature=0.5, smoothing=0.1)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, SmoothInfoNCELoss(0.5, 0.1)(out0, out1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes_compute_in_float32_or_wider(dtype):
+    out0, out1 = randn(0, 8, 16).to(dtype), randn(1, 8, 16).to(dtype)
+    loss = SmoothInfoNCELoss(0.1, 0.1, 2)(out0, out1)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    exact = SmoothInfoNCELoss(0.1, 0.1, 2)(out0.double(), out1.double())
+    tolerance = {torch.float16: 5e-3, torch.bfloat16: 3e-2}.get(dtype, 1e-5)
+    assert abs(loss.double() - exact) / exact < tolerance
+
+
+def test_half_inputs_get_gradients_in_their_dtype():
+    out0 = randn(0, 8, 16).to(torch.bfloat16).requires_grad_()
+    out1 = randn(1, 8, 16).to(torch.bfloat16).requires_grad_()
+    SmoothInfoNCELoss(0.1, 0.1, 2)(out0, out1).backward()
+    assert out0.grad.dtype == torch.bfloat16 and torch.isfinite(out0.grad.float()).all()
+
+
+def test_low_temperature_is_finite():
+    out0, out1 = randn(0, 16, 8), randn(1, 16, 8)
+    loss = SmoothInfoNCELoss(0.01, 0.2, 4)(out0.requires_grad_(), out1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(out0.grad).all()
+
+
+@settings(max_examples=15)
+@given(mode=st.sampled_from(["in_batch", "moco", "two_tower", "symmetric"]), k=st.sampled_from([None, 2]),
+       seed=st.integers(0, 1000))
+def test_inputs_are_never_modified(mode, k, seed):
+    x, y, q = randn(seed, 6, 5), randn(seed + 1, 6, 5), randn(seed + 2, 9, 5)
+    before = [t.clone() for t in (x, y, q)]
+    kw = dict(temperature=0.2, smoothing=0.3, neighbors=k)
+    if mode == "in_batch":
+        loss = SmoothInfoNCELoss(**kw)(x.requires_grad_(), y)
+    elif mode == "moco":
+        loss = SmoothInfoNCELoss(**kw)(x.requires_grad_(), y, queue=q)
+    else:
+        loss = smooth_infonce(x.requires_grad_(), y, symmetric=None if mode == "two_tower" else "mean", **kw)
+    loss.backward()
+    for t, b in zip((x, y, q), before):
+        assert torch.equal(t.detach(), b)
+
+
+def test_queue_gets_no_gradient():
+    queue = randn(0, 10, 4).requires_grad_()
+    SmoothInfoNCELoss(0.2)(randn(1, 3, 4).requires_grad_(), randn(2, 3, 4), queue=queue).backward()
+    assert queue.grad is None
+
+
+def test_normalize_false_uses_raw_dot_products():
+    out0, out1 = randn(0, 4, 3, dtype=torch.float64), randn(1, 4, 3, dtype=torch.float64)
+    raw = SmoothInfoNCELoss(1.0, normalize=False)(out0, out1)
+    scaled = SmoothInfoNCELoss(1.0, normalize=False)(2 * out0, 2 * out1)
+    assert not torch.allclose(raw, scaled)
+    torch.testing.assert_close(SmoothInfoNCELoss(1.0)(out0, out1), SmoothInfoNCELoss(1.0)(2 * out0, 2 * out1))
+
+
+def test_backend_auto_is_reference_on_cpu_and_explicit_reference_agrees():
+    out0, out1 = randn(0, 6, 8), randn(1, 6, 8)
+    torch.testing.assert_close(SmoothInfoNCELoss(0.2, 0.1, 2, backend="auto")(out0, out1),
+                               SmoothInfoNCELoss(0.2, 0.1, 2, backend="reference")(out0, out1))
+
+
+def test_schedule_drives_the_module():
+    loss = SmoothInfoNCELoss(0.2, schedule=SmoothingSchedule(0.2, "warmup", warmup_epochs=2))
+    assert [loss.set_epoch(e) for e in range(4)] == [0.0, 0.0, 0.2, 0.2]
+    with pytest.raises(RuntimeError, match="schedule"):
+        SmoothInfoNCELoss(0.2).set_epoch(0)
+
+
+def test_schedules():
+    cosine = SmoothingSchedule(0.1, "cosine", epochs=10)
+    assert cosine(0) == 0.0 and abs(cosine(5) - 0.05) < 1e-12 and cosine(10) == pytest.approx(0.1)
+    assert cosine(50) == pytest.approx(0.1)
+    assert SmoothingSchedule(0.1)(0) == 0.1
+    delayed = SmoothingSchedule(0.1, "cosine", warmup_epochs=3, epochs=4)
+    assert delayed(2) == 0.0 and delayed(3) == 0.0 and delayed(7) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="epochs"):
+        SmoothingSchedule(0.1, "cosine")
+    with pytest.raises(ValueError, match="kind"):
+        SmoothingSchedule(0.1, "linear")
+    with pytest.raises(ValueError, match="smoothing"):
+        SmoothingSchedule(1.0)
