@@ -10,7 +10,7 @@ Row loss, for anchor i with valid set V(i), positives P(i) and smoothing set S(i
     l_i  = logsumexp_{j in V(i)} z_ij - sum_j y_ij z_ij
 
 S(i) is every negative (``neighbors=None``, uniform smoothing) or the ``neighbors`` negatives most
-similar to a_i. Neighbour ties go to the lower candidate index (stable sort), and the selection is
+similar to a_i. Neighbour ties go to the lower candidate index, and the selection is
 made without gradient: the targets are constants.
 """
 
@@ -29,6 +29,20 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def top_negatives(similarities: Tensor, negative: Tensor, k: int) -> Tensor:
+    """Mask of the k most similar negatives per row; among equal similarities the lower index wins.
+
+    Exact and O(N M): everything above the k-th largest value, then the lowest-index columns
+    equal to it until k are taken (no full sort).
+    """
+    scores = similarities.masked_fill(~negative, float("-inf"))
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above = scores > kth
+    tied = (scores == kth) & negative  # never a masked column, even with fewer than k negatives
+    missing = k - above.sum(dim=1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=1) <= missing))
+
+
 def smoothed_targets(
     similarities: Tensor,
     positive: Tensor,
@@ -43,10 +57,7 @@ def smoothed_targets(
         if neighbors is None:
             smoothing_set = negative
         else:
-            # k most similar negatives; stable sort: among equal similarities the lower index wins.
-            scores = similarities.masked_fill(~negative, float("-inf"))
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :neighbors]
-            smoothing_set = torch.zeros_like(negative).scatter_(1, order, True)
+            smoothing_set = top_negatives(similarities, negative, neighbors)
         share = smoothing / smoothing_set.sum(1, keepdim=True).clamp_min(1).to(dtype)
         return targets + smoothing_set.to(dtype) * share
 
