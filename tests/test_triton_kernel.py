@@ -1,0 +1,467 @@
+"""The fused Triton backend against the exact reference op.
+
+Without CUDA the kernels run under the Triton interpreter (exact numpy execution of the same
+kernel code, with small tiles so that a few dozen rows already span several tiles and splits).
+The interpreter does not check GPU compile rules, so tests marked `gpu` repeat the important
+checks on a real device (bf16 at larger shapes, memory, determinism, S6-style ragged shapes).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the import of the kernel module
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+pytest.importorskip("triton")
+
+from smooth_infonce.layout import make_pairs  # noqa: E402
+from smooth_infonce.reference import reference_row_losses  # noqa: E402
+from smooth_infonce.triton_kernel import INTERPRET, nearest_negatives, triton_row_losses  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("no CUDA and the Triton interpreter is off (TRITON_INTERPRET=1 was set too late)",
+                allow_module_level=True)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Tolerances against an fp64 reference on the same input values: per-row loss |diff| <=
+# rtol |l| + atol / tau (logits are O(1 / tau)), gradients ||diff|| / ||ref|| <= grad_rel.
+TOLERANCE = {  # dtype: (loss rtol, loss atol * tau, gradient relative error)
+    torch.float64: (1e-10, 1e-10, 1e-9),
+    torch.float32: (1e-5, 2e-6, 2e-5),
+    torch.float16: (1e-5, 2e-6, 2e-3),
+    torch.bfloat16: (1e-5, 2e-6, 3e-3),
+}
+
+
+@dataclass
+class Problem:
+    """One layout instance: leaves (inputs as the kernel sees them) and the pairs."""
+
+    anchors: torch.Tensor
+    candidates: torch.Tensor
+    keys: Optional[torch.Tensor]
+    pairs: object
+    same: bool  # anchors is candidates (in-batch)
+    row_grad: torch.Tensor  # upstream gradient of the row losses (fp64)
+
+
+def unit(rows, dim, gen):
+    return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=1)
+
+
+def make_problem(layout, n, m, dim, dtype, seed, grads=(True, True, True), classes=3, views=2):
+    gen = torch.Generator().manual_seed(seed)
+    keys = None
+    same = False
+    if layout == "inbatch":  # SimCLR / multi-crop: `views` views of n // views instances, self excluded
+        batch = max(1, n // views)
+        n = m = batch * views
+        ids = torch.arange(batch).repeat(views)[torch.randperm(n, generator=gen)]
+        anchors = candidates = unit(n, dim, gen)
+        pairs = make_pairs(n, n, anchor_ids=ids, candidate_ids=ids, self_offset=0)
+        same = True
+    elif layout == "supervised":  # label ids, every label at least twice, self excluded
+        n = m = max(n, 2 * classes)
+        labels = torch.cat([torch.arange(classes).repeat(2), torch.randint(classes, (n - 2 * classes,), generator=gen)])
+        labels = labels[torch.randperm(n, generator=gen)]
+        anchors = candidates = unit(n, dim, gen)
+        pairs = make_pairs(n, n, anchor_ids=labels, candidate_ids=labels, self_offset=0)
+        same = True
+    elif layout == "moco":  # positive key column 0 + a queue of negatives, no ids
+        anchors = unit(n, dim, gen)
+        keys = F.normalize(anchors + 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
+        candidates = unit(m, dim, gen)
+        pairs = make_pairs(n, m, has_positive_key=True)
+    elif layout == "twotower":  # row i's positive is column i; extra candidates are negatives
+        m = max(m, n)
+        anchors, candidates = unit(n, dim, gen), unit(m, dim, gen)
+        candidate_ids = torch.arange(m)
+        candidate_ids[n:] = torch.where(torch.rand(m - n, generator=gen) < 0.5, -1, candidate_ids[n:])
+        pairs = make_pairs(n, m, anchor_ids=torch.arange(n), candidate_ids=candidate_ids)
+    else:
+        raise ValueError(layout)
+    anchors = anchors.to(dtype).requires_grad_(grads[0])
+    candidates = anchors if same else candidates.to(dtype).requires_grad_(grads[1])
+    if keys is not None:
+        keys = keys.to(dtype).requires_grad_(grads[2])
+    row_grad = 0.5 + torch.rand(anchors.shape[0], generator=gen, dtype=torch.float64)
+    return Problem(anchors, candidates, keys, pairs, same, row_grad)
+
+
+def leaves(prob):
+    out = [prob.anchors] if prob.same else [prob.anchors, prob.candidates]
+    if prob.keys is not None:
+        out.append(prob.keys)
+    return out
+
+
+def run(fn, prob, to=None, **options):
+    """Row losses and gradients of sum_i g_i l_i w.r.t. the leaves (None where no grad)."""
+    src = leaves(prob)
+    inputs = [t.detach().to(to or t.dtype).requires_grad_(t.requires_grad) for t in src]
+    anchors = inputs[0]
+    candidates = anchors if prob.same else inputs[1]
+    keys = inputs[-1] if prob.keys is not None else None
+    with torch.enable_grad():
+        losses = fn(anchors, candidates, keys, prob.pairs, **options)
+        needs = [t for t in inputs if t.requires_grad]
+        grads = torch.autograd.grad((losses * prob.row_grad.to(losses.dtype)).sum(), needs) if needs else []
+    it = iter(grads)
+    return losses.detach(), [next(it) if t.requires_grad else None for t in inputs]
+
+
+def assert_matches_reference(prob, temperature, smoothing, neighbors, dtype, deterministic=False):
+    """Losses and gradients within TOLERANCE of the fp64 reference on the same input values.
+
+    Gradients come back in the input dtype, so for fp16 / bf16 their rounding alone can reach the
+    gate on tiny or cancelling cases; there the bound is also met if the kernel is no less accurate
+    than the eager reference op run in that dtype (within 1.5x)."""
+    options = dict(temperature=temperature, smoothing=smoothing, neighbors=neighbors)
+    got, got_grads = run(triton_row_losses, prob, deterministic=deterministic, **options)
+    ref, ref_grads = run(reference_row_losses, prob, to=torch.float64, **options)
+    eager_grads = ref_grads
+    if dtype in (torch.float16, torch.bfloat16):
+        _, eager_grads = run(reference_row_losses, prob, **options)
+    rtol, atol, grad_rel = TOLERANCE[dtype]
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol / temperature)
+    for g, r, e in zip(got_grads, ref_grads, eager_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert g.dtype == dtype and torch.isfinite(g).all()
+            err = (g.double() - r).norm() / r.norm().clamp_min(1e-30)
+            eager_err = (e.double() - r).norm() / r.norm().clamp_min(1e-30)
+            assert err <= max(grad_rel, 1.5 * eager_err), (
+                f"gradient relative error {err:.3g} > {grad_rel} (eager op in {dtype}: {eager_err:.3g})")
+
+
+# --- values and gradients against the reference, every layout --------------------------------
+
+layouts = st.sampled_from(["inbatch", "supervised", "moco", "twotower"])
+
+
+@st.composite
+def problems(draw, dtypes=st.sampled_from([torch.float64, torch.float32, torch.float16])):
+    layout = draw(layouts)
+    dtype = draw(dtypes)
+    spec = dict(
+        layout=layout, n=draw(st.integers(1, 72)), m=draw(st.integers(1, 80)),
+        dim=draw(st.sampled_from([3, 17, 33, 64, 100])), dtype=dtype, seed=draw(st.integers(0, 2**20)),
+        grads=(True, draw(st.booleans()), draw(st.booleans())),
+        classes=draw(st.integers(2, 6)), views=draw(st.integers(2, 4)),
+    )
+    if layout in ("inbatch", "supervised"):
+        spec["n"] = max(spec["n"], 2)
+    prob = make_problem(**spec)
+    temperature = draw(st.floats(0.01, 1.0))
+    smoothing = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]) | st.floats(0.0, 0.9))
+    max_k = int(prob.pairs.num_negatives.min())
+    neighbors = None
+    if max_k >= 1 and draw(st.booleans()):
+        neighbors = draw(st.integers(1, min(max_k, 7)))
+    return prob, temperature, smoothing, neighbors, dtype, draw(st.booleans())
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=problems())
+def test_matches_reference(case):
+    prob, temperature, smoothing, neighbors, dtype, deterministic = case
+    assert_matches_reference(prob, temperature, smoothing, neighbors, dtype, deterministic)
+
+
+@settings(max_examples=6, deadline=None)
+@given(case=problems(dtypes=st.just(torch.bfloat16)))
+def test_matches_reference_bf16(case):
+    """bf16 inputs (under the interpreter: the upcast path, dl/dz still rounded to bf16)."""
+    prob, temperature, smoothing, neighbors, dtype, deterministic = case
+    assert_matches_reference(prob, temperature, smoothing, neighbors, dtype, deterministic)
+
+
+@pytest.mark.parametrize("neighbors", [None, 4])
+def test_larger_in_batch_case(neighbors):
+    """~200 rows: many tiles per row block and several splits; D = 100 takes the multi-block-D path."""
+    prob = make_problem("inbatch", 200, 200, 100, torch.float32, seed=7, views=4)
+    assert_matches_reference(prob, 0.05, 0.3, neighbors, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["inbatch", "moco", "twotower"])
+def test_alpha_zero_is_plain_infonce(layout):
+    """alpha = 0 is cross-entropy on the positives, whatever the mode."""
+    prob = make_problem(layout, 24, 40, 17, torch.float64, seed=3)
+    plain, _ = run(reference_row_losses, prob, temperature=0.2, smoothing=0.0, neighbors=None)
+    for neighbors in (None, 3):
+        got, _ = run(triton_row_losses, prob, temperature=0.2, smoothing=0.0, neighbors=neighbors)
+        torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_upstream_gradient_half_precision(dtype):
+    """A mean over a large batch makes g tiny; the fp16 dl/dz tiles must not underflow."""
+    prob = make_problem("twotower", 60, 90, 33, dtype, seed=8)
+    prob.row_grad = prob.row_grad * 2e-4
+    assert_matches_reference(prob, 0.5, 0.1, None, dtype)
+
+
+def test_small_temperature_does_not_overflow():
+    prob = make_problem("moco", 40, 70, 33, torch.float32, seed=5)
+    assert_matches_reference(prob, 0.01, 0.2, 3, torch.float32)
+    got, _ = run(triton_row_losses, prob, temperature=0.001, smoothing=0.2, neighbors=None)
+    assert torch.isfinite(got).all()
+
+
+# --- determinism, gradcheck -------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,neighbors", [("inbatch", 3), ("twotower", None)])
+def test_deterministic_mode_is_bitwise_reproducible(layout, neighbors):
+    prob = make_problem(layout, 48, 60, 33, torch.float32, seed=11)
+    options = dict(temperature=0.1, smoothing=0.2, neighbors=neighbors, deterministic=True)
+    first, first_grads = run(triton_row_losses, prob, **options)
+    second, second_grads = run(triton_row_losses, prob, **options)
+    assert torch.equal(first, second)
+    for a, b in zip(first_grads, second_grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # the default (atomic) mode agrees to rounding
+    third, third_grads = run(triton_row_losses, prob, **{**options, "deterministic": False})
+    torch.testing.assert_close(third, first)
+    for a, b in zip(third_grads, first_grads):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout,neighbors,deterministic", [
+    ("inbatch", 2, False), ("moco", None, True), ("twotower", 1, True), ("supervised", None, False)])
+def test_gradcheck_fp64(layout, neighbors, deterministic):
+    prob = make_problem(layout, 6, 7, 5, torch.float64, seed=2)
+    inputs = [t.detach().clone().requires_grad_() for t in leaves(prob)]
+
+    def losses(*xs):
+        anchors = xs[0]
+        candidates = anchors if prob.same else xs[1]
+        keys = xs[-1] if prob.keys is not None else None
+        return triton_row_losses(anchors, candidates, keys, prob.pairs, temperature=0.3, smoothing=0.4,
+                                 neighbors=neighbors, deterministic=deterministic)
+
+    assert torch.autograd.gradcheck(losses, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# --- the neighbour search ---------------------------------------------------------------------
+
+def test_neighbor_ties_resolved_like_reference():
+    """Duplicate candidates (exactly equal similarities): the lower column wins, as the reference's
+    stable sort. Coordinates are multiples of 1/4, so every dot product is exact in any order."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(-4, 5, (9, 8), generator=gen).double() / 4
+    base[base.abs().sum(1) == 0, 0] = 1.0
+    candidates = base[torch.randint(0, 9, (70,), generator=gen)]  # many duplicates
+    anchors = torch.randint(-4, 5, (40, 8), generator=gen).double() / 4
+    for dtype in (torch.float32, torch.float64):
+        pairs = make_pairs(40, 70, anchor_ids=torch.arange(40), candidate_ids=torch.arange(70))
+        a, c = anchors.to(dtype), candidates.to(dtype)
+        _, cols = nearest_negatives(a, c, pairs, 6)
+        sims = (anchors @ candidates.T).masked_fill(torch.eye(40, 70, dtype=torch.bool), float("-inf"))
+        expected = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :6]
+        assert torch.equal(cols, expected)
+        prob = Problem(a.requires_grad_(), c.requires_grad_(), None, pairs, False,
+                       torch.ones(40, dtype=torch.float64))
+        assert_matches_reference(prob, 0.5, 0.3, 6, dtype)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 70), m=st.integers(2, 140), dim=st.sampled_from([4, 33, 100]),
+       k=st.integers(1, 12), self_excluded=st.booleans(), seed=st.integers(0, 2**20))
+def test_top_k_matches_brute_force(n, m, dim, k, self_excluded, seed):
+    gen = torch.Generator().manual_seed(seed)
+    anchors, candidates = unit(n, dim, gen), unit(m, dim, gen)
+    ids = torch.randint(0, 5, (max(n, m),), generator=gen)
+    pairs = make_pairs(n, m, anchor_ids=ids[:n], candidate_ids=ids[:m], self_offset=0 if self_excluded else None)
+    k = min(k, int(pairs.num_negatives.min()))
+    if k < 1:
+        return
+    sims, cols = nearest_negatives(anchors, candidates, pairs, k)
+    exact = anchors @ candidates.T
+    negative = ids[:n, None] != ids[None, :m]
+    if self_excluded:
+        negative &= ~torch.eye(n, m, dtype=torch.bool)
+    expected = torch.sort(exact.masked_fill(~negative, float("-inf")), dim=1, descending=True,
+                          stable=True).indices[:, :k]
+    assert torch.equal(cols, expected)
+    torch.testing.assert_close(sims, exact.gather(1, expected), rtol=1e-12, atol=1e-12)
+
+
+# --- torch.compile / custom-op registration ----------------------------------------------------
+
+def test_custom_op_registration_opcheck():
+    prob = make_problem("moco", 20, 40, 17, torch.float32, seed=1)
+    p = prob.pairs
+    for neighbors in (None, 2):
+        args = (prob.anchors, prob.candidates, prob.keys, p.anchor_ids, p.candidate_ids, p.self_offset,
+                p.num_positives, p.num_negatives, 0.2, 0.3, neighbors, False, False)
+        torch.library.opcheck(torch.ops.smooth_infonce.triton_row_losses.default, args)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    prob = make_problem("inbatch", 40, 40, 17, torch.float32, seed=4)
+    x = prob.anchors
+
+    def loss(x):
+        y = F.normalize(x * 2.0, dim=1)
+        return triton_row_losses(y, y, None, prob.pairs, temperature=0.1, smoothing=0.1, neighbors=2).mean()
+
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    got = compiled(x)
+    (grad,) = torch.autograd.grad(got, x)
+    expected = loss(x)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_rejects_mismatched_positive_keys():
+    prob = make_problem("moco", 4, 5, 3, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="positive_keys"):
+        triton_row_losses(prob.anchors, prob.candidates, None, prob.pairs, temperature=0.1,
+                          smoothing=0.0, neighbors=None)
+
+
+def test_clear_errors_without_triton_or_device():
+    """In a fresh process: no triton -> ImportError naming the fix; CPU tensors without the
+    interpreter -> RuntimeError naming TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "sys.modules['triton'] = None\n"
+        "try:\n"
+        "    import smooth_infonce.triton_kernel\n"
+        "except ImportError as err:\n"
+        "    assert 'pip install triton' in str(err), err\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+        "del sys.modules['triton']\n"
+        "for name in [m for m in sys.modules if m.startswith('smooth_infonce')]:\n"
+        "    del sys.modules[name]\n"
+        "from smooth_infonce.triton_kernel import triton_row_losses\n"
+        "from smooth_infonce.layout import make_pairs\n"
+        "x = torch.randn(4, 8)\n"
+        "try:\n"
+        "    triton_row_losses(x, x, None, make_pairs(4, 4), temperature=0.1, smoothing=0.0, neighbors=None)\n"
+        "except RuntimeError as err:\n"
+        "    assert 'TRITON_INTERPRET' in str(err), err\n"
+        "else:\n"
+        "    raise SystemExit('no RuntimeError')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --- GPU only ----------------------------------------------------------------------------------
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("layout", ["inbatch", "moco", "twotower"])
+@pytest.mark.parametrize("neighbors", [None, 10])
+def test_gpu_bf16_larger_shapes(layout, neighbors):
+    prob = make_problem(layout, 1500, 2500, 128, torch.bfloat16, seed=0)
+    prob = _to_cuda(prob)
+    assert_matches_reference(prob, 0.07, 0.2, neighbors, torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dim", [64, 96, 384, 768])
+@pytest.mark.parametrize("temperature", [0.01, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_gpu_ragged_odd_dims_vs_fp64(dim, temperature, dtype):
+    """S6: ragged 1000 x 3001, D in 64 / 96 / 384 / 768, tau 0.01..1 (fp32 here is IEEE)."""
+    prob = _to_cuda(make_problem("twotower", 1000, 3001, dim, dtype, seed=dim))
+    assert_matches_reference(prob, temperature, 0.1, 5, dtype)
+    assert_matches_reference(prob, temperature, 0.1, None, dtype, deterministic=True)
+
+
+@gpu
+@needs_cuda
+def test_gpu_tf32_within_gate():
+    prob = _to_cuda(make_problem("inbatch", 2048, 2048, 128, torch.float32, seed=1))
+    options = dict(temperature=0.1, smoothing=0.1, neighbors=None)
+    got, _ = run(triton_row_losses, prob, allow_tf32=True, **options)
+    ref, _ = run(reference_row_losses, prob, to=torch.float64, **options)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()) <= 1e-3
+
+
+@gpu
+@needs_cuda
+def test_gpu_deterministic_bitwise():
+    prob = _to_cuda(make_problem("inbatch", 4096, 4096, 128, torch.bfloat16, seed=2))
+    options = dict(temperature=0.1, smoothing=0.2, neighbors=10, deterministic=True)
+    first, first_grads = run(triton_row_losses, prob, **options)
+    second, second_grads = run(triton_row_losses, prob, **options)
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+
+
+def _peak_extra_bytes(n, dim, neighbors):
+    prob = _to_cuda(make_problem("inbatch", n, n, dim, torch.bfloat16, seed=3))
+    x = prob.anchors
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    losses = triton_row_losses(x, x, None, prob.pairs, temperature=0.1, smoothing=0.1, neighbors=neighbors)
+    (grad,) = torch.autograd.grad(losses.mean(), x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("neighbors", [None, 10])
+def test_gpu_memory_is_linear(neighbors):
+    n, dim = 16384, 128
+    extra = _peak_extra_bytes(n, dim, neighbors)
+    assert extra < n * n * 4 / 16, f"{extra / 2**20:.1f} MiB extra at N = M = {n}"
+    half = _peak_extra_bytes(n // 2, dim, neighbors)
+    assert extra < 2.6 * half, "peak memory grows faster than linearly"
+
+
+@gpu
+@needs_cuda
+def test_gpu_compile_inductor():
+    prob = _to_cuda(make_problem("inbatch", 1024, 1024, 128, torch.bfloat16, seed=4))
+    x = prob.anchors
+
+    def loss(x):
+        y = F.normalize(x.float(), dim=1).to(x.dtype)
+        return triton_row_losses(y, y, None, prob.pairs, temperature=0.1, smoothing=0.1, neighbors=5).mean()
+
+    got = torch.compile(loss, fullgraph=True)(x)
+    torch.testing.assert_close(got, loss(x))
+
+
+def _to_cuda(prob):
+    def move(t):
+        return None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)
+
+    anchors = move(prob.anchors)
+    candidates = anchors if prob.same else move(prob.candidates)
+    p = prob.pairs
+    pairs = make_pairs(
+        anchors.shape[0], candidates.shape[0],
+        anchor_ids=None if p.anchor_ids is None else p.anchor_ids.cuda(),
+        candidate_ids=None if p.candidate_ids is None else p.candidate_ids.cuda(),
+        self_offset=p.self_offset, has_positive_key=p.has_positive_key, device="cuda")
+    return Problem(anchors, candidates, move(prob.keys), pairs, prob.same, prob.row_grad.cuda())
