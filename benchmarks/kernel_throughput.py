@@ -1,0 +1,631 @@
+"""Kernel throughput benchmark, following shared/spec/benchmarks.md.
+
+GPU (CUDA available): shapes S0..S4 timed, S6 correctness only. Providers side by side in one
+process: the fused Triton kernel (uniform and neighbour smoothing, bf16; fp32 IEEE), the reference
+op eager (fp32 and bf16 autocast) and under torch.compile (compile time reported separately),
+lightly's NTXentLoss (S1, S2; memory-bank mode at S3), Inf-CL and memeff when importable, and the
+ceilings of the same run: a bf16 GEMM of the same size and PyTorch's SDPA (flash attention)
+fwd+bwd at sequence N, head dim D. Metrics: median fwd and fwd+bwd time (triton.testing.do_bench,
+>= 50 runs after warm-up, L2 flushed before every run: cold L2), bwd = fwd+bwd - fwd, peak extra
+memory, TFLOP/s with the useful count 8NMD (4NMD for the frozen MoCo queue) charged to every
+provider alike, the fraction of the same-run GEMM rate, and accuracy against an fp64 reference
+where that fits in memory.
+
+CPU (no CUDA): the reference op against lightly's NTXentLoss and a plain cross-entropy
+formulation at SSL sizes (2 x 256 and 2 x 1024 views, D = 128, fp32), fwd+bwd. Time: median of
+repeated runs in one process, the providers interleaved round-robin. Memory: peak resident-set growth (VmHWM - VmRSS) of one fwd+bwd in a
+fresh subprocess whose inputs and imports are already in place, with glibc told to mmap every
+block >= 64 KiB (MALLOC_MMAP_THRESHOLD_), so that resident memory follows the live tensors.
+
+Writes benchmarks/results/<device-slug>.json and .png (cpu-<cpu-slug>.* on CPU).
+
+    python benchmarks/kernel_throughput.py                  # GPU if present, else CPU mode
+    python benchmarks/kernel_throughput.py --quick          # fewer runs, for a smoke test
+    python benchmarks/kernel_throughput.py --shapes S1,S3 --providers triton-uniform,reference-fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from smooth_infonce.layout import make_pairs  # noqa: E402
+from smooth_infonce.reference import reference_row_losses  # noqa: E402
+
+TEMPERATURE = 0.1
+SMOOTHING = 0.1
+NEIGHBORS = 10
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ================================================================================================
+# Problems
+# ================================================================================================
+
+GPU_SHAPES = {
+    # id: (layout, N, M, D); in-batch layouts have M = N (2 views, self excluded)
+    "S0": ("twotower", 4096, 4096, 128),
+    "S1": ("inbatch", 8192, 8192, 128),
+    "S2": ("inbatch", 8192, 8192, 256),
+    "S3": ("moco", 256, 65536, 128),
+    "S4": ("inbatch", 65536, 65536, 128),
+}
+CPU_SHAPES = {
+    "ssl-2x256": ("inbatch", 512, 512, 128),
+    "ssl-2x1024": ("inbatch", 2048, 2048, 128),
+}
+
+
+class Problem:
+    """Unit-norm inputs of one layout, in `dtype`, on `device`, with the pairs description.
+
+    leaves: the tensors a training step differentiates (the queue and the MoCo keys are frozen)."""
+
+    def __init__(self, layout, n, m, dim, dtype, device, seed=0):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def unit(rows):
+            return F.normalize(torch.randn(rows, dim, generator=gen), dim=1).to(device=device, dtype=dtype)
+
+        self.layout, self.n, self.m, self.dim = layout, n, m, dim
+        self.keys = None
+        if layout == "inbatch":
+            self.anchors = unit(n).requires_grad_()
+            self.candidates = self.anchors
+            ids = torch.arange(n // 2, device=device).repeat(2)
+            self.pairs = make_pairs(n, n, anchor_ids=ids, candidate_ids=ids, self_offset=0, device=device)
+            self.leaves = [self.anchors]
+        elif layout == "twotower":
+            self.anchors, self.candidates = unit(n).requires_grad_(), unit(m).requires_grad_()
+            self.pairs = make_pairs(n, m, anchor_ids=torch.arange(n, device=device),
+                                    candidate_ids=torch.arange(m, device=device), device=device)
+            self.leaves = [self.anchors, self.candidates]
+        elif layout == "moco":
+            self.anchors = unit(n).requires_grad_()
+            self.keys = F.normalize(self.anchors.detach().float() + 0.5 * unit(n).float(), dim=1).to(dtype)
+            self.candidates = unit(m)
+            self.pairs = make_pairs(n, m, has_positive_key=True, device=device)
+            self.leaves = [self.anchors]
+        else:
+            raise ValueError(layout)
+
+    @property
+    def useful_flops(self) -> float:
+        """8NMD (forward + backward with one recompute); 4NMD with a frozen candidate set."""
+        return (4 if self.layout == "moco" else 8) * self.n * self.m * self.dim
+
+    def cast(self, dtype):
+        """The same problem with inputs in another dtype (fresh leaves)."""
+        other = object.__new__(Problem)
+        other.__dict__.update(self.__dict__)
+        other.anchors = self.anchors.detach().to(dtype).requires_grad_()
+        other.candidates = other.anchors if self.candidates is self.anchors else (
+            self.candidates.detach().to(dtype).requires_grad_(self.candidates.requires_grad))
+        other.keys = None if self.keys is None else self.keys.to(dtype)
+        other.leaves = [other.anchors] + ([other.candidates] if self.layout == "twotower" else [])
+        return other
+
+    def row_losses(self, backend, **options):
+        return backend(self.anchors, self.candidates, self.keys, self.pairs, temperature=TEMPERATURE, **options)
+
+
+def views(problem):
+    """(out0, out1) of the in-batch layout: rows with ids b and b + n/2 are two views."""
+    half = problem.n // 2
+    return problem.anchors[:half], problem.anchors[half:]
+
+
+def plain_cross_entropy(problem):
+    """The usual SimCLR formulation: full logits, self masked, one positive per row."""
+    x = problem.anchors
+    n = x.shape[0]
+    logits = (x @ x.T) / TEMPERATURE
+    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("-inf"))
+    target = (torch.arange(n, device=x.device) + n // 2) % n
+    return F.cross_entropy(logits, target)
+
+
+# ================================================================================================
+# CPU mode
+# ================================================================================================
+
+CPU_PROVIDERS = ["reference-uniform", "reference-neighbors", "reference-alpha0", "lightly-ntxent", "plain-ce"]
+
+
+def cpu_loss_fn(provider, problem):
+    if provider == "reference-uniform":
+        return lambda: problem.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=None).mean()
+    if provider == "reference-neighbors":
+        return lambda: problem.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=NEIGHBORS).mean()
+    if provider == "reference-alpha0":
+        return lambda: problem.row_losses(reference_row_losses, smoothing=0.0, neighbors=None).mean()
+    if provider == "lightly-ntxent":
+        from lightly.loss import NTXentLoss
+
+        loss = NTXentLoss(temperature=TEMPERATURE)
+        return lambda: loss(*views(problem))
+    if provider == "plain-ce":
+        return lambda: plain_cross_entropy(problem)
+    raise ValueError(provider)
+
+
+def cpu_step(provider, problem):
+    fn = cpu_loss_fn(provider, problem)
+    return lambda: torch.autograd.grad(fn(), problem.leaves)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_peak_rss_growth(step) -> int:
+    """Bytes by which this process's peak resident set (VmHWM) exceeds its resident set before
+    `step()`; writing 5 to /proc/self/clear_refs first resets the peak to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    step()
+    return 1024 * (_status_kib("VmHWM") - before)
+
+
+def cpu_peak_memory(shape: str, provider: str) -> int:
+    """Peak RSS growth (bytes) of one fwd+bwd, measured in a fresh subprocess."""
+    code = (
+        "import sys; sys.argv = ['x']\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import kernel_throughput as kt, torch\n"
+        f"layout, n, m, d = kt.CPU_SHAPES[{shape!r}]\n"
+        "p = kt.Problem(layout, n, m, d, torch.float32, 'cpu')\n"
+        f"print(kt.measure_peak_rss_growth(kt.cpu_step({provider!r}, p)))\n"
+    )
+    # A fixed mmap threshold makes glibc map every block >= 64 KiB on its own and unmap it when
+    # freed, so resident memory follows the live tensors instead of a reused heap.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_cpu(args):
+    shapes = args.shapes or list(CPU_SHAPES)
+    providers = args.providers or CPU_PROVIDERS
+    repeats = 3 if args.quick else 15
+    results = []
+    for shape in shapes:
+        layout, n, m, d = CPU_SHAPES[shape]
+        problem = Problem(layout, n, m, d, torch.float32, "cpu")
+        steps = {provider: cpu_step(provider, problem) for provider in providers}
+        times = {provider: [] for provider in providers}
+        for step in steps.values():
+            step()  # warm-up
+        for _ in range(repeats):  # round-robin, so a changing background load hits every provider alike
+            for provider, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[provider].append(time.perf_counter() - start)
+        for provider in providers:
+            row = dict(shape=shape, provider=provider, N=n, M=m, D=d, dtype="float32",
+                       fwdbwd_ms=1e3 * sorted(times[provider])[repeats // 2], runs=repeats,
+                       peak_extra_mib=cpu_peak_memory(shape, provider) / 2**20)
+            results.append(row)
+            print(f"{shape:11s} {provider:20s} {row['fwdbwd_ms']:9.2f} ms  {row['peak_extra_mib']:8.1f} MiB",
+                  flush=True)
+        base = next((r for r in results if r["shape"] == shape and r["provider"] == "lightly-ntxent"), None)
+        for r in results:
+            if r["shape"] == shape and base:
+                r["time_vs_lightly"] = r["fwdbwd_ms"] / base["fwdbwd_ms"]
+                r["memory_vs_lightly"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
+    name = cpu_name()
+    report = dict(
+        mode="cpu", date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=name,
+        cores=os.cpu_count(), torch_threads=torch.get_num_threads(), python=platform.python_version(),
+        load_average_at_end=os.getloadavg(),  # other work on the machine inflates absolute times
+        torch=torch.__version__, lightly=_version("lightly"),
+        settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS, dtype="float32",
+                      timing=f"median of {repeats} fwd+bwd runs after one warm-up, one process, providers "
+                             "interleaved round-robin",
+                      memory="peak RSS growth (VmHWM after clear_refs, minus VmRSS) of one fwd+bwd in a fresh subprocess, "
+                             "MALLOC_MMAP_THRESHOLD_=65536"),
+        results=results,
+    )
+    stem = args.out or RESULTS / f"cpu-{slug(name)}"
+    write(report, Path(stem), plot_cpu)
+
+
+def plot_cpu(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in report["results"]}, key=list(CPU_SHAPES).index)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 6), squeeze=False)
+    for col, shape in enumerate(shapes):
+        rows = [r for r in report["results"] if r["shape"] == shape]
+        names = [r["provider"] for r in rows]
+        for row_i, (key, label) in enumerate((("fwdbwd_ms", "fwd+bwd ms"), ("peak_extra_mib", "peak extra MiB"))):
+            ax = axes[row_i][col]
+            ax.barh(names, [r[key] for r in rows], color="tab:blue")
+            ax.set_xlabel(label)
+            ax.set_title(f"{shape} (N=M={rows[0]['N']}, D={rows[0]['D']})" if row_i == 0 else "")
+            ax.invert_yaxis()
+    fig.suptitle(f"CPU: {report['cpu']} -- torch {report['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ================================================================================================
+# GPU mode
+# ================================================================================================
+
+GPU_PROVIDERS = [
+    "triton-uniform", "triton-neighbors", "triton-fp32", "reference-fp32", "reference-bf16-autocast",
+    "reference-compiled", "lightly-ntxent", "infcl", "memeff", "gemm-bf16", "sdpa-bf16",
+]
+
+
+def gpu_loss_fn(provider, problem):
+    """(loss function, leaves, input problem) for `provider`, or raise Skip with the reason."""
+    layout = problem.layout
+    if provider in ("triton-uniform", "triton-neighbors", "triton-fp32"):
+        from smooth_infonce.triton_kernel import triton_row_losses
+
+        p = problem.cast(torch.float32 if provider == "triton-fp32" else torch.bfloat16)
+        k = NEIGHBORS if provider == "triton-neighbors" else None
+        return (lambda: p.row_losses(triton_row_losses, smoothing=SMOOTHING, neighbors=k).mean()), p
+    if provider == "reference-fp32":
+        p = problem.cast(torch.float32)
+        return (lambda: p.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=None).mean()), p
+    if provider == "reference-bf16-autocast":
+        p = problem.cast(torch.float32)
+
+        def fn():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return p.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=None).mean()
+
+        return fn, p
+    if provider == "reference-compiled":
+        p = problem.cast(torch.float32)
+        compiled = torch.compile(reference_row_losses)
+        return (lambda: p.row_losses(compiled, smoothing=SMOOTHING, neighbors=None).mean()), p
+    if provider == "lightly-ntxent":
+        from lightly.loss import NTXentLoss
+
+        p = problem.cast(torch.float32)
+        if layout == "inbatch":
+            loss = NTXentLoss(temperature=TEMPERATURE)
+            return (lambda: loss(*views(p))), p
+        if layout == "moco":
+            loss = NTXentLoss(temperature=TEMPERATURE, memory_bank_size=(problem.m, problem.dim)).cuda()
+            return (lambda: loss(p.anchors, p.keys)), p
+        raise Skip("lightly has no two-tower mode")
+    if provider == "infcl":
+        try:
+            from inf_cl import cal_inf_loss
+        except ImportError:
+            raise Skip("inf_cl not importable (pip install inf-cl==1.2.1)")
+        if problem.n != problem.m or layout == "moco":
+            raise Skip("Inf-CL needs a square problem (one direction, labels = arange)")
+        p = problem.cast(torch.float32)
+        q, k = p.anchors, p.candidates  # in-batch: the same tensor on both sides, no self mask
+        return (lambda: cal_inf_loss(q, k, scale=1.0 / TEMPERATURE, head_dim=problem.dim)), p
+    if provider == "memeff":
+        try:
+            from memeff import MemoryEfficientCLIPLoss
+        except ImportError:
+            raise Skip("memeff not importable (pip install memeff==0.3.1)")
+        if problem.n != problem.m or layout == "moco":
+            raise Skip("memeff is CLIP-style: a square problem")
+        p = problem.cast(torch.float32)
+        loss = MemoryEfficientCLIPLoss(temperature=TEMPERATURE, normalized_inputs=True, stable=False)
+        y = p.candidates
+        return (lambda: loss(p.anchors, y)), p
+    raise ValueError(provider)
+
+
+class Skip(Exception):
+    pass
+
+
+def bench_ms(fn, quick):
+    """Median ms over >= 50 runs (>= 10 with --quick); do_bench flushes L2 before each run."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    estimate = 1e3 * (time.perf_counter() - start)
+    runs = 10 if quick else 55
+    rep = max(100.0, runs * estimate)
+    return triton.testing.do_bench(fn, warmup=max(25.0, 3 * estimate), rep=rep, return_mode="median"), max(
+        runs, int(rep / max(estimate, 1e-3)))
+
+
+def peak_extra_bytes(step):
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = step()
+    torch.cuda.synchronize()
+    del out
+    return torch.cuda.max_memory_allocated() - before
+
+
+def fp64_reference(problem, neighbors):
+    """(mean loss, grads) of the fp64 reference op, or None when the N x M matrices do not fit."""
+    free, _ = torch.cuda.mem_get_info()
+    if 8 * 8 * problem.n * problem.m > 0.8 * free:
+        return None
+    p = problem.cast(torch.float64)
+    loss = p.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=neighbors).mean()
+    return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, p.leaves)]
+
+
+def accuracy(loss, grads, reference):
+    ref_loss, ref_grads = reference
+    out = dict(loss_rel_err=abs(loss.double().item() - ref_loss.item()) / abs(ref_loss.item()))
+    g = torch.cat([x.double().flatten() for x in grads])
+    r = torch.cat([x.flatten() for x in ref_grads])
+    out["grad_rel_err"] = ((g - r).norm() / r.norm()).item()
+    out["grad_cosine"] = F.cosine_similarity(g, r, dim=0).item()
+    return out
+
+
+def ceiling(provider, problem, quick):
+    """Time of the bf16 GEMM (N x D @ D x M) or SDPA fwd+bwd at sequence N, head dim D."""
+    n, m, d = problem.n, problem.m, problem.dim
+    a = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    if provider == "gemm-bf16":
+        ms, runs = bench_ms(lambda: a @ c.T, quick)
+        return dict(fwdbwd_ms=ms, runs=runs, op_tflops=2 * n * m * d / ms / 1e9)
+    q = a.view(1, 1, n, d).requires_grad_()
+    k = c.view(1, 1, m, d).requires_grad_()
+    v = torch.randn(1, 1, m, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(1, 1, n, d, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = F.scaled_dot_product_attention(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    ms, runs = bench_ms(step, quick)
+    fwd_ms, _ = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), quick)
+    return dict(fwdbwd_ms=ms, fwd_ms=fwd_ms, bwd_ms=ms - fwd_ms, runs=runs,
+                op_tflops=(4 + 10) * n * m * d / ms / 1e9, note="attention flops: 4NMD fwd + 10NMD bwd")
+
+
+def run_gpu_shape(shape, providers, quick):
+    layout, n, m, d = GPU_SHAPES[shape]
+    problem = Problem(layout, n, m, d, torch.bfloat16, "cuda")
+    rows = []
+    references = {}
+    for provider in providers:
+        row = dict(shape=shape, provider=provider, layout=layout, N=n, M=m, D=d)
+        try:
+            if provider in ("gemm-bf16", "sdpa-bf16"):
+                row.update(ceiling(provider, problem, quick))
+                row["status"] = "ok"
+                rows.append(row)
+                continue
+            if provider == "triton-fp32" and shape == "S4":
+                raise Skip("fp32 IEEE dots (no tensor cores) at S4 would take minutes per run")
+            if provider.startswith("reference") and 4 * 6 * n * m > torch.cuda.mem_get_info()[0]:
+                raise Skip("oom (estimated: the eager op keeps several N x M fp32 matrices)")
+            fn, p = gpu_loss_fn(provider, problem)
+            row["dtype"] = str(p.anchors.dtype).replace("torch.", "")
+
+            def step():
+                return torch.autograd.grad(fn(), p.leaves)
+
+            if provider == "reference-compiled":
+                start = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - start
+            row["peak_extra_mib"] = peak_extra_bytes(step) / 2**20
+            row["fwdbwd_ms"], row["runs"] = bench_ms(step, quick)
+            with torch.enable_grad():
+                row["fwd_ms"], _ = bench_ms(fn, quick)
+            row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+            row["useful_tflops"] = problem.useful_flops / row["fwdbwd_ms"] / 1e9
+            if provider.startswith(("triton", "reference")):
+                k = NEIGHBORS if provider == "triton-neighbors" else None
+                if k not in references:
+                    references[k] = fp64_reference(problem, k)
+                if references[k] is not None:
+                    loss = fn()
+                    row.update(accuracy(loss, torch.autograd.grad(loss, p.leaves), references[k]))
+            row["status"] = "ok"
+        except Skip as why:
+            row.update(status="skipped", note=str(why))
+        except torch.cuda.OutOfMemoryError:
+            row.update(status="oom")
+        except Exception as err:  # keep the other providers going; the error is recorded
+            row.update(status="error", note=f"{type(err).__name__}: {err}"[:500])
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    gemm = next((r for r in rows if r["provider"] == "gemm-bf16" and r.get("status") == "ok"), None)
+    for r in rows:
+        if gemm and "useful_tflops" in r:
+            r["fraction_of_gemm_ceiling"] = r["useful_tflops"] / gemm["op_tflops"]
+    return rows
+
+
+def run_s6(quick):
+    """S6: ragged 1000 x 3001 (two-tower), D in 64/96/384/768, tau 0.01..1: correctness only."""
+    from smooth_infonce.triton_kernel import triton_row_losses
+
+    gates = {"float32": 1e-5, "bfloat16": 3e-3, "float64": 1e-9}
+    rows = []
+    for d in (64, 96, 384, 768):
+        for tau in ((0.01, 1.0) if quick else (0.01, 0.1, 1.0)):
+            for k in (None, NEIGHBORS):
+                base = Problem("twotower", 1000, 3001, d, torch.float64, "cuda", seed=d)
+                ref = base.cast(torch.float64)
+                ref_loss = reference_row_losses(ref.anchors, ref.candidates, None, ref.pairs, temperature=tau,
+                                                smoothing=SMOOTHING, neighbors=k).mean()
+                ref_grads = torch.autograd.grad(ref_loss, ref.leaves)
+                for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                    p = base.cast(dtype)
+                    # the fp64 reference of exactly these (rounded) inputs
+                    exact = p.cast(torch.float64)
+                    exact_loss = reference_row_losses(exact.anchors, exact.candidates, None, exact.pairs,
+                                                      temperature=tau, smoothing=SMOOTHING, neighbors=k).mean()
+                    exact_grads = torch.autograd.grad(exact_loss, exact.leaves)
+                    loss = triton_row_losses(p.anchors, p.candidates, None, p.pairs, temperature=tau,
+                                             smoothing=SMOOTHING, neighbors=k).mean()
+                    grads = torch.autograd.grad(loss, p.leaves)
+                    row = dict(shape="S6", N=1000, M=3001, D=d, temperature=tau, neighbors=k,
+                               dtype=str(dtype).replace("torch.", ""),
+                               **accuracy(loss, grads, (exact_loss.detach(), exact_grads)))
+                    row["finite"] = bool(torch.isfinite(loss).item())
+                    row["gate"] = gates[row["dtype"]]
+                    row["pass"] = row["finite"] and row["loss_rel_err"] <= row["gate"] and row["grad_rel_err"] <= max(
+                        row["gate"], 3e-3 if dtype == torch.bfloat16 else 0)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                del ref_grads
+    return rows
+
+
+def run_gpu(args):
+    import triton
+
+    shapes = args.shapes or list(GPU_SHAPES) + ["S6"]
+    providers = args.providers or GPU_PROVIDERS
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        driver = "unknown"
+    results, s6 = [], []
+    for shape in shapes:
+        if shape == "S6":
+            s6 = run_s6(args.quick)
+        else:
+            results += run_gpu_shape(shape, providers, args.quick)
+    report = dict(
+        mode="gpu", date=datetime.datetime.now().isoformat(timespec="seconds"),
+        gpu=props.name, sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
+        driver=driver, cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__,
+        lightly=_version("lightly"), inf_cl=_version("inf_cl"), memeff=_version("memeff"),
+        settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS,
+                      timing="triton.testing.do_bench median, >= 50 runs after warm-up (10 with --quick); "
+                             "L2 flushed before each run (cold L2); bwd = fwd+bwd - fwd",
+                      memory="torch.cuda.max_memory_allocated during one fwd+bwd minus allocated before",
+                      useful_flops="8NMD (4NMD for the frozen MoCo queue, S3), charged to every provider",
+                      inputs="triton-uniform / -neighbors: bf16; triton-fp32: fp32 IEEE dots; reference, "
+                             "lightly, Inf-CL, memeff: fp32 inputs (reference-bf16-autocast: fp32 under "
+                             "bf16 autocast)",
+                      semantics="Inf-CL (one direction) and memeff (CLIP, both directions) run their own "
+                                "losses on the same-sized square problem; at S1/S2 they do not mask self"),
+        results=results, correctness_s6=s6,
+    )
+    stem = args.out or RESULTS / slug(props.name)
+    write(report, Path(stem), plot_gpu)
+
+
+def plot_gpu(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [s for s in GPU_SHAPES if any(r["shape"] == s for r in report["results"])]
+    if not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in report["results"] if r["shape"] == shape and r.get("fwdbwd_ms")]
+        names = [r["provider"] for r in rows]
+        times = [r["fwdbwd_ms"] for r in rows]
+        colors = ["tab:green" if n.startswith("triton") else "tab:gray" if n in ("gemm-bf16", "sdpa-bf16")
+                  else "tab:blue" for n in names]
+        ax.barh(names, times, color=colors)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        layout, n, m, d = GPU_SHAPES[shape]
+        ax.set_title(f"{shape}: {layout} N={n} M={m} D={d}", fontsize=8)
+        ax.set_xlabel("fwd+bwd ms (log)")
+        for y, r in enumerate(rows):
+            if "fraction_of_gemm_ceiling" in r:
+                ax.text(r["fwdbwd_ms"], y, f" {100 * r['fraction_of_gemm_ceiling']:.0f}%", va="center", fontsize=6)
+    fig.suptitle(f"{report['gpu']} -- torch {report['torch']}, triton {report['triton']} "
+                 "(% = useful TFLOP/s over the same-run bf16 GEMM rate)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ================================================================================================
+
+
+def _version(module):
+    try:
+        from importlib.metadata import version
+
+        return version(module.replace("_", "-"))
+    except Exception:
+        return None
+
+
+def write(report, stem: Path, plot):
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+    json_path.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    plot(report, png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", type=lambda s: s.split(","), help="comma list (GPU: S0..S4,S6; CPU: %s)"
+                        % ",".join(CPU_SHAPES))
+    parser.add_argument("--providers", type=lambda s: s.split(","), help="comma list (default: all)")
+    parser.add_argument("--out", help="output path without suffix (default: benchmarks/results/<device>)")
+    parser.add_argument("--quick", action="store_true", help="fewer runs (smoke test)")
+    parser.add_argument("--cpu", action="store_true", help="CPU mode even if CUDA is available")
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available() and not args.cpu:
+        run_gpu(args)
+    else:
+        run_cpu(args)
+
+
+if __name__ == "__main__":
+    main()
