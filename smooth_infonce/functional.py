@@ -7,6 +7,7 @@ reduction. The backends only ever see (anchors, candidates, positive keys, pairs
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -41,8 +42,12 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> Callable[..., Tensor]:
-    """'auto' takes the fused kernel for CUDA tensors and the reference op elsewhere."""
+def resolve_backend(backend: str, device: torch.device, *, deterministic: bool = False,
+                    allow_tf32: bool = False) -> Callable[..., Tensor]:
+    """'auto' takes the fused kernel for CUDA tensors and the reference op elsewhere.
+
+    The reference is exact and deterministic already; the kernel options only reach the kernel.
+    """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and triton_available() else "reference"
@@ -55,7 +60,7 @@ def resolve_backend(backend: str, device: torch.device) -> Callable[..., Tensor]
             f"backend='triton' needs the Triton kernel, which could not be imported ({err}); "
             "install triton or use backend='reference'"
         ) from err
-    return triton_row_losses
+    return partial(triton_row_losses, deterministic=deterministic, allow_tf32=allow_tf32)
 
 
 def smooth_infonce(
@@ -74,6 +79,8 @@ def smooth_infonce(
     normalize: bool = True,
     gather_distributed: bool = False,
     backend: str = "auto",
+    deterministic: bool = False,
+    allow_tf32: bool = False,
     validate: bool = True,
 ) -> Tensor:
     """Smoothed InfoNCE (arXiv 2212.07158) for every layout of loss.md.
@@ -112,6 +119,10 @@ def smooth_infonce(
             ids that mean the same on every rank (the module's instance ids take care of this).
         backend: "auto" (Triton kernel for CUDA tensors, reference elsewhere), "reference" or
             "triton".
+        deterministic: Triton backend: no atomics in the backward, bitwise-reproducible
+            gradients (one more recompute of the similarity tiles).
+        allow_tf32: Triton backend, float32 inputs: TF32 tensor-core dots (about 1e-3 relative)
+            instead of exact IEEE float32 dots (the default).
         validate: check values too (non-finite inputs, rows without positives, k larger than the
             negatives). This synchronises with the device; shape, dtype and device checks always run.
 
@@ -162,7 +173,7 @@ def smooth_infonce(
         candidates = None if candidates is None else _l2_normalize(candidates)
         positive_keys = None if positive_keys is None else _l2_normalize(positive_keys)
 
-    row_losses = resolve_backend(backend, anchors.device)
+    row_losses = resolve_backend(backend, anchors.device, deterministic=deterministic, allow_tf32=allow_tf32)
     options = dict(temperature=temperature, smoothing=smoothing, neighbors=neighbors)
     if symmetric is None:
         rows = _one_direction(row_losses, anchors, candidates, ids, candidate_ids, positive_keys,

@@ -61,6 +61,8 @@ class SmoothInfoNCELoss(nn.Module):
         reduction: "mean", "sum" or "none".
         backend: "auto" (the fused Triton kernel on CUDA, the reference op elsewhere),
             "reference" or "triton".
+        deterministic: Triton backend: bitwise-reproducible gradients (no atomics).
+        allow_tf32: Triton backend, float32 inputs: TF32 dots instead of exact IEEE float32.
         validate: value checks that synchronise with the device (non-finite inputs, too few
             negatives); shape, dtype and device checks always run.
 
@@ -85,6 +87,8 @@ class SmoothInfoNCELoss(nn.Module):
         gather_distributed: bool = False,
         reduction: str = "mean",
         backend: str = "auto",
+        deterministic: bool = False,
+        allow_tf32: bool = False,
         validate: bool = True,
     ) -> None:
         super().__init__()
@@ -98,6 +102,8 @@ class SmoothInfoNCELoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.backend = check_choice("backend", backend, BACKENDS)
+        self.deterministic = deterministic
+        self.allow_tf32 = allow_tf32
         self.validate = validate
 
     def set_epoch(self, epoch: int) -> float:
@@ -127,6 +133,7 @@ class SmoothInfoNCELoss(nn.Module):
         options = dict(
             temperature=self.temperature, smoothing=check_smoothing(self.smoothing), neighbors=self.neighbors,
             reduction=self.reduction, normalize=self.normalize, backend=self.backend, validate=self.validate,
+            deterministic=self.deterministic, allow_tf32=self.allow_tf32,
         )
 
         if queue is not None:  # MoCo: out1 holds the keys, the other views are queries

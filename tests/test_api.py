@@ -137,3 +137,18 @@ def test_schedules():
         SmoothingSchedule(0.1, "linear")
     with pytest.raises(ValueError, match="smoothing"):
         SmoothingSchedule(1.0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("k", [None, 3])
+def test_public_api_reaches_the_triton_backend(deterministic, k):
+    """backend='triton' through the module (interpreter on CPU) matches the reference, both layouts."""
+    out0, out1, queue = (randn(s, 12, 20).requires_grad_() for s in range(3))
+    for extra in ({}, {"queue": queue}):
+        grads = []
+        for backend in ("reference", "triton"):
+            loss_fn = SmoothInfoNCELoss(0.1, 0.2, k, backend=backend, deterministic=deterministic)
+            loss = loss_fn(out0, out1, **extra)
+            grads.append((loss, *torch.autograd.grad(loss, (out0, out1))))
+        for ref, fused in zip(*grads):
+            torch.testing.assert_close(fused, ref, rtol=2e-5, atol=2e-6)
