@@ -1,0 +1,545 @@
+"""The lightweight-model recipes as named, overridable presets (timm-style registry).
+
+A preset is a frozen dataclass tree (`Recipe`) holding everything a run needs: backbone, projection
+head, loss (tau, alpha, k, mode, schedule), MoCo settings, optimiser with its parameter-group
+rules and lr scaling, view sampling, epochs. It is plain data, toolkit-free (no lightly, no solo
+import): the lightly integration (`smooth_infonce.integrations.lightly`) and the solo-learn
+integration read the same objects, so a preset name means the same run in both.
+
+Presets (see `list_presets()`):
+
+- ``moco_v2_baseline``: MoCo v2 with the ResNet-50 recipe on MobileNetV3-Large (tau 0.2, plain
+  InfoNCE): the 36.3 % baseline of the light-moco paper.
+- ``light_moco``: the light-moco recipe ("Establishing a stronger baseline for lightweight
+  contrastive models"): tau 0.07 and smoothed InfoNCE on neighbours.
+- ``sslight_baseline``: MoCo v2 on MobileNetV2 with SSLight's optimisation and the baseline
+  multi-crop (2 x 224 at (0.14, 1), 6 x 96 at (0.05, 0.14), plain mean).
+- ``sslight_moco``: SSLight's view sampling ("Effective Self-supervised Pre-training on
+  Low-compute Networks without Distillation"): 2 x 224 at (0.3, 1), 6 x 128 at (0.05, 0.3),
+  weights (0.4, 0.6). Plain InfoNCE, as published.
+- ``sslight_moco_smooth``: ``sslight_moco`` plus light-moco's smoothing (the combination; not a
+  published configuration).
+
+Every number is overridable: ``get_preset(name, **overrides)`` takes top-level fields, nested
+fields as ``section__field`` (``loss__smoothing=0.2``) or a dict per section
+(``loss={"smoothing": 0.2}``).
+
+Example:
+    >>> from smooth_infonce.integrations.recipes import get_preset, list_presets
+    >>> "light_moco" in list_presets()
+    True
+    >>> recipe = get_preset("light_moco", epochs=100, loss__smoothing=0.2, backbone__name="efficientnet_b0")
+    >>> recipe.loss.temperature, recipe.loss.smoothing, recipe.epochs
+    (0.07, 0.2, 100)
+    >>> recipe.optimizer.scaled_lr(batch_size=512)
+    0.06
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from smooth_infonce.schedule import SCHEDULES, SmoothingSchedule
+
+from .backbones import Backbone, build_backbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FRAMEWORKS = ("moco", "simclr")
+SMOOTHING_MODES = ("neighbors", "uniform")
+OPTIMIZERS = ("sgd", "lars")
+LR_SCHEDULES = ("cosine", "constant")
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+# Chosen values for what the papers leave UNKNOWN (recipes.md); justified where they are used.
+DEFAULT_SMOOTHING = 0.1
+DEFAULT_NEIGHBORS = 10
+
+
+def _pair(name: str, value: Any) -> Tuple[float, float]:
+    pair = tuple(float(v) for v in value)  # YAML gives lists; keep the dataclasses hashable
+    if len(pair) != 2:
+        raise ValueError(f"{name} must have two values, got {value!r}")
+    return pair
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which network encodes the images (see `smooth_infonce.integrations.backbones`).
+
+    Attributes:
+        name: a registered backbone name or ``"timm:<model>"``.
+        cifar_stem: stride-1 first convolution for small images; None keeps the network's default.
+        kwargs: extra constructor arguments (e.g. ``{"width": 16}`` for ``tiny_cnn``).
+    """
+
+    name: str = "mobilenetv3_large_100"
+    cifar_stem: Optional[bool] = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Backbone:
+        """The backbone (random init, no download); ``.num_features`` is its real output width."""
+        return build_backbone(self.name, cifar_stem=self.cifar_stem, **dict(self.kwargs))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Projection MLP: ``num_layers`` linear layers, ReLU between them, BatchNorm if asked.
+
+    The input width is the backbone's measured ``num_features``. MoCo v2, light-moco and SSLight
+    all use Linear(width, 2048) -> ReLU -> Linear(2048, 128) without BatchNorm.
+    """
+
+    hidden_dim: int = 2048
+    output_dim: int = 128
+    num_layers: int = 2
+    batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_dim >= 1 and self.output_dim >= 1, f"head widths must be >= 1, got {self}")
+        _check(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Smoothed InfoNCE settings (loss.md).
+
+    Attributes:
+        temperature: tau.
+        smoothing: alpha, the target mass moved from the positive to the negatives (0: InfoNCE).
+        mode: ``"neighbors"`` (the ``neighbors`` most similar negatives of each row get alpha;
+            the authors' default strategy) or ``"uniform"`` (all negatives share alpha).
+        neighbors: k for the neighbours mode.
+        schedule: alpha per epoch: ``"constant"``, ``"warmup"`` (0 for ``warmup_epochs``) or
+            ``"cosine"`` (ramp from 0 to alpha over the run), as in the authors' code.
+        warmup_epochs: epochs at alpha = 0 before the schedule starts.
+        wait_for_full_bank: MoCo: hold alpha at 0 until the queue has been filled once with real
+            keys (after a start or a resume without a saved queue, neighbours in a random queue
+            are meaningless).
+    """
+
+    temperature: float = 0.2
+    smoothing: float = 0.0
+    mode: str = "neighbors"
+    neighbors: int = DEFAULT_NEIGHBORS
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    wait_for_full_bank: bool = True
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.temperature) and self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(0.0 <= self.smoothing < 1.0, f"smoothing must be in [0, 1), got {self.smoothing}")
+        _check(self.mode in SMOOTHING_MODES, f"mode must be one of {SMOOTHING_MODES}, got {self.mode!r}")
+        _check(isinstance(self.neighbors, int) and self.neighbors >= 1, f"neighbors must be an int >= 1, got {self.neighbors!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    @property
+    def neighbors_or_none(self) -> Optional[int]:
+        """The ``neighbors`` argument of the loss: None means uniform smoothing."""
+        return None if self.mode == "uniform" else self.neighbors
+
+    def smoothing_schedule(self, epochs: int) -> SmoothingSchedule:
+        """alpha per epoch for a run of ``epochs`` epochs (the cosine ramp spans the whole run)."""
+        ramp = max(1, epochs - self.warmup_epochs) if self.schedule == "cosine" else None
+        return SmoothingSchedule(self.smoothing, self.schedule, warmup_epochs=self.warmup_epochs, epochs=ramp)
+
+
+@dataclass(frozen=True)
+class MoCoSpec:
+    """MoCo's key encoder and queue.
+
+    Attributes:
+        queue_size: K, negatives kept in the queue (memory bank).
+        key_momentum: EMA factor of the key encoder (constant over the run).
+        shuffle_bn: shuffle the key batch across GPUs before the key encoder (no effect on one
+            device, where batch-norm statistics do not depend on the order).
+    """
+
+    queue_size: int = 65536
+    key_momentum: float = 0.999
+    shuffle_bn: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.queue_size >= 1, f"queue_size must be >= 1, got {self.queue_size}")
+        _check(0.0 <= self.key_momentum <= 1.0, f"key_momentum must be in [0, 1], got {self.key_momentum}")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Optimiser, lr scaling and parameter-group rules.
+
+    Learning rates are given per 256 images and scaled linearly with the total batch:
+    ``lr = lr_per_256 * batch_size / 256`` (the same for ``min_lr_per_256``). The schedule is
+    per iteration: linear warm-up from 0 over ``warmup_epochs``, then cosine from lr to min_lr.
+
+    Attributes:
+        name: ``"sgd"`` (with momentum) or ``"lars"`` (SGD with layer-wise trust ratio).
+        exclude_bias_norm: no weight decay, and no LARS adaptation, on 1-D parameters (biases,
+            norm scales and shifts).
+        exclude_depthwise: no weight decay on depthwise convolution kernels (shape [C, 1, k, k]);
+            LARS adaptation still applies to them.
+        trust_coefficient: LARS eta.
+    """
+
+    name: str = "sgd"
+    lr_per_256: float = 0.03
+    min_lr_per_256: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    lr_schedule: str = "cosine"
+    exclude_bias_norm: bool = False
+    exclude_depthwise: bool = False
+    trust_coefficient: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, f"optimizer name must be one of {OPTIMIZERS}, got {self.name!r}")
+        _check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        _check(self.lr_per_256 > 0 and self.min_lr_per_256 >= 0, f"learning rates must be positive, got {self}")
+        _check(self.weight_decay >= 0 and self.momentum >= 0, f"weight_decay and momentum must be >= 0, got {self}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+    def scaled_lr(self, batch_size: int) -> float:
+        """Peak learning rate for a total batch of ``batch_size`` images."""
+        return round(self.lr_per_256 * batch_size / 256, 12)
+
+    def learning_rate(self, step: int, *, steps_per_epoch: int, epochs: int, batch_size: int) -> float:
+        """Learning rate at iteration ``step`` (0-based) of a run of ``epochs`` epochs."""
+        peak = self.scaled_lr(batch_size)
+        floor = self.min_lr_per_256 * batch_size / 256
+        warmup = self.warmup_epochs * steps_per_epoch
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        if self.lr_schedule == "constant":
+            return peak
+        total = max(1, epochs * steps_per_epoch - warmup)
+        progress = min(1.0, (step - warmup) / total)
+        return floor + (peak - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """``count`` random resized crops of ``size`` px covering ``scale`` of the image area."""
+
+    count: int
+    size: int
+    scale: Tuple[float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _pair("scale", self.scale))
+        _check(self.count >= 0 and self.size >= 1, f"crop count must be >= 0 and size >= 1, got {self}")
+        _check(0 < self.scale[0] <= self.scale[1] <= 1, f"crop scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """View sampling and augmentation.
+
+    Views come out in the order: the global crops, then the local crops. In MoCo the first global
+    view feeds the key encoder and every other view is a query (SSLight); with two global views and
+    no locals that is plain MoCo v2.
+
+    Attributes:
+        global_crops, local_crops: the two crop groups (``local_crops=None``: none).
+        loss_weights: (global, local) total loss weights of the query views. The global weight is
+            shared by the global query views, the local weight by the local ones (SSLight:
+            (0.4, 0.6): 0.4 for global view 2, 0.1 for each of 6 locals). None: every query
+            view weighs the same (a plain mean).
+        interpolation: of the random resized crop (SSLight: bicubic).
+        hflip_prob, color_jitter (brightness, contrast, saturation, hue), color_jitter_prob,
+        grayscale_prob, blur_prob, blur_sigmas: the MoCo v2 augmentations. SSLight's photometric
+            augmentations are not in the facts available here; its presets keep MoCo v2's.
+        mean, std: normalisation.
+    """
+
+    global_crops: CropSpec = CropSpec(2, 224, (0.2, 1.0))
+    local_crops: Optional[CropSpec] = None
+    loss_weights: Optional[Tuple[float, float]] = None
+    interpolation: str = "bilinear"
+    hflip_prob: float = 0.5
+    color_jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigmas: Tuple[float, float] = (0.1, 2.0)
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for name in ("global_crops", "local_crops"):  # dicts from YAML / overrides
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, CropSpec(**value))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", _pair("loss_weights", self.loss_weights))
+        object.__setattr__(self, "blur_sigmas", _pair("blur_sigmas", self.blur_sigmas))
+        object.__setattr__(self, "color_jitter", tuple(float(v) for v in self.color_jitter))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        _check(self.global_crops.count >= 2, f"need at least 2 global crops, got {self.global_crops.count}")
+        _check(self.interpolation in INTERPOLATIONS, f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        _check(len(self.color_jitter) == 4, f"color_jitter is (brightness, contrast, saturation, hue), got {self.color_jitter}")
+
+    @property
+    def num_local(self) -> int:
+        return 0 if self.local_crops is None else self.local_crops.count
+
+    @property
+    def num_views(self) -> int:
+        return self.global_crops.count + self.num_local
+
+    def query_weights(self) -> Tuple[float, ...]:
+        """MoCo loss weight of each query view (every view but the first global one), in view
+        order; they sum to 1. See `query_view_weights`."""
+        return query_view_weights(self.global_crops.count, self.num_local, self.loss_weights)
+
+
+def query_view_weights(num_global: int, num_local: int,
+                       loss_weights: Optional[Tuple[float, float]]) -> Tuple[float, ...]:
+    """MoCo loss weight of each query view: the ``num_global - 1`` global queries (global view 1
+    is the key), then the ``num_local`` local ones; they sum to 1.
+
+    ``loss_weights = (global, local)``: the global total is shared by the global queries, the
+    local total by the locals (SSLight: (0.4, 0.6) with 6 locals gives 0.4, then 0.1 each). None,
+    or no local views: every query view weighs the same (a plain mean).
+    """
+    num_global_queries = num_global - 1
+    _check(num_global_queries >= 1 and num_local >= 0, f"need >= 2 global and >= 0 local views, got {num_global}, {num_local}")
+    if loss_weights is None or num_local == 0:
+        count = num_global_queries + num_local
+        return (1.0 / count,) * count
+    global_weight, local_weight = _pair("loss_weights", loss_weights)
+    _check(global_weight >= 0 and local_weight >= 0 and global_weight + local_weight > 0,
+           f"loss_weights must be >= 0 and not both 0, got {loss_weights}")
+    total = global_weight + local_weight
+    return ((global_weight / total / num_global_queries,) * num_global_queries
+            + (local_weight / total / num_local,) * num_local)
+
+
+def view_loss_weights(framework: str, num_global: int, num_local: int,
+                      loss_weights: Optional[Tuple[float, float]]) -> Optional[Tuple[float, ...]]:
+    """Per-view weights to pass to the loss (``weights=``), or None when every view weighs the
+    same (no ``loss_weights`` or no local views).
+
+    - ``"moco"``: one weight per query view (`query_view_weights`).
+    - ``"simclr"``: one weight per view in call order; the first global view, an anchor too in the
+      in-batch layout, weighs as a global query view.
+    """
+    _check(framework in FRAMEWORKS, f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    if loss_weights is None or num_local == 0:
+        return None
+    weights = query_view_weights(num_global, num_local, loss_weights)
+    return weights if framework == "moco" else (weights[0],) + weights
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete pre-training recipe. Build pieces with ``recipe.backbone.build()``,
+    ``recipe.loss.smoothing_schedule(recipe.epochs)``, `smooth_infonce.integrations.optim`
+    (optimiser) and the toolkit integrations (models, transforms, losses).
+
+    Attributes:
+        framework: ``"moco"`` (key encoder + queue) or ``"simclr"`` (in-batch negatives).
+        batch_size: the recipe's total batch (learning rates scale from it per 256 images).
+    """
+
+    name: str
+    framework: str = "moco"
+    backbone: BackboneSpec = BackboneSpec()
+    head: HeadSpec = HeadSpec()
+    loss: LossSpec = LossSpec()
+    moco: MoCoSpec = MoCoSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    views: ViewSpec = ViewSpec()
+    epochs: int = 200
+    batch_size: int = 256
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.framework in FRAMEWORKS, f"framework must be one of {FRAMEWORKS}, got {self.framework!r}")
+        _check(self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+
+    def view_weights(self) -> Optional[Tuple[float, ...]]:
+        """The ``weights=`` argument of the loss for this recipe's views (see `view_loss_weights`)."""
+        return view_loss_weights(self.framework, self.views.global_crops.count, self.views.num_local,
+                                 self.views.loss_weights)
+
+    def override(self, **overrides: Any) -> "Recipe":
+        """A copy with fields replaced; nested fields as ``section__field`` or a dict per section."""
+        return _apply_overrides(self, overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (for logging, JSON and YAML)."""
+        return dataclasses.asdict(self)
+
+
+def _apply_overrides(obj: Any, overrides: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    direct: Dict[str, Any] = {}
+    nested: Dict[str, Dict[str, Any]] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition("__")
+        if head not in names:
+            raise ValueError(f"{type(obj).__name__} has no field {head!r} (fields: {sorted(names)})")
+        current = getattr(obj, head)
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        elif dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            nested.setdefault(head, {}).update(value)
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        current = direct.get(head, getattr(obj, head))
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"{type(obj).__name__}.{head} is {current!r}, not a section: set it whole "
+                             f"(e.g. {head}=dict(...)) instead of its fields {sorted(sub)}")
+        direct[head] = _apply_overrides(current, sub)
+    return dataclasses.replace(obj, **direct)
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+_PRESETS: Dict[str, Callable[[], Recipe]] = {}
+
+
+def register_preset(factory: Callable[[], Recipe]) -> Callable[[], Recipe]:
+    """Decorator: register a preset under its function's name (one name, one factory)."""
+    name = factory.__name__
+    if name in _PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    _PRESETS[name] = factory
+    return factory
+
+
+def list_presets() -> List[str]:
+    return sorted(_PRESETS)
+
+
+def get_preset(preset: str, /, **overrides: Any) -> Recipe:
+    """The preset named ``preset`` with ``overrides`` applied (see `Recipe.override`; a ``name``
+    override renames the copy)."""
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {list_presets()}")
+    return _PRESETS[preset]().override(**overrides)
+
+
+# --- the presets --------------------------------------------------------------------------------
+
+_MOCO_V2_VIEWS = ViewSpec(global_crops=CropSpec(2, 224, (0.2, 1.0)))
+
+
+@register_preset
+def moco_v2_baseline() -> Recipe:
+    """MoCo v2 with its ResNet-50 recipe on MobileNetV3-Large: the light-moco paper's baseline
+    (36.3 % linear top-1 on ImageNet; 42.2 % with EfficientNet-B0)."""
+    return Recipe(
+        name="moco_v2_baseline",
+        framework="moco",
+        backbone=BackboneSpec("mobilenetv3_large_100"),
+        head=HeadSpec(hidden_dim=2048, output_dim=128, num_layers=2, batch_norm=False),
+        loss=LossSpec(temperature=0.2, smoothing=0.0),
+        moco=MoCoSpec(queue_size=65536, key_momentum=0.999),
+        # MoCo v2 decays every parameter (no exclusion rules); cosine lr, no warm-up.
+        optimizer=OptimizerSpec(name="sgd", lr_per_256=0.03, momentum=0.9, weight_decay=1e-4),
+        views=_MOCO_V2_VIEWS,
+        epochs=200,
+        batch_size=256,
+        description="MoCo v2, ResNet-50 recipe, on a lightweight backbone (plain InfoNCE, tau 0.2)",
+    )
+
+
+@register_preset
+def light_moco() -> Recipe:
+    """The light-moco recipe: MoCo v2 with tau 0.07 and smoothed InfoNCE (62.3 % with
+    MobileNetV3-Large, 65.8 % with EfficientNet-B0 in the paper).
+
+    The published alpha, k, mode and schedule are UNKNOWN (recipes.md). Chosen defaults:
+
+    - mode ``neighbors``: the default strategy of the authors' code.
+    - alpha = 0.1: the customary label-smoothing mass; it keeps 90 % of the target on the
+      positive, so the loss stays an instance-discrimination loss.
+    - k = 10: the neighbours should be likely same-class images. A 65536-key queue holds about
+      65 images per ImageNet class, so the 10 most similar negatives are mostly same-class ones
+      once the features are meaningful, while k stays far below 65.
+    - schedule: alpha = 0 for the first 3 epochs, then constant. The authors' scripts mention 3
+      warm-up epochs (whether for lr or alpha is not known); the recipe's lr schedule is a plain
+      cosine, so the warm-up is applied to alpha, where it keeps early, meaningless neighbours
+      out of the targets. ``wait_for_full_bank`` also holds alpha at 0 until the queue is full.
+    """
+    return moco_v2_baseline().override(
+        name="light_moco",
+        loss=LossSpec(temperature=0.07, smoothing=DEFAULT_SMOOTHING, mode="neighbors",
+                      neighbors=DEFAULT_NEIGHBORS, schedule="warmup", warmup_epochs=3),
+        description="light-moco: MoCo v2, tau 0.07, smoothed InfoNCE on the 10 nearest negatives",
+    )
+
+
+# SSLight's optimisation for CNNs (batch 1024 = 128 x 8 GPUs, 200 epochs): LARS, peak lr
+# 1.92 = 0.48 per 256, 10 warm-up epochs, per-iteration cosine to 0.0048 = 0.0012 per 256,
+# weight decay 1e-6, none on 1-D parameters and depthwise kernels.
+_SSLIGHT_OPTIMIZER = OptimizerSpec(
+    name="lars", lr_per_256=0.48, min_lr_per_256=0.0012, momentum=0.9, weight_decay=1e-6,
+    warmup_epochs=10, lr_schedule="cosine", exclude_bias_norm=True, exclude_depthwise=True,
+    trust_coefficient=1e-3,
+)
+
+
+@register_preset
+def sslight_baseline() -> Recipe:
+    """MoCo v2 on MobileNetV2 with SSLight's optimisation and the baseline multi-crop (60.6 %
+    linear top-1 on ImageNet in SSLight's README): 2 x 224 px at (0.14, 1), 6 x 96 px at
+    (0.05, 0.14), every query view weighing the same ((1/7, 6/7))."""
+    return Recipe(
+        name="sslight_baseline",
+        framework="moco",
+        backbone=BackboneSpec("mobilenet_v2"),
+        head=HeadSpec(hidden_dim=2048, output_dim=128, num_layers=2, batch_norm=False),
+        loss=LossSpec(temperature=0.2, smoothing=0.0),
+        moco=MoCoSpec(queue_size=65536, key_momentum=0.999, shuffle_bn=True),
+        optimizer=_SSLIGHT_OPTIMIZER,
+        views=ViewSpec(
+            global_crops=CropSpec(2, 224, (0.14, 1.0)),
+            local_crops=CropSpec(6, 96, (0.05, 0.14)),
+            loss_weights=None,
+            interpolation="bicubic",
+        ),
+        epochs=200,
+        batch_size=1024,
+        description="MoCo v2 + baseline multi-crop, SSLight optimisation (LARS), MobileNetV2",
+    )
+
+
+@register_preset
+def sslight_moco() -> Recipe:
+    """SSLight's view sampling for MoCo v2 (61.6 % on ImageNet with MobileNetV2, README):
+    2 x 224 px at (0.3, 1), 6 x 128 px at (0.05, 0.3), weights 0.4 for the global query and 0.6
+    shared by the 6 local queries. Plain InfoNCE, as published; the key is global view 1."""
+    return sslight_baseline().override(
+        name="sslight_moco",
+        views__global_crops=CropSpec(2, 224, (0.3, 1.0)),
+        views__local_crops=CropSpec(6, 128, (0.05, 0.3)),
+        views__loss_weights=(0.4, 0.6),
+        description="MoCo v2 + SSLight view sampling (0.4 / 0.6 weights), LARS, MobileNetV2",
+    )
+
+
+@register_preset
+def sslight_moco_smooth() -> Recipe:
+    """``sslight_moco`` with light-moco's smoothing (alpha 0.1 on the 10 nearest negatives after
+    3 epochs at 0; see `light_moco` for why). The combination of the two papers: its effect is not
+    published."""
+    return sslight_moco().override(
+        name="sslight_moco_smooth",
+        loss__smoothing=DEFAULT_SMOOTHING, loss__mode="neighbors", loss__neighbors=DEFAULT_NEIGHBORS,
+        loss__schedule="warmup", loss__warmup_epochs=3,
+        description="SSLight view sampling + smoothed InfoNCE (neighbours)",
+    )
