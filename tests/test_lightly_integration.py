@@ -1,0 +1,313 @@
+"""The lightly drop-in against the real lightly 1.6 NTXentLoss, and lightly models training with it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from lightly.loss import NTXentLoss
+
+from smooth_infonce import SmoothInfoNCELoss, SmoothingSchedule
+from smooth_infonce.integrations.backbones import build_backbone
+from smooth_infonce.integrations.lightly import (
+    MoCoModel,
+    SimCLRModel,
+    SmoothNTXentLoss,
+    build_view_transform,
+    encode_views,
+)
+from smooth_infonce.integrations.recipes import CropSpec, ViewSpec
+
+from integration_helpers import digit_images
+
+ATOL = 1e-5
+
+
+def _embeddings(batch, dim, seed, grad=True):
+    generator = torch.Generator().manual_seed(seed)
+    out0 = torch.randn(batch, dim, generator=generator, dtype=torch.float32).requires_grad_(grad)
+    out1 = torch.randn(batch, dim, generator=generator, dtype=torch.float32).requires_grad_(grad)
+    return out0, out1
+
+
+def _pair_with_same_bank(temperature, bank_size, **options):
+    """lightly's loss and the drop-in, with identical random initial banks."""
+    torch.manual_seed(123)
+    reference = NTXentLoss(temperature=temperature, memory_bank_size=bank_size)
+    torch.manual_seed(123)
+    drop_in = SmoothNTXentLoss(temperature=temperature, memory_bank_size=bank_size, **options)
+    assert torch.equal(reference.memory_bank.bank, drop_in.memory_bank.bank)
+    return reference, drop_in
+
+
+# --- the drop-in contract -------------------------------------------------------------------
+
+def test_is_an_ntxent_loss_with_the_same_constructor():
+    loss = SmoothNTXentLoss(0.3, (64, 8), False, smoothing=0.1, neighbors=2)
+    assert isinstance(loss, NTXentLoss)
+    assert loss.temperature == 0.3 and loss.gather_distributed is False
+    assert tuple(loss.memory_bank.size) == (64, 8)
+    with pytest.raises(ValueError):  # lightly 1.6: a bare int bank size is rejected
+        SmoothNTXentLoss(memory_bank_size=64)
+    with pytest.raises(ValueError):
+        SmoothNTXentLoss(temperature=-0.1)
+    with pytest.raises(ValueError):
+        SmoothNTXentLoss(smoothing=1.0)
+    with pytest.raises(ValueError):
+        SmoothNTXentLoss(smoothing=0.1, neighbors=0)
+
+
+@pytest.mark.parametrize("batch,dim,temperature", [(8, 16, 0.5), (32, 64, 0.1), (5, 3, 0.07)])
+def test_in_batch_at_smoothing_zero_equals_ntxent(batch, dim, temperature):
+    out0, out1 = _embeddings(batch, dim, seed=batch)
+    expected = NTXentLoss(temperature=temperature)(out0, out1)
+    expected_grads = torch.autograd.grad(expected, (out0, out1))
+    got = SmoothNTXentLoss(temperature=temperature, smoothing=0.0)(out0, out1)
+    got_grads = torch.autograd.grad(got, (out0, out1))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=1e-4)
+
+
+def test_in_batch_smoothing_matches_the_core_module():
+    out0, out1 = _embeddings(16, 32, seed=1)
+    extra = torch.randn(16, 32)
+    for neighbors in (None, 3):
+        core = SmoothInfoNCELoss(temperature=0.2, smoothing=0.2, neighbors=neighbors)
+        drop_in = SmoothNTXentLoss(temperature=0.2, smoothing=0.2, neighbors=neighbors)
+        torch.testing.assert_close(drop_in(out0, out1), core(out0, out1))
+        torch.testing.assert_close(drop_in(out0, out1, extra, weights=(1.0, 0.5, 0.5)),
+                                   core(out0, out1, extra, weights=(1.0, 0.5, 0.5)))
+        # smoothing really changes the value
+        assert not torch.allclose(drop_in(out0, out1), NTXentLoss(temperature=0.2)(out0, out1))
+
+
+def test_memory_bank_at_smoothing_zero_equals_ntxent_step_by_step():
+    """Loss, gradients, bank contents and pointer agree over steps that wrap the bank, with a
+    batch that does not divide K (lightly drops the keys that do not fit before wrapping)."""
+    reference, drop_in = _pair_with_same_bank(0.2, (40, 8), smoothing=0.0)
+    for step in range(6):
+        out0, out1 = _embeddings(16, 8, seed=10 + step)
+        expected = reference(out0, out1)
+        expected_grads = torch.autograd.grad(expected, (out0, out1))
+        got = drop_in(out0, out1)
+        got_grads = torch.autograd.grad(got, (out0, out1))
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+        for g, e in zip(got_grads, expected_grads):
+            torch.testing.assert_close(g, e, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(drop_in.memory_bank.bank, reference.memory_bank.bank)
+        assert int(drop_in.memory_bank.bank_ptr) == int(reference.memory_bank.bank_ptr)
+
+
+def test_memory_bank_layout_positive_first_bank_read_before_update():
+    drop_in = SmoothNTXentLoss(temperature=0.1, memory_bank_size=(32, 4), smoothing=0.0)
+    bank_before = drop_in.memory_bank.bank.clone()
+    query, key = _embeddings(8, 4, seed=3)
+    loss = drop_in(query, key)
+    q, k = torch.nn.functional.normalize(query, dim=1), torch.nn.functional.normalize(key, dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank_before.t()], dim=1) / 0.1
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+    torch.testing.assert_close(loss, expected, atol=ATOL, rtol=1e-5)
+    # the keys were enqueued (normalised) after being read
+    torch.testing.assert_close(drop_in.memory_bank.bank[:8], k.detach())
+    assert int(drop_in.memory_bank.bank_ptr) == 8
+
+
+# --- bank mechanics ---------------------------------------------------------------------------
+
+def test_no_bank_update_without_gradient():
+    reference, drop_in = _pair_with_same_bank(0.2, (32, 8), smoothing=0.2, neighbors=2)
+    bank = drop_in.memory_bank.bank.clone()
+    out0, out1 = _embeddings(8, 8, seed=4, grad=False)
+    for loss in (reference, drop_in):
+        loss(out0, out1)  # out0 does not require grad: no update (lightly's rule)
+        leaf0, leaf1 = _embeddings(8, 8, seed=5)
+        with torch.no_grad():  # what a model computes under no_grad does not require grad
+            loss(leaf0 * 2, leaf1 * 2)
+    assert torch.equal(drop_in.memory_bank.bank, bank)
+    assert torch.equal(reference.memory_bank.bank, bank)
+    assert int(drop_in.memory_bank.bank_ptr) == 0 and not bool(drop_in.bank_filled)
+
+
+def test_smoothing_held_at_zero_until_the_bank_is_filled_once():
+    reference, drop_in = _pair_with_same_bank(0.2, (32, 8), smoothing=0.3, neighbors=4)
+    for step in range(4):  # 4 x 8 keys fill the 32 entries; the 4th step still reads 8 random ones
+        assert drop_in.effective_smoothing == 0.0
+        out0, out1 = _embeddings(8, 8, seed=20 + step)
+        torch.testing.assert_close(drop_in(out0, out1), reference(out0, out1), atol=ATOL, rtol=1e-5)
+    assert bool(drop_in.bank_filled)
+    assert drop_in.effective_smoothing == pytest.approx(0.3)
+    out0, out1 = _embeddings(8, 8, seed=30)
+    assert not torch.allclose(drop_in(out0, out1), reference(out0, out1), atol=1e-3)
+
+    eager = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8), smoothing=0.3, neighbors=4, wait_for_full_bank=False)
+    assert eager.effective_smoothing == pytest.approx(0.3)
+
+
+def test_default_state_dict_matches_lightly_and_loads_both_ways():
+    reference = NTXentLoss(0.2, memory_bank_size=(32, 8))
+    drop_in = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8), smoothing=0.1)
+    assert list(drop_in.state_dict()) == list(reference.state_dict()) == []
+    drop_in.load_state_dict(reference.state_dict())
+    reference.load_state_dict(drop_in.state_dict())
+
+
+def test_persistent_bank_round_trip_resumes_the_queue_and_the_filled_flag():
+    trained = SmoothNTXentLoss(0.2, memory_bank_size=(24, 8), smoothing=0.2, neighbors=3, persistent_bank=True)
+    for step in range(4):  # fill (24 = 3 x 8) and one more step
+        trained(*_embeddings(8, 8, seed=40 + step))
+    state = copy.deepcopy(trained.state_dict())
+    assert set(state) == {"memory_bank.bank", "memory_bank.bank_ptr", "bank_filled"}
+
+    resumed = SmoothNTXentLoss(0.2, memory_bank_size=(24, 8), smoothing=0.2, neighbors=3, persistent_bank=True)
+    assert resumed.effective_smoothing == 0.0  # fresh random bank: held at 0
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.memory_bank.bank, trained.memory_bank.bank)
+    assert int(resumed.memory_bank.bank_ptr) == int(trained.memory_bank.bank_ptr) == 8
+    assert resumed.effective_smoothing == pytest.approx(0.2)
+    out0, out1 = _embeddings(8, 8, seed=50)
+    torch.testing.assert_close(resumed(out0, out1), trained(out0, out1))
+    torch.testing.assert_close(resumed.memory_bank.bank, trained.memory_bank.bank)
+
+    # Without persistence nothing is saved: a resumed run waits for a full bank again.
+    plain = SmoothNTXentLoss(0.2, memory_bank_size=(24, 8), smoothing=0.2, neighbors=3)
+    for step in range(4):
+        plain(*_embeddings(8, 8, seed=40 + step))
+    restarted = SmoothNTXentLoss(0.2, memory_bank_size=(24, 8), smoothing=0.2, neighbors=3)
+    restarted.load_state_dict(plain.state_dict())
+    assert plain.effective_smoothing == pytest.approx(0.2) and restarted.effective_smoothing == 0.0
+
+
+def test_persistent_bank_inside_a_model_checkpoint(tmp_path):
+    model = torch.nn.Module()
+    model.criterion = SmoothNTXentLoss(0.2, memory_bank_size=(16, 4), smoothing=0.1, persistent_bank=True)
+    for step in range(2):
+        model.criterion(*_embeddings(8, 4, seed=60 + step))
+    torch.save(model.state_dict(), tmp_path / "checkpoint.pt")
+    resumed = torch.nn.Module()
+    resumed.criterion = SmoothNTXentLoss(0.2, memory_bank_size=(16, 4), smoothing=0.1, persistent_bank=True)
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+    assert torch.equal(resumed.criterion.memory_bank.bank, model.criterion.memory_bank.bank)
+    assert bool(resumed.criterion.bank_filled)
+
+
+def test_schedule_sets_smoothing_per_epoch():
+    loss = SmoothNTXentLoss(0.2, smoothing=0.0, neighbors=2,
+                            schedule=SmoothingSchedule(0.2, "warmup", warmup_epochs=2))
+    assert [loss.set_epoch(e) for e in range(4)] == [0.0, 0.0, 0.2, 0.2]
+    assert loss.effective_smoothing == 0.2
+    with pytest.raises(RuntimeError):
+        SmoothNTXentLoss().set_epoch(0)
+
+
+# --- multi-view ---------------------------------------------------------------------------------
+
+def test_multi_query_memory_bank_is_the_weighted_mean_and_enqueues_the_key_once():
+    torch.manual_seed(7)
+    loss = SmoothNTXentLoss(0.2, memory_bank_size=(64, 8), smoothing=0.2, neighbors=3, wait_for_full_bank=False)
+    key = torch.randn(8, 8)
+    queries = [torch.randn(8, 8) for _ in range(3)]
+    # Without gradient nothing is enqueued, so each query can be scored against the same bank.
+    singles = [loss(q, key) for q in queries]
+    combined = loss(queries[0], key, *queries[1:], weights=(0.4, 0.3, 0.3))
+    torch.testing.assert_close(combined, 0.4 * singles[0] + 0.3 * singles[1] + 0.3 * singles[2])
+    torch.testing.assert_close(loss(queries[0], key, *queries[1:]), sum(singles) / 3)
+
+    trainable = [q.clone().requires_grad_() for q in queries]
+    loss(trainable[0], key, *trainable[1:], weights=(0.4, 0.3, 0.3)).backward()
+    assert int(loss.memory_bank.bank_ptr) == 8  # only the key batch was enqueued
+    torch.testing.assert_close(loss.memory_bank.bank[:8], torch.nn.functional.normalize(key, dim=1))
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in trainable)
+
+
+def test_row_weight_errors():
+    out0, out1 = _embeddings(4, 8, seed=8)
+    with pytest.raises(ValueError, match="one value per anchor view"):
+        SmoothNTXentLoss()(out0, out1, weights=(1.0,))
+    with pytest.raises(ValueError):
+        SmoothNTXentLoss()(out0, out1[:3])
+
+
+# --- lightly models training with the drop-in on real images ----------------------------------
+
+DIGIT_VIEWS = ViewSpec(global_crops=CropSpec(2, 16, (0.5, 1.0)), hflip_prob=0.0, color_jitter=(0.4, 0.4, 0.0, 0.0),
+                       grayscale_prob=0.0, blur_prob=0.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _fixed_views(images, transform):
+    views = [transform(image) for image in images]
+    return [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+
+
+def test_lightly_simclr_trains_with_the_drop_in_on_digits():
+    torch.manual_seed(0)
+    images, _ = digit_images(64)
+    views = _fixed_views(images, build_view_transform(DIGIT_VIEWS))
+    model = SimCLRModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=32)
+    criterion = SmoothNTXentLoss(temperature=0.2, smoothing=0.1, neighbors=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = model.training_loss(views, criterion)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_lightly_moco_trains_with_the_drop_in_on_digits():
+    """Two disjoint batches alternate and the queue holds exactly one batch of keys, so a query
+    never meets its own image's old key among the negatives."""
+    torch.manual_seed(0)
+    transform = build_view_transform(DIGIT_VIEWS)
+    batches = [_fixed_views(digit_images(48, offset=48 * b)[0], transform) for b in range(2)]
+    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=32, key_momentum=0.9)
+    criterion = SmoothNTXentLoss(temperature=0.2, memory_bank_size=(48, 32), smoothing=0.1, neighbors=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(30):
+        model.update_key_encoder()
+        loss = model.training_loss(batches[step % 2], criterion)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert bool(criterion.bank_filled) and criterion.effective_smoothing == pytest.approx(0.1)
+    early, late = sum(losses[2:6]) / 4, sum(losses[-4:]) / 4  # steps 0-1 use the random bank
+    assert late < early - 0.3, losses
+    # the key encoder follows the query encoder, without gradients
+    assert all(not p.requires_grad for p in model.backbone_momentum.parameters())
+
+
+def test_sslight_multi_crop_step_on_digits():
+    """Two global and two local crops from lightly's transforms; key = global 1, three queries."""
+    torch.manual_seed(0)
+    views_spec = dataclasses.replace(DIGIT_VIEWS, local_crops=CropSpec(2, 8, (0.05, 0.3)), loss_weights=(0.4, 0.6))
+    images, _ = digit_images(16)
+    views = _fixed_views(images, build_view_transform(views_spec))
+    assert [tuple(v.shape[-2:]) for v in views] == [(16, 16)] * 2 + [(8, 8)] * 2
+    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=32, output_dim=16)
+    criterion = SmoothNTXentLoss(0.2, memory_bank_size=(64, 16), smoothing=0.1, neighbors=2)
+    model.update_key_encoder()
+    loss = model.training_loss(views, criterion, weights=views_spec.query_weights())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert int(criterion.memory_bank.bank_ptr) == 16
+    assert model.backbone.net[0][0].weight.grad is not None
+
+
+def test_encode_views_runs_once_per_resolution_group():
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return x.flatten(1)[:, :4]
+
+    views = [torch.randn(3, 3, 8, 8)] * 2 + [torch.randn(3, 3, 4, 4)] * 3
+    outputs = encode_views(Recorder(), views)
+    assert calls == [(6, 3, 8, 8), (9, 3, 4, 4)]
+    assert [tuple(o.shape) for o in outputs] == [(3, 4)] * 5
