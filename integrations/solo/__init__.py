@@ -1,0 +1,40 @@
+"""solo-learn integration: smoothed-InfoNCE methods, lightweight backbones, shipped Hydra configs
+and a launcher for a solo-learn clone's main_pretrain.py / main_linear.py.
+
+Importing this package does not import solo-learn (it is never a dependency: it has no usable
+PyPI release). solo-learn is imported by `register` and by the launcher only.
+
+    >>> from smooth_infonce.integrations.solo import register
+    >>> register()          # doctest: +SKIP
+    {'methods': ['smooth_simclr', 'smooth_mocov2plus'], 'backbones': ['mobilenetv3_large_100', ...]}
+
+Command line (see README.md next to this file):
+
+    smooth-infonce-solo pretrain --config-name light_moco backbone=efficientnet_b0 dataset=imagenet100
+    smooth-infonce-solo linear --config-name linear pretrained_feature_extractor=...ckpt
+"""
+
+from __future__ import annotations
+
+from .backbones import SOLO_BACKBONES, solo_backbone_factory
+from .configs_index import CONFIG_PACKAGE, CONFIG_PATH, config_dir, list_configs
+from .losses import moco_loss, simclr_loss
+from .registry import SOLO_INSTALL_HINT, SoloLearnNotFound, is_registered, register
+
+METHOD_NAMES = ("smooth_simclr", "smooth_mocov2plus")
+
+__all__ = [
+    "CONFIG_PACKAGE",
+    "CONFIG_PATH",
+    "METHOD_NAMES",
+    "SOLO_BACKBONES",
+    "SOLO_INSTALL_HINT",
+    "SoloLearnNotFound",
+    "config_dir",
+    "is_registered",
+    "list_configs",
+    "moco_loss",
+    "register",
+    "simclr_loss",
+    "solo_backbone_factory",
+]

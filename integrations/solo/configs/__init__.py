@@ -1,0 +1,1 @@
+"""Hydra configs for solo-learn shipped with smooth-infonce (YAML only; see configs_index)."""

@@ -1,0 +1,495 @@
+"""solo-learn integration, the parts that need no solo-learn: shipped configs, backbones, losses,
+option parsing, shared-recipe consistency and the launcher's error path.
+
+The loss oracles restate solo-learn's two formulas from the math (solo/losses/simclr.py and
+mocov2plus.py compute exactly these); lightly's NTXentLoss is an independent cross-check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from oracles import moco_oracle
+from smooth_infonce import smooth_infonce
+from smooth_infonce.integrations.backbones import build_backbone
+from smooth_infonce.integrations.optim import parameter_groups
+from smooth_infonce.integrations.recipes import LossSpec, get_preset, list_presets
+from smooth_infonce.integrations.solo import (
+    CONFIG_PACKAGE,
+    METHOD_NAMES,
+    SOLO_BACKBONES,
+    list_configs,
+    moco_loss,
+    simclr_loss,
+    solo_backbone_factory,
+)
+from smooth_infonce.integrations.solo.configs_index import list_group_options
+from smooth_infonce.integrations.solo.launcher import (
+    find_solo_clone,
+    hydra_argv,
+    hydra_quote,
+    main,
+    resolve_config_name,
+)
+from smooth_infonce.integrations.solo.options import (
+    SMOOTHING_DEFAULTS,
+    loss_options,
+    symmetric_mode,
+)
+from smooth_infonce.integrations.solo.registry import SOLO_INSTALL_HINT, SoloLearnNotFound, register
+from smooth_infonce.integrations.optim import split_no_decay
+from smooth_infonce.integrations.recipes import OptimizerSpec, query_view_weights, view_loss_weights
+
+SOLO_INSTALLED = importlib.util.find_spec("solo") is not None
+LIGHTWEIGHT = ("mobilenetv3_large_100", "efficientnet_b0", "mobilenet_v2")
+GROUPS = list_group_options()
+# Values that configs leave to the command line (???), filled so every key resolves.
+REQUIRED_OVERRIDES = {
+    "linear/linear": ["pretrained_feature_extractor=/ckpt/model.ckpt"],
+    "linear/smoke_cpu": ["pretrained_feature_extractor=/ckpt/model.ckpt"],
+}
+# cifar_custom has no default folders (and is the smoke configs' dataset)
+CUSTOM_DATA = ["data.train_path=/data/train"]
+CUSTOM_LINEAR_DATA = CUSTOM_DATA + ["data.val_path=/data/val"]
+AUGMENTATION_KEYS = {
+    "crop_size", "num_crops", "rrc.enabled", "rrc.crop_min_scale", "rrc.crop_max_scale", "color_jitter.prob",
+    "color_jitter.brightness", "color_jitter.contrast", "color_jitter.saturation", "color_jitter.hue",
+    "grayscale.prob", "gaussian_blur.prob", "solarization.prob", "equalization.prob", "horizontal_flip.prob",
+}
+# What solo-learn's main_*.py, args/*.py and the methods read without a default.
+SHARED_KEYS = {"name", "backbone.name", "data.dataset", "data.train_path", "optimizer.name",
+               "optimizer.batch_size", "optimizer.lr", "optimizer.weight_decay", "scheduler.name",
+               "max_epochs", "devices", "accelerator", "wandb.enabled"}
+PRETRAIN_KEYS = SHARED_KEYS | {"method", "method_kwargs.proj_hidden_dim", "method_kwargs.proj_output_dim",
+                               "method_kwargs.temperature", "optimizer.classifier_lr"}
+MOCO_KEYS = {"method_kwargs.queue_size", "momentum.base_tau", "momentum.final_tau"}
+LINEAR_KEYS = SHARED_KEYS | {"data.val_path", "pretrained_feature_extractor"}
+
+
+def compose_config(name: str, overrides=()):
+    overrides = list(overrides)
+    custom = "dataset=cifar_custom" in overrides or ("smoke" in name and not any(
+        o.startswith("dataset=") for o in overrides))
+    if custom:
+        overrides = (CUSTOM_LINEAR_DATA if name.startswith("linear/") else CUSTOM_DATA) + overrides
+    cfg = compose(name, overrides=[*REQUIRED_OVERRIDES.get(name, []), *overrides])
+    OmegaConf.resolve(cfg)  # every interpolation must resolve
+    return cfg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shipped_configs():
+    """Hydra initialised once on the shipped config package (compose needs it)."""
+    with initialize_config_module(CONFIG_PACKAGE, version_base="1.2"):
+        yield
+
+
+def has_key(cfg, dotted: str) -> bool:
+    """Present and not ??? (select returns the default for both)."""
+    return OmegaConf.select(cfg, dotted, default="<absent>") != "<absent>"
+
+
+def count_crops(augmentations) -> tuple[int, int]:
+    """solo-learn's rule (args/pretrain.py): crops of the first pipeline's size are large."""
+    large_size = augmentations[0].crop_size
+    large = sum(p.num_crops for p in augmentations if p.crop_size == large_size)
+    small = sum(p.num_crops for p in augmentations if p.crop_size != large_size)
+    return large, small
+
+
+# --- import hygiene ----------------------------------------------------------------------------
+
+def test_package_imports_without_importing_solo():
+    code = ("import sys, smooth_infonce.integrations.solo as s; "
+            "assert 'solo' not in sys.modules, 'solo imported'; assert s.METHOD_NAMES")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(SOLO_INSTALLED, reason="solo-learn is installed here")
+def test_register_without_solo_raises_with_install_recipe():
+    with pytest.raises(SoloLearnNotFound) as info:
+        register()
+    assert "pip install --no-build-isolation" in str(info.value)
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+def test_shipped_configs_are_listed():
+    assert set(list_configs("pretrain")) == {
+        "pretrain/moco_v2_baseline", "pretrain/light_moco", "pretrain/sslight_baseline", "pretrain/sslight_moco",
+        "pretrain/sslight_moco_smooth", "pretrain/smoke_cpu", "pretrain/smoke_cpu_simclr"}
+    assert set(list_configs("linear")) == {"linear/linear", "linear/smoke_cpu"}
+    assert set(GROUPS["backbone"]) == set(LIGHTWEIGHT)
+    assert {"imagenet", "imagenet100", "cifar_custom"} <= set(GROUPS["dataset"])
+
+
+@pytest.mark.parametrize("name", list_configs("pretrain"))
+def test_pretrain_configs_compose_for_every_backbone_and_dataset(name):
+    for backbone in GROUPS["backbone"]:
+        for dataset in GROUPS["dataset"]:
+            cfg = compose_config(name, [f"backbone={backbone}", f"dataset={dataset}"])
+            where = f"{name} backbone={backbone} dataset={dataset}"
+            missing = {k for k in PRETRAIN_KEYS if not has_key(cfg, k)}
+            assert not missing, f"{where}: missing {missing}"
+            assert cfg.method in METHOD_NAMES and cfg.backbone.name == backbone
+            assert cfg.backbone.name in SOLO_BACKBONES
+            assert cfg.backbone.kwargs.cifar_stem == (cfg.views.global_size <= 64)
+            if cfg.method == "smooth_mocov2plus":
+                assert all(has_key(cfg, k) for k in MOCO_KEYS), where
+                assert cfg.method_kwargs.queue_size % cfg.optimizer.batch_size == 0
+            for pipeline in cfg.augmentations:
+                assert all(has_key(pipeline, k) for k in AUGMENTATION_KEYS), f"{where}: {pipeline}"
+            large, small = count_crops(cfg.augmentations)
+            assert large == 2, f"{where}: main_pretrain.py needs exactly 2 large crops"
+            assert isinstance(cfg.optimizer.lr, float) and isinstance(cfg.optimizer.weight_decay, float)
+            assert cfg.accelerator != "cpu" or cfg.devices == "1"
+            assert cfg.data.dataset in ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "custom")
+            # the method's own checks, as it runs them at start-up
+            options = loss_options(cfg.method_kwargs, cfg.max_epochs)
+            assert options.spec.neighbors < cfg.method_kwargs.get("queue_size", 2 * cfg.optimizer.batch_size)
+            symmetric_mode(cfg.method_kwargs)
+
+
+@pytest.mark.parametrize("name", list_configs("linear"))
+def test_linear_configs_compose_for_every_backbone_and_dataset(name):
+    for backbone in GROUPS["backbone"]:
+        for dataset in GROUPS["dataset"]:
+            cfg = compose_config(name, [f"backbone={backbone}", f"dataset={dataset}"])
+            missing = {k for k in LINEAR_KEYS if not has_key(cfg, k)}
+            assert not missing, f"{name} {backbone} {dataset}: missing {missing}"
+            assert cfg.pretrain_method in METHOD_NAMES
+
+
+def test_required_values_are_marked_missing():
+    assert OmegaConf.is_missing(compose("pretrain/smoke_cpu").data, "train_path")
+    # optional in pretraining (solo-learn reads ??? as None: no online validation)
+    assert OmegaConf.is_missing(compose("pretrain/smoke_cpu").data, "val_path")
+    assert OmegaConf.is_missing(compose("linear/smoke_cpu").data, "val_path")
+    assert OmegaConf.is_missing(compose("linear/linear"), "pretrained_feature_extractor")
+
+
+def test_cifar_dataset_scales_the_crops_and_drops_the_blur():
+    cfg = compose_config("pretrain/sslight_moco", ["dataset=cifar_custom"])
+    sizes = [(p.crop_size, p.num_crops) for p in cfg.augmentations]
+    assert sizes == [(32, 2), (18, 6)]
+    assert all(p.gaussian_blur.prob == 0 for p in cfg.augmentations)
+    assert cfg.data.dataset == "custom" and cfg.backbone.kwargs.cifar_stem is True
+    assert list(cfg.augmentations[0].mean) == pytest.approx([0.4914, 0.4822, 0.4465])
+
+
+def test_command_line_overrides_reach_the_config():
+    cfg = compose_config("pretrain/light_moco", ["method_kwargs.smoothing=0.3", "optimizer.batch_size=128",
+                                                 "devices=[0,1]", "backbone=efficientnet_b0"])
+    assert cfg.method_kwargs.smoothing == 0.3 and cfg.optimizer.batch_size == 128
+    assert list(cfg.devices) == [0, 1] and cfg.name == "light_moco-efficientnet_b0-imagenet"
+
+
+PRESET_CONFIGS = ["moco_v2_baseline", "light_moco", "sslight_baseline", "sslight_moco", "sslight_moco_smooth"]
+
+
+def test_every_preset_has_a_config():
+    assert set(PRESET_CONFIGS) == set(list_presets())
+
+
+@pytest.mark.parametrize("preset_name", PRESET_CONFIGS)
+def test_config_matches_the_shared_preset(preset_name):
+    """The YAML is the solo-learn rendering of the preset: every number the preset fixes agrees."""
+    recipe = get_preset(preset_name)
+    cfg = compose_config(f"pretrain/{preset_name}", ["dataset=imagenet"])
+    kwargs, loss = cfg.method_kwargs, recipe.loss
+    assert cfg.backbone.name == recipe.backbone.name
+    assert cfg.method == {"moco": "smooth_mocov2plus", "simclr": "smooth_simclr"}[recipe.framework]
+    # head: solo-learn's MoCo V2+ projector is Linear -> ReLU -> Linear without BN
+    assert (kwargs.proj_hidden_dim, kwargs.proj_output_dim) == (recipe.head.hidden_dim, recipe.head.output_dim)
+    assert recipe.head.num_layers == 2 and not recipe.head.batch_norm
+    # loss: the same LossSpec, hence the same alpha schedule
+    assert loss_options(kwargs, cfg.max_epochs).spec == loss
+    assert symmetric_mode(kwargs) is None  # the presets' MoCo is asymmetric: key = global view 1
+    # MoCo
+    assert kwargs.queue_size == recipe.moco.queue_size
+    assert cfg.momentum.base_tau == cfg.momentum.final_tau == recipe.moco.key_momentum
+    # optimiser: solo-learn scales lr per 256 images like the preset
+    opt = recipe.optimizer
+    assert cfg.optimizer.name == opt.name and cfg.optimizer.lr == pytest.approx(opt.lr_per_256)
+    assert cfg.optimizer.weight_decay == pytest.approx(opt.weight_decay)
+    assert cfg.optimizer.kwargs.momentum == opt.momentum
+    assert cfg.optimizer.exclude_bias_n_norm_wd == opt.exclude_bias_norm
+    assert cfg.optimizer.exclude_depthwise_wd == opt.exclude_depthwise
+    if opt.name == "lars":
+        assert cfg.optimizer.kwargs.eta == opt.trust_coefficient
+        assert cfg.optimizer.kwargs.exclude_bias_n_norm == opt.exclude_bias_norm
+    assert cfg.scheduler.name == "warmup_cosine" and opt.lr_schedule == "cosine"
+    assert cfg.scheduler.warmup_epochs == opt.warmup_epochs and cfg.scheduler.warmup_start_lr == 0
+    scheduler = cfg.scheduler
+    min_lr_per_256 = scheduler.min_lr_per_256 if "min_lr_per_256" in scheduler else scheduler.min_lr
+    assert min_lr_per_256 == pytest.approx(opt.min_lr_per_256)
+    assert cfg.max_epochs == recipe.epochs
+    assert recipe.batch_size % cfg.optimizer.batch_size == 0  # per-device batch x GPUs = the preset's
+    # views
+    views = recipe.views
+    large, small = count_crops(cfg.augmentations)
+    assert (large, small) == (views.global_crops.count, views.num_local)
+    for pipeline in cfg.augmentations:
+        crop = views.global_crops if pipeline.crop_size == cfg.augmentations[0].crop_size else views.local_crops
+        assert pipeline.crop_size == crop.size
+        assert (pipeline.rrc.crop_min_scale, pipeline.rrc.crop_max_scale) == pytest.approx(crop.scale)
+        jitter = pipeline.color_jitter
+        assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == pytest.approx(views.color_jitter)
+        assert jitter.prob == views.color_jitter_prob and pipeline.grayscale.prob == views.grayscale_prob
+        assert pipeline.gaussian_blur.prob == views.blur_prob and pipeline.horizontal_flip.prob == views.hflip_prob
+        assert tuple(pipeline.mean) == pytest.approx(views.mean) and tuple(pipeline.std) == pytest.approx(views.std)
+    weights = kwargs.loss_weights
+    assert (None if weights is None else tuple(weights)) == views.loss_weights
+
+
+# --- options -----------------------------------------------------------------------------------
+
+def test_option_defaults_are_the_loss_spec_defaults():
+    options = loss_options({"temperature": 0.2}, max_epochs=10)
+    assert options.spec == LossSpec(temperature=0.2)
+    assert SMOOTHING_DEFAULTS["loss_backend"] == "auto" and options.loss_weights is None
+
+
+def test_options_build_the_recipe_schedule():
+    kwargs = {"temperature": 0.1, "smoothing": 0.2, "smoothing_schedule": "cosine", "smoothing_warmup_epochs": 2}
+    schedule = loss_options(kwargs, max_epochs=12).schedule
+    expected = LossSpec(temperature=0.1, smoothing=0.2, schedule="cosine", warmup_epochs=2).smoothing_schedule(12)
+    assert [schedule(e) for e in range(14)] == [expected(e) for e in range(14)]
+    assert schedule(1) == 0 and schedule(12) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("bad", [
+    {"smoothing": 1.0}, {"smoothing_mode": "tiered"}, {"neighbors": 0}, {"smoothing_schedule": "linear"},
+    {"loss_backend": "cuda"}, {"loss_weights": [0.4]}, {"loss_weights": [0, 0]}, {"smoothing_mode": "neighbors",
+                                                                                 "neighbors": None},
+])
+def test_invalid_options_are_rejected(bad):
+    with pytest.raises(ValueError):
+        loss_options({"temperature": 0.2, **bad}, max_epochs=10)
+
+
+def test_uniform_mode_needs_no_k_and_symmetric_spellings():
+    assert loss_options({"temperature": 0.2, "smoothing_mode": "uniform", "neighbors": None}, 5).neighbors is None
+    assert symmetric_mode({}) == "mean"
+    assert symmetric_mode({"symmetric": None}) is None and symmetric_mode({"symmetric": "none"}) is None
+    assert symmetric_mode({"symmetric": "sum"}) == "sum"
+    with pytest.raises(ValueError):
+        symmetric_mode({"symmetric": "max"})
+
+
+# --- backbones ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LIGHTWEIGHT)
+def test_solo_backbones_report_their_true_width(name):
+    factory = solo_backbone_factory(name)
+    for size, cifar_stem in ((32, True), (224, False)):
+        backbone = factory("smooth_mocov2plus", cifar_stem=cifar_stem).eval()
+        with torch.no_grad():
+            features = backbone(torch.randn(1, 3, size, size))
+        assert features.shape == (1, backbone.num_features) == (1, 1280), (name, size)
+
+
+def test_mobilenetv3_trap_does_not_reach_solo():
+    import timm
+
+    reported = timm.create_model("mobilenetv3_large_100", pretrained=False, num_classes=0).num_features
+    assert reported == 960  # timm's number, if this changes the trap is gone
+    assert solo_backbone_factory("mobilenetv3_large_100")(None).num_features == 1280
+
+
+def test_cifar_stem_keeps_spatial_resolution():
+    plain, cifar = (solo_backbone_factory("mobilenet_v2")(None, cifar_stem=s) for s in (False, True))
+    assert plain.net.features[0][0].stride == (2, 2) and cifar.net.features[0][0].stride == (1, 1)
+
+
+def test_backbone_factory_refuses_resnet_names():
+    with pytest.raises(ValueError):
+        solo_backbone_factory("resnet18")  # solo-learn special-cases "resnet*" names
+
+
+# --- losses at smoothing 0 = solo-learn's formulas ---------------------------------------------
+
+def solo_simclr_oracle(z: torch.Tensor, indexes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """solo-learn's SimCLR: -mean_i log(sum_{p in P(i)} e^{s_ip} / sum_{j != i} e^{s_ij}),
+    s = cosine / tau, P(i) = other rows with the same index."""
+    z = F.normalize(z, dim=1)
+    sim = torch.exp(z @ z.T / temperature)
+    same = indexes[:, None] == indexes[None, :]
+    not_self = ~torch.eye(len(z), dtype=torch.bool)
+    positives = (sim * (same & not_self)).sum(1)
+    others = (sim * not_self).sum(1)
+    return -(positives / others).log().mean()
+
+
+def solo_moco_direction_oracle(query, key, queue, temperature):
+    """solo-learn's MoCo V2+ (one direction): cross-entropy of [q.k | q.queue] / tau, label 0,
+    unit vectors."""
+    query, key, queue = (F.normalize(t, dim=1) for t in (query, key, queue))
+    logits = torch.cat([(query * key).sum(1, keepdim=True), query @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long))
+
+
+def test_simclr_two_crops_at_smoothing_zero_is_solo_simclr_and_lightly_ntxent():
+    from lightly.loss import NTXentLoss
+
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(12, 16), torch.randn(12, 16)
+    indexes = torch.arange(100, 112).repeat(2)  # dataset indexes, crop-major
+    ours = simclr_loss(torch.cat([z0, z1]), indexes, temperature=0.2, backend="reference")
+    torch.testing.assert_close(ours, solo_simclr_oracle(torch.cat([z0, z1]), indexes, 0.2))
+    torch.testing.assert_close(ours, NTXentLoss(temperature=0.2)(z0, z1))
+
+
+def test_simclr_multicrop_positives_average_the_log_probabilities():
+    """With several positives the smoothed loss is the cross-entropy against a target shared by
+    the positives; solo-learn's is -log of their summed probability (documented difference)."""
+    torch.manual_seed(1)
+    z = torch.randn(4 * 6, 8)
+    indexes = torch.arange(6).repeat(4)
+    ours = simclr_loss(z, indexes, temperature=0.5, backend="reference")
+    zn = F.normalize(z, dim=1)
+    logits = zn @ zn.T / 0.5
+    logits.fill_diagonal_(float("-inf"))
+    log_p = logits.log_softmax(dim=1)
+    positive = (indexes[:, None] == indexes[None, :]) & ~torch.eye(len(z), dtype=torch.bool)
+    expected = -(log_p.masked_fill(~positive, 0).sum(1) / positive.sum(1)).mean()
+    torch.testing.assert_close(ours, expected)
+    assert not torch.allclose(ours, solo_simclr_oracle(z, indexes, 0.5))
+
+
+def test_simclr_view_weights_weight_rows_by_crop():
+    torch.manual_seed(2)
+    z, indexes = torch.randn(3 * 5, 8), torch.arange(5).repeat(3)
+    rows = smooth_infonce(z, ids=indexes, temperature=0.3, reduction="none", backend="reference")
+    weights = torch.tensor([0.5, 0.25, 0.25]).repeat_interleave(5)
+    weighted = simclr_loss(z, indexes, temperature=0.3, backend="reference", view_weights=(0.5, 0.25, 0.25))
+    torch.testing.assert_close(weighted, (weights * rows).sum() / weights.sum())
+    torch.testing.assert_close(simclr_loss(z, indexes, temperature=0.3, backend="reference"), rows.mean())
+
+
+def test_moco_symmetric_mean_at_smoothing_zero_is_solo_mocov2plus():
+    torch.manual_seed(3)
+    q1, q2, k1, k2 = (torch.randn(8, 16) for _ in range(4))
+    queues = F.normalize(torch.randn(2, 32, 16), dim=-1)
+    ours = moco_loss([q1, q2], [k1, k2], queues, temperature=0.2, symmetric="mean", backend="reference")
+    solo = (solo_moco_direction_oracle(q1, k2, queues[1], 0.2) + solo_moco_direction_oracle(q2, k1, queues[0], 0.2)) / 2
+    torch.testing.assert_close(ours, solo)
+    summed = moco_loss([q1, q2], [k1, k2], queues, temperature=0.2, symmetric="sum", backend="reference")
+    torch.testing.assert_close(summed, 2 * solo)
+
+
+def test_moco_asymmetric_is_moco_v2_with_key_from_global_view_one():
+    torch.manual_seed(4)
+    q1, q2, k1 = (torch.randn(8, 16) for _ in range(3))
+    queue = F.normalize(torch.randn(1, 32, 16), dim=-1)
+    ours = moco_loss([q1, q2], [k1], queue, temperature=0.07, symmetric=None, backend="reference")
+    torch.testing.assert_close(ours, solo_moco_direction_oracle(q2, k1, queue[0], 0.07))
+
+
+def test_moco_multi_query_weights_follow_sslight():
+    torch.manual_seed(5)
+    q1, q2, k1 = (torch.randn(6, 16) for _ in range(3))
+    local = [torch.randn(6, 16) for _ in range(3)]
+    queue = F.normalize(torch.randn(1, 24, 16), dim=-1)
+    weights = query_view_weights(2, 3, (0.4, 0.6))
+    assert weights == pytest.approx((0.4, 0.2, 0.2, 0.2))
+    ours = moco_loss([q1, q2], [k1], queue, local_queries=local, temperature=0.2, symmetric=None,
+                     query_view_weights=weights, backend="reference")
+    per_view = [solo_moco_direction_oracle(q, k1, queue[0], 0.2) for q in [q2, *local]]
+    torch.testing.assert_close(ours, sum(w * l for w, l in zip(weights, per_view)))
+    plain = moco_loss([q1, q2], [k1], queue, local_queries=local, temperature=0.2, symmetric=None,
+                      backend="reference")
+    torch.testing.assert_close(plain, torch.stack(per_view).mean())
+
+
+def test_moco_smoothing_matches_the_loop_oracle():
+    torch.manual_seed(6)
+    q1, q2, k1, k2 = (torch.randn(5, 8) for _ in range(4))
+    queues = torch.randn(2, 20, 8)
+    ours = moco_loss([q1, q2], [k1, k2], queues, temperature=0.2, smoothing=0.3, neighbors=4,
+                     symmetric="mean", backend="reference")
+    options = dict(temperature=0.2, smoothing=0.3, neighbors=4)
+    expected = (moco_oracle(q1, k2, queues[1], **options).mean() + moco_oracle(q2, k1, queues[0], **options).mean()) / 2
+    torch.testing.assert_close(ours, expected.to(ours.dtype))
+
+
+def test_moco_loss_checks_its_layout():
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError):
+        moco_loss([q, q], [k], torch.randn(1, 8, 8), temperature=0.2, symmetric="mean")  # needs 2 queues
+    with pytest.raises(ValueError):
+        moco_loss([q, q], [k], torch.randn(1, 8, 8), temperature=0.2, symmetric=None, query_view_weights=(1, 1))
+
+
+# --- shared recipe rules -----------------------------------------------------------------------
+
+def test_inbatch_weights_give_every_global_crop_a_global_query_weight():
+    assert view_loss_weights("simclr", 2, 6, (0.4, 0.6)) == pytest.approx((0.4, 0.4) + (0.1,) * 6)
+    assert view_loss_weights("simclr", 2, 0, (0.4, 0.6)) is None and view_loss_weights("simclr", 2, 6, None) is None
+
+
+def test_no_decay_split_agrees_with_the_recipe_parameter_groups():
+    model = build_backbone("mobilenet_v2")
+    spec = get_preset("sslight_moco").optimizer
+    reference = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(model, spec)}
+    solo_groups = [{"name": "backbone", "params": model.parameters()},
+                   {"name": "classifier", "params": [torch.nn.Parameter(torch.zeros(3, 3))], "weight_decay": 0}]
+    split = {g["name"]: g for g in split_no_decay(solo_groups, model, OptimizerSpec(exclude_bias_norm=True, exclude_depthwise=True))}
+    assert {id(p) for p in split["backbone"]["params"]} == reference["decay"]
+    assert {id(p) for p in split["backbone_no_decay"]["params"]} == \
+        reference["no_decay_1d"] | reference["no_decay_depthwise"]
+    assert split["backbone_no_decay"]["weight_decay"] == 0 and "weight_decay" not in split["backbone"]
+    assert split["classifier"]["weight_decay"] == 0
+    only_depthwise = split_no_decay([{"name": "b", "params": model.parameters()}], model,
+                                    OptimizerSpec(exclude_bias_norm=False, exclude_depthwise=True))
+    assert {id(p) for p in only_depthwise[1]["params"]} == reference["no_decay_depthwise"]
+
+
+# --- launcher ----------------------------------------------------------------------------------
+
+def test_launcher_reports_a_missing_clone_with_the_install_recipe(tmp_path, capsys):
+    code = main(["pretrain", "--config-name", "smoke_cpu", "--solo-path", str(tmp_path), "data.train_path=x"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "main_pretrain.py" in err and SOLO_INSTALL_HINT.splitlines()[0] in err
+
+
+def test_launcher_finds_the_clone_from_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "main_linear.py").write_text("")
+    monkeypatch.setenv("SOLO_LEARN_PATH", str(tmp_path))
+    assert find_solo_clone(None, "main_linear.py") == tmp_path.resolve()
+    with pytest.raises(SoloLearnNotFound):
+        find_solo_clone(None, "main_pretrain.py")
+
+
+def test_launcher_builds_the_hydra_command_line(tmp_path):
+    assert resolve_config_name("pretrain", "light_moco") == "pretrain/light_moco"
+    assert resolve_config_name("linear", "smoke_cpu") == "linear/smoke_cpu"
+    assert resolve_config_name("pretrain", "my_own") == "my_own"
+    argv = hydra_argv("pretrain", "light_moco", ["backbone=efficientnet_b0"], tmp_path / "main_pretrain.py")
+    assert argv[1:] == ["--config-path", f"pkg://{CONFIG_PACKAGE}", "--config-name", "pretrain/light_moco",
+                        "backbone=efficientnet_b0"]
+    own = hydra_argv("pretrain", "mine", ["--config-path", "/my/configs"], tmp_path / "main_pretrain.py")
+    assert own.count("--config-path") == 1
+
+
+@pytest.mark.parametrize("path", ["/runs/light_moco-offline-ab12-ep=199.ckpt", "/it's/a=b,c[d].ckpt", "C:\\ckpt\\"])
+def test_checkpoint_paths_are_quoted_for_hydra(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = OverridesParser.create().parse_override(f"pretrained_feature_extractor={hydra_quote(path)}")
+    assert override.value() == path
+
+
+def test_launcher_lists_the_configs(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "light_moco" in out and "smoke_cpu" in out and "backbone: " in out
