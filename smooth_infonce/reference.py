@@ -89,4 +89,5 @@ def reference_row_losses(
     targets = smoothed_targets(similarities.detach(), positive, negative, smoothing, neighbors)
 
     log_normaliser = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=1)
-    return log_normaliser - (targets * logits.masked_fill(~valid, 0.0)).sum(dim=1)
+    # targets are 0 off V(i), where the logits are finite: no second masked copy needed
+    return log_normaliser - (targets * logits).sum(dim=1)
