@@ -14,7 +14,7 @@ is the real lightly package, not this file.
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +33,11 @@ from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
 from lightly.utils import dist as lightly_dist
 
-from smooth_infonce import distributed
-from smooth_infonce.functional import smooth_infonce
+from smooth_infonce.loss import check_views, multi_view_loss
 from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import (
     BACKENDS,
     check_choice,
-    check_embeddings,
     check_neighbors,
     check_smoothing,
     check_temperature,
@@ -167,22 +165,13 @@ class SmoothNTXentLoss(NTXentLoss):
         return check_smoothing(self.smoothing)
 
     def forward(self, out0: Tensor, out1: Tensor, *more_views: Tensor, weights: ViewWeights = None) -> Tensor:
-        check_embeddings("out0", out0)
-        for index, view in enumerate((out1, *more_views), start=1):
-            check_embeddings(f"out{index}", view, width=out0.shape[1], rows=out0.shape[0])
-        options = dict(temperature=check_temperature(self.temperature), smoothing=self.effective_smoothing,
-                       neighbors=self.neighbors, backend=self.backend, validate=self.validate)
-        if self.has_memory_bank:
-            return self._memory_bank_loss(out0, out1, more_views, weights, options)
         views = (out0, out1, *more_views)
-        batch = out0.shape[0]
-        # Instance ids unique across ranks, so gathered negatives keep their identity.
-        first = distributed.rank() * batch if self.gather_distributed else 0
-        ids = torch.arange(first, first + batch, device=out0.device).repeat(len(views))
-        return smooth_infonce(torch.cat(views), ids=ids, gather_distributed=self.gather_distributed,
-                              weights=_row_weights(weights, len(views), batch, out0), **options)
-
-    def _memory_bank_loss(self, out0, out1, more_views, weights, options) -> Tensor:
+        check_views(views)  # before the bank sees the keys
+        options = dict(temperature=check_temperature(self.temperature), smoothing=self.effective_smoothing,
+                       neighbors=self.neighbors, backend=self.backend)
+        if not self.has_memory_bank:
+            return multi_view_loss(views, weights=weights, gather_distributed=self.gather_distributed,
+                                   validate=self.validate, **options)
         # The bank stores unit keys, like lightly's; it is read (cloned) before the enqueue.
         keys = F.normalize(out1, dim=1)
         update = out0.requires_grad
@@ -191,26 +180,13 @@ class SmoothNTXentLoss(NTXentLoss):
             self.bank_filled |= self.memory_bank.bank_ptr[0] == 0
         if self.memory_bank.feature_dim_first:
             bank = bank.t()
-        queries = (out0, *more_views)
-        return smooth_infonce(
-            torch.cat(queries), bank.to(device=out0.device, dtype=out0.dtype),
-            positive_keys=keys.repeat(len(queries), 1),
-            weights=_row_weights(weights, len(queries), out0.shape[0], out0), **options,
-        )
+        return multi_view_loss((out0, keys, *more_views), queue=bank.to(device=out0.device, dtype=out0.dtype),
+                               weights=weights, validate=self.validate, **options)
 
     def extra_repr(self) -> str:
         bank = f", memory_bank_size={tuple(self.memory_bank.size)}" if self.has_memory_bank else ""
         return (f"temperature={self.temperature}, smoothing={self.smoothing}, neighbors={self.neighbors}"
                 f"{bank}, persistent_bank={self.persistent_bank}")
-
-
-def _row_weights(weights: ViewWeights, num_views: int, batch: int, like: Tensor) -> Optional[Tensor]:
-    """One weight per anchor row from one float per view (or a per-row tensor as given)."""
-    if weights is None or isinstance(weights, Tensor):
-        return weights
-    if len(weights) != num_views:
-        raise ValueError(f"weights must give one value per anchor view ({num_views}), got {len(weights)}")
-    return torch.as_tensor(weights, dtype=torch.float32, device=like.device).repeat_interleave(batch)
 
 
 # --- recipes -> lightly ---------------------------------------------------------------------------

@@ -164,9 +164,7 @@ def smooth_infonce(
             raise ValueError("weights apply to one direction; pass symmetric=None and combine the two calls")
         check_weights(weights, n)
     if validate:
-        for name, t in (("anchors", anchors), ("candidates", candidates), ("positive_keys", positive_keys)):
-            if t is not None:
-                check_finite(name, t)
+        check_finite(anchors=anchors, candidates=candidates, positive_keys=positive_keys)
 
     if normalize:
         anchors = _l2_normalize(anchors)

@@ -17,6 +17,7 @@ from .validation import (
     check_embeddings,
     check_finite,
     check_neighbors,
+    check_same_device,
     check_smoothing,
     check_temperature,
 )
@@ -122,53 +123,81 @@ class SmoothInfoNCELoss(nn.Module):
         weights: Weights = None,
         labels: Optional[Tensor] = None,
     ) -> Tensor:
-        views = (out0, out1, *more_views)
-        check_embeddings("out0", out0)
-        for v, view in enumerate(views[1:], start=1):
-            check_embeddings(f"out{v}", view, width=out0.shape[1], rows=out0.shape[0])
-        if self.validate:  # name the offending view; the functional op would only say "anchors"
-            for v, view in enumerate(views):
-                check_finite(f"out{v}", view)
-        batch = out0.shape[0]
-        options = dict(
+        return multi_view_loss(
+            (out0, out1, *more_views), queue=queue, weights=weights, labels=labels,
+            gather_distributed=self.gather_distributed, validate=self.validate,
             temperature=self.temperature, smoothing=check_smoothing(self.smoothing), neighbors=self.neighbors,
-            reduction=self.reduction, normalize=self.normalize, backend=self.backend, validate=self.validate,
+            reduction=self.reduction, normalize=self.normalize, backend=self.backend,
             deterministic=self.deterministic, allow_tf32=self.allow_tf32,
         )
-
-        if queue is not None:  # MoCo: out1 holds the keys, the other views are queries
-            check_embeddings("queue", queue, width=out0.shape[1])
-            if self.validate:
-                check_finite("queue", queue)
-            if labels is not None:
-                raise ValueError("labels are not supported with a queue (MoCo has one positive per query)")
-            queries = (out0, *more_views)
-            return smooth_infonce(
-                torch.cat(queries), queue.detach(), positive_keys=out1.repeat(len(queries), 1),
-                weights=self._row_weights(weights, len(queries), batch, out0), **options,
-            )
-
-        if labels is not None:
-            if labels.shape != (batch,):
-                raise ValueError(f"labels must have shape ({batch},), one per image, got {tuple(labels.shape)}")
-            ids = labels
-        else:  # instance ids, unique across ranks so gathered candidates keep their identity
-            first = distributed.rank() * batch if self.gather_distributed else 0
-            ids = torch.arange(first, first + batch, device=out0.device)
-        return smooth_infonce(
-            torch.cat(views), ids=ids.repeat(len(views)), gather_distributed=self.gather_distributed,
-            weights=self._row_weights(weights, len(views), batch, out0), **options,
-        )
-
-    @staticmethod
-    def _row_weights(weights: Weights, num_views: int, batch: int, like: Tensor) -> Optional[Tensor]:
-        if weights is None or isinstance(weights, Tensor):
-            return weights
-        if len(weights) != num_views:
-            raise ValueError(f"weights must give one value per anchor view ({num_views}), got {len(weights)}")
-        per_view = torch.as_tensor(weights, dtype=torch.float32, device=like.device)
-        return per_view.repeat_interleave(batch)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, smoothing={self.smoothing}, neighbors={self.neighbors}, "
                 f"backend={self.backend!r}")
+
+
+def check_views(views: Sequence[Tensor], queue: Optional[Tensor] = None) -> None:
+    """Shapes and devices of the call forms: equal (B, D) views named out0, out1, ... and a
+    (K, D) queue. Metadata only, no device synchronisation."""
+    check_embeddings("out0", views[0])
+    batch, width = views[0].shape
+    for v, view in enumerate(views[1:], start=1):
+        check_embeddings(f"out{v}", view, width=width, rows=batch)
+    if queue is not None:
+        check_embeddings("queue", queue, width=width)
+    check_same_device(**{f"out{v}": view for v, view in enumerate(views)}, queue=queue)
+
+
+def view_row_weights(weights: Weights, num_views: int, batch: int, device: torch.device) -> Optional[Tensor]:
+    """One weight per anchor row from one float per view (rows of view v get weights[v]); a
+    per-row tensor passes through as given."""
+    if weights is None or isinstance(weights, Tensor):
+        return weights
+    if len(weights) != num_views:
+        raise ValueError(f"weights must give one value per anchor view ({num_views}), got {len(weights)}")
+    return torch.as_tensor(list(weights), dtype=torch.float32, device=device).repeat_interleave(batch)
+
+
+def multi_view_loss(
+    views: Sequence[Tensor],
+    *,
+    queue: Optional[Tensor] = None,
+    weights: Weights = None,
+    labels: Optional[Tensor] = None,
+    gather_distributed: bool = False,
+    validate: bool = True,
+    **options,
+) -> Tensor:
+    """The call forms of `SmoothInfoNCELoss` (and of the toolkit drop-ins) on a sequence of views.
+
+    Without a queue: in-batch multi-view, every view of image b a positive of every other view of
+    b (or every row of the same ``labels`` class). With a queue: MoCo, ``views[1]`` holds the keys
+    and every other view is a query sharing them as positives and the queue (no gradient) as
+    negatives. ``weights``: one float per anchor view, or a per-row tensor. ``options`` go to
+    `smooth_infonce`.
+    """
+    check_views(views, queue)
+    if validate:  # named after the caller's arguments; the functional op would only say "anchors"
+        check_finite(**{f"out{v}": view for v, view in enumerate(views)}, queue=queue)
+    batch, device = views[0].shape[0], views[0].device
+
+    if queue is not None:
+        if labels is not None:
+            raise ValueError("labels are not supported with a queue (MoCo has one positive per query)")
+        queries = (views[0], *views[2:])
+        return smooth_infonce(
+            torch.cat(queries), queue.detach(), positive_keys=views[1].repeat(len(queries), 1),
+            weights=view_row_weights(weights, len(queries), batch, device), validate=validate, **options,
+        )
+
+    if labels is not None:
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), one per image, got {tuple(labels.shape)}")
+        ids = labels
+    else:  # instance ids, unique across ranks so gathered candidates keep their identity
+        first = distributed.rank() * batch if gather_distributed else 0
+        ids = torch.arange(first, first + batch, device=device)
+    return smooth_infonce(
+        torch.cat(views), ids=ids.repeat(len(views)), gather_distributed=gather_distributed,
+        weights=view_row_weights(weights, len(views), batch, device), validate=validate, **options,
+    )

@@ -68,15 +68,22 @@ def check_embeddings(name: str, x: Tensor, *, width: Optional[int] = None, rows:
         raise ValueError(f"{name} must have {rows} rows (one per anchor), got shape {tuple(x.shape)}")
 
 
-def check_finite(name: str, x: Tensor) -> None:
-    """Raise on NaN / inf and say where (this synchronises with the device)."""
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        bad_rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten()
-        raise ValueError(
-            f"{name} has non-finite values (NaN or inf) in {bad_rows.numel()} row(s), "
-            f"first at row {int(bad_rows[0])}"
-        )
+def check_finite(**named: Optional[Tensor]) -> None:
+    """Raise on NaN / inf and say which tensor and row.
+
+    One device synchronisation for all the tensors together (they must share a device); only a
+    failing call looks for the culprit.
+    """
+    present = {name: x for name, x in named.items() if x is not None}
+    if not present or bool(torch.stack([torch.isfinite(x).all() for x in present.values()]).all()):
+        return
+    for name, x in present.items():
+        bad_rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten()
+        if bad_rows.numel():
+            raise ValueError(
+                f"{name} has non-finite values (NaN or inf) in {bad_rows.numel()} row(s), "
+                f"first at row {int(bad_rows[0])}"
+            )
 
 
 def check_same_device(**tensors: Optional[Tensor]) -> None:
@@ -104,7 +111,7 @@ def check_weights(weights: Tensor, rows: int) -> None:
         raise TypeError("weights must be a floating-point tensor of per-row weights")
     if weights.shape != (rows,):
         raise ValueError(f"weights must have shape ({rows},), one per anchor row, got {tuple(weights.shape)}")
-    check_finite("weights", weights)
+    check_finite(weights=weights)
     if bool((weights < 0).any()):
         raise ValueError("weights must be >= 0")
     if not bool(weights.sum() > 0):

@@ -82,6 +82,10 @@ def test_dtypes_and_devices():
         smooth_infonce(x, ids=torch.tensor([0, 0, -1, -1]))
     with pytest.raises(ValueError, match="one device"):
         smooth_infonce(x, torch.randn(4, 8, device="meta"))
+    with pytest.raises(ValueError, match="out0 on cpu, out1 on meta"):
+        SmoothInfoNCELoss()(x, y.to("meta"))
+    with pytest.raises(ValueError, match="queue on meta"):
+        SmoothInfoNCELoss()(x, y, queue=torch.randn(5, 8, device="meta"))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

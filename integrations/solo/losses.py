@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from smooth_infonce import smooth_infonce
+from smooth_infonce.loss import multi_view_loss, view_row_weights
 
 SYMMETRIC_MODES = (None, "mean", "sum")
 
@@ -53,8 +53,7 @@ def simclr_loss(
         num_crops = len(view_weights)
         if z.shape[0] % num_crops:
             raise ValueError(f"{z.shape[0]} rows do not split into {num_crops} crops")
-        per_crop = torch.as_tensor(list(view_weights), dtype=torch.float32, device=z.device)
-        weights = per_crop.repeat_interleave(z.shape[0] // num_crops)
+        weights = view_row_weights(view_weights, num_crops, z.shape[0] // num_crops, z.device)
     return smooth_infonce(
         z, ids=indexes, temperature=temperature, smoothing=smoothing, neighbors=neighbors,
         weights=weights, gather_distributed=gather_distributed, backend=backend,
@@ -110,17 +109,11 @@ def moco_loss(
         raise ValueError(f"query_view_weights needs {1 + len(local_queries)} values (global query, then "
                          f"each local), got {len(query_view_weights)}")
 
-    losses = []
-    for d in directions:
-        rows = [queries[1 - d], *local_queries]
-        row_weights = None
-        if query_view_weights is not None:
-            per_view = torch.as_tensor(list(query_view_weights), dtype=torch.float32, device=rows[0].device)
-            row_weights = per_view.repeat_interleave(rows[0].shape[0])
-        losses.append(smooth_infonce(
-            torch.cat(rows), queues[d], positive_keys=keys[d].repeat(len(rows), 1),
-            temperature=temperature, smoothing=smoothing, neighbors=neighbors,
-            weights=row_weights, backend=backend,
-        ))
+    # each direction is the module's MoCo call form: (query, key, *more queries) against a queue
+    losses = [
+        multi_view_loss((queries[1 - d], keys[d], *local_queries), queue=queues[d], weights=query_view_weights,
+                        temperature=temperature, smoothing=smoothing, neighbors=neighbors, backend=backend)
+        for d in directions
+    ]
     total = sum(losses)
     return total / len(losses) if symmetric == "mean" else total
