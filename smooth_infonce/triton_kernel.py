@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layout import Pairs
+from .reference import compute_dtype
 
 try:
     import triton
@@ -148,11 +149,6 @@ def _split(blocks: int, tiles: int, device: torch.device) -> Tuple[int, int]:
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _accumulation_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32 (as the reference)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _effective_neighbors(neighbors: Optional[int], smoothing: float) -> int:
     """k of the top-k search; 0 when there is nothing to search (uniform mode, or alpha = 0)."""
     return int(neighbors) if neighbors is not None and smoothing > 0 else 0
@@ -207,7 +203,7 @@ def _prepare(anchors, candidates, positive_keys, anchor_ids, candidate_ids, self
             raise RuntimeError(
                 f"triton backend: {name} is on {t.device}; the kernels need CUDA tensors "
                 "(or TRITON_INTERPRET=1 set before importing smooth_infonce, to run them slowly on CPU)")
-    acc = _accumulation_dtype(anchors, candidates, positive_keys)
+    acc = compute_dtype(anchors, candidates, positive_keys)
     a, c = anchors, candidates
     if a.dtype != c.dtype or (acc == torch.float64 and a.dtype != torch.float64):
         a, c = a.to(acc), c.to(acc)  # mixed inputs: compute in the accumulation dtype
@@ -430,7 +426,7 @@ def _row_losses_op(
 def _row_losses_fake(anchors, candidates, positive_keys, anchor_ids, candidate_ids, self_offset,
                      num_positives, num_negatives, temperature, smoothing, neighbors,
                      deterministic, allow_tf32):
-    n, acc = anchors.shape[0], _accumulation_dtype(anchors, candidates, positive_keys)
+    n, acc = anchors.shape[0], compute_dtype(anchors, candidates, positive_keys)
     k = _effective_neighbors(neighbors, smoothing)
     return (anchors.new_empty((n,), dtype=acc), anchors.new_empty((n,), dtype=acc),
             anchors.new_empty((n, k), dtype=torch.long))
