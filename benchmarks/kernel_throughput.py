@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from smooth_infonce.layout import make_pairs  # noqa: E402
-from smooth_infonce.reference import reference_row_losses  # noqa: E402
+from smooth_infonce.ops.reference import reference_row_losses  # noqa: E402
 
 TEMPERATURE = 0.1
 SMOOTHING = 0.1
@@ -298,7 +298,7 @@ def gpu_loss_fn(provider, problem):
     """(loss function, leaves, input problem) for `provider`, or raise Skip with the reason."""
     layout = problem.layout
     if provider in ("triton-uniform", "triton-neighbors", "triton-fp32"):
-        from smooth_infonce.triton_kernel import triton_row_losses
+        from smooth_infonce.ops.triton import triton_row_losses
 
         p = problem.cast(torch.float32 if provider == "triton-fp32" else torch.bfloat16)
         k = NEIGHBORS if provider == "triton-neighbors" else None
@@ -488,7 +488,7 @@ def run_gpu_shape(shape, providers, quick):
 
 def run_s6(quick):
     """S6: ragged 1000 x 3001 (two-tower), D in 64/96/384/768, tau 0.01..1: correctness only."""
-    from smooth_infonce.triton_kernel import triton_row_losses
+    from smooth_infonce.ops.triton import triton_row_losses
 
     gates = {"float32": 1e-5, "bfloat16": 3e-3, "float64": 1e-9}
     rows = []

@@ -10,7 +10,7 @@ See `SmoothInfoNCELoss` (module), `smooth_infonce` (functional, every layout) an
 from .functional import smooth_infonce, triton_available
 from .layout import Pairs, make_pairs
 from .loss import SmoothInfoNCELoss
-from .reference import reference_row_losses
+from .ops.reference import reference_row_losses
 from .schedule import SmoothingSchedule
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import distributed
 from .layout import NO_ID, Pairs, make_pairs
-from .reference import reference_row_losses
+from .ops.reference import reference_row_losses
 from .validation import (
     BACKENDS,
     REDUCTIONS,
@@ -36,7 +36,7 @@ SYMMETRIC = (None, "mean", "sum")
 
 def triton_available() -> bool:
     try:
-        from . import triton_kernel  # noqa: F401
+        from .ops import triton  # noqa: F401
     except ImportError:
         return False
     return True
@@ -54,7 +54,7 @@ def resolve_backend(backend: str, device: torch.device, *, deterministic: bool =
     if backend == "reference":
         return reference_row_losses
     try:
-        from .triton_kernel import triton_row_losses
+        from .ops.triton import triton_row_losses
     except ImportError as err:
         raise RuntimeError(
             f"backend='triton' needs the Triton kernel, which could not be imported ({err}); "

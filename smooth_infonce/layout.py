@@ -4,7 +4,9 @@ Every toolkit layout (SimCLR / NT-Xent, multi-crop, SupCon ids, MoCo, two-tower)
 `Pairs` description over an anchor matrix (N x D) and a candidate matrix (M x D):
 
 - candidate j is a positive of row i when ``candidate_ids[j] == anchor_ids[i]``
-  (``candidate_ids[j] == -1`` never matches: queue entries);
+  (``candidate_ids[j] == -1`` never matches: queue entries); with ``ids_exclude`` (the MoCo queue
+  with sample ids) a matching candidate is instead left out of V(i): it is the query's own image,
+  a certain false negative;
 - column ``i + self_offset`` is not in V(i) (the anchor itself in the in-batch layout);
 - an optional extra column 0 holds the MoCo positive ``<a_i, k_i>``, outside the candidate matrix.
 
@@ -32,6 +34,7 @@ class Pairs:
     candidate_ids: Optional[Tensor]  # (M,) int64, NO_ID or >= 0
     self_offset: Optional[int]  # column i + self_offset is excluded from row i
     has_positive_key: bool  # an extra positive column 0 (MoCo), not in the candidate matrix
+    ids_exclude: bool  # equal ids mean "not a candidate of this row" instead of "a positive"
     num_positives: Tensor  # (N,) int64: |P(i)|
     num_negatives: Tensor  # (N,) int64: |Neg(i)| = |V(i)| - |P(i)|
 
@@ -44,6 +47,7 @@ def make_pairs(
     candidate_ids: Optional[Tensor] = None,
     self_offset: Optional[int] = None,
     has_positive_key: bool = False,
+    ids_exclude: bool = False,
     device: torch.device | str = "cpu",
 ) -> Pairs:
     """Describe a layout and count its positives and negatives per row (no N x M memory)."""
@@ -65,6 +69,8 @@ def make_pairs(
         if anchor_ids is not None and candidate_ids is not None:
             self_id = candidate_ids[self_col.clamp(0, max(m - 1, 0))] if m > 0 else anchor_ids
             matches = matches - (has_self & (self_id == anchor_ids)).long()
+    if ids_exclude:  # matching candidates leave V(i) instead of joining P(i)
+        valid, matches = valid - matches, torch.zeros_like(matches)
     positives = matches + int(has_positive_key)
     valid = valid + int(has_positive_key)
     return Pairs(
@@ -72,6 +78,7 @@ def make_pairs(
         candidate_ids=candidate_ids,
         self_offset=self_offset,
         has_positive_key=has_positive_key,
+        ids_exclude=ids_exclude,
         num_positives=positives,
         num_negatives=valid - positives,
     )
@@ -89,7 +96,12 @@ def dense_masks(pairs: Pairs, n: int, m: int, device: torch.device) -> tuple[Ten
         keep = (cols >= 0) & (cols < m)
         valid[rows[keep], cols[keep]] = False
     if pairs.anchor_ids is not None and pairs.candidate_ids is not None:
-        positive = (pairs.anchor_ids[:, None] == pairs.candidate_ids[None, :]) & valid
+        same = pairs.anchor_ids[:, None] == pairs.candidate_ids[None, :]
+        if pairs.ids_exclude:
+            valid &= ~same
+            positive = torch.zeros(n, m, dtype=torch.bool, device=device)
+        else:
+            positive = same & valid
     else:
         positive = torch.zeros(n, m, dtype=torch.bool, device=device)
     if pairs.has_positive_key:

@@ -11,7 +11,7 @@ from lightly.loss import NTXentLoss
 from oracles import label_oracle, moco_oracle, nt_xent_oracle, two_tower_oracle, unit
 from smooth_infonce import SmoothInfoNCELoss, make_pairs, reference_row_losses, smooth_infonce
 from smooth_infonce.layout import dense_masks
-from smooth_infonce.reference import smoothed_targets
+from smooth_infonce.ops.reference import smoothed_targets
 
 temperatures = st.floats(0.01, 1.0)
 alphas = st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.9])

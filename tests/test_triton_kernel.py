@@ -24,8 +24,8 @@ from hypothesis import strategies as st  # noqa: E402
 pytest.importorskip("triton")
 
 from smooth_infonce.layout import make_pairs  # noqa: E402
-from smooth_infonce.reference import reference_row_losses  # noqa: E402
-from smooth_infonce.triton_kernel import INTERPRET, nearest_negatives, triton_row_losses  # noqa: E402
+from smooth_infonce.ops.reference import reference_row_losses  # noqa: E402
+from smooth_infonce.ops.triton import INTERPRET, nearest_negatives, triton_row_losses  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
@@ -346,7 +346,7 @@ def test_clear_errors_without_triton_or_device():
         "import sys, torch\n"
         "sys.modules['triton'] = None\n"
         "try:\n"
-        "    import smooth_infonce.triton_kernel\n"
+        "    import smooth_infonce.ops.triton\n"
         "except ImportError as err:\n"
         "    assert 'pip install triton' in str(err), err\n"
         "else:\n"
@@ -354,7 +354,7 @@ def test_clear_errors_without_triton_or_device():
         "del sys.modules['triton']\n"
         "for name in [m for m in sys.modules if m.startswith('smooth_infonce')]:\n"
         "    del sys.modules[name]\n"
-        "from smooth_infonce.triton_kernel import triton_row_losses\n"
+        "from smooth_infonce.ops.triton import triton_row_losses\n"
         "from smooth_infonce.layout import make_pairs\n"
         "x = torch.randn(4, 8)\n"
         "try:\n"

@@ -11,7 +11,7 @@ Exactly the semantics of `reference.reference_row_losses` (loss.md):
 with S(i) = Neg(i) (``neighbors=None``, uniform) or the ``neighbors`` negatives of largest
 similarity <a_i, c_j> (ties to the lower candidate index, selected without gradient).
 
-Who does what (the kernels and their math: `smooth_infonce/kernels/infonce.py`):
+Who does what (the kernels and their math: `smooth_infonce/ops/kernels.py`):
 
 - Triton, O(N M D) work, O(N) memory: per row the log-sum-exp (online, over candidate tiles), the
   cross term sum_j y_ij s_ij for the positives and the uniform targets, and in neighbour mode the
@@ -48,14 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import Pairs
-from .reference import compute_dtype
+from ..layout import Pairs
+from . import compute_dtype
 
 try:
     import triton
     import triton.language as tl
 
-    from .kernels import infonce as _kernels
+    from . import kernels as _kernels
 except ImportError as _err:  # re-raised with a clear message; `functional.triton_available` sees it
     raise ImportError(
         "the fused backend needs the `triton` package (pip install triton; it ships with CUDA "

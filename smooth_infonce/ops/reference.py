@@ -21,12 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .layout import Pairs, dense_masks
-
-
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32: logits are never formed in half precision."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+from ..layout import Pairs, dense_masks
+from . import compute_dtype
 
 
 def top_negatives(similarities: Tensor, negative: Tensor, k: int) -> Tensor:
