@@ -1,37 +1,24 @@
-"""`smooth_infonce`: the functional op every layout, module and integration goes through.
+"""`smooth_infonce`: the one public boundary every call form, module and integration goes through.
 
-It checks the arguments, L2-normalises, resolves the layout into a `Pairs` description, gathers
-across ranks if asked, runs a backend for the per-row losses and applies the row weights and the
-reduction. The backends only ever see (anchors, candidates, positive keys, pairs).
+The path of a call: validate once (here) -> L2-normalise -> `layout.resolve_layout` (in-batch /
+MoCo / two-tower, rank offsets) -> a backend's row losses (`ops/`, unchecked) -> row weights and
+reduction. `compute_loss` is that path without the argument checks, for the call forms in
+`views.py`, which check their own arguments under their own names.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed
-from .layout import NO_ID, Pairs, make_pairs
+from .layout import NO_ID, check_counts, resolve_layout
 from .ops.reference import reference_row_losses
-from .validation import (
-    BACKENDS,
-    REDUCTIONS,
-    check_choice,
-    check_embeddings,
-    check_finite,
-    check_ids,
-    check_neighbors,
-    check_same_device,
-    check_smoothing,
-    check_temperature,
-    check_weights,
-)
-
-SYMMETRIC = (None, "mean", "sum")
+from .options import SYMMETRIC, LossOptions
+from .validation import check_choice, check_embeddings, check_finite, check_ids, check_same_device, check_weights
 
 
 def triton_available() -> bool:
@@ -42,13 +29,12 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, *, deterministic: bool = False,
-                    allow_tf32: bool = False) -> Callable[..., Tensor]:
+def resolve_backend(options: LossOptions, device: torch.device) -> Callable[..., Tensor]:
     """'auto' takes the fused kernel for CUDA tensors and the reference op elsewhere.
 
     The reference is exact and deterministic already; the kernel options only reach the kernel.
     """
-    check_choice("backend", backend, BACKENDS)
+    backend = options.backend
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "reference":
@@ -60,7 +46,7 @@ def resolve_backend(backend: str, device: torch.device, *, deterministic: bool =
             f"backend='triton' needs the Triton kernel, which could not be imported ({err}); "
             "install triton or use backend='reference'"
         ) from err
-    return partial(triton_row_losses, deterministic=deterministic, allow_tf32=allow_tf32)
+    return partial(triton_row_losses, deterministic=options.deterministic, allow_tf32=options.allow_tf32)
 
 
 def smooth_infonce(
@@ -70,18 +56,12 @@ def smooth_infonce(
     ids: Optional[Tensor] = None,
     candidate_ids: Optional[Tensor] = None,
     positive_keys: Optional[Tensor] = None,
-    temperature: float = 0.1,
-    smoothing: float = 0.0,
-    neighbors: Optional[int] = None,
     weights: Optional[Tensor] = None,
     symmetric: Optional[str] = None,
-    reduction: str = "mean",
-    normalize: bool = True,
     gather_distributed: bool = False,
-    backend: str = "auto",
-    deterministic: bool = False,
-    allow_tf32: bool = False,
     validate: bool = True,
+    options: Optional[LossOptions] = None,
+    **option_fields: Any,
 ) -> Tensor:
     """Smoothed InfoNCE (arXiv 2212.07158) for every layout of loss.md.
 
@@ -92,7 +72,9 @@ def smooth_infonce(
       positives (instance ids for views of one image, class labels for supervised use).
     - **MoCo**: ``positive_keys`` (N x D) and ``candidates`` = the queue (K x D, no gradient
       needed). Row i's positive is <a_i, k_i> (column 0, as in lightly's memory bank); the queue
-      rows are its negatives. Several query views against one key: repeat the keys.
+      rows are its negatives. Several query views against one key: repeat the keys. With sample
+      ``ids`` (N,) and ``candidate_ids`` (K,) (-1: unknown), a queue entry with the row's own id
+      is not one of its negatives (the query's own image from an earlier step).
     - **two-tower** (CLIP-style): ``candidates`` (M x D) without ``positive_keys``. Row i's
       positive is column i unless ``ids`` / ``candidate_ids`` say otherwise (a candidate id -1 is
       never a positive: append extra negatives that way). ``symmetric="mean"`` averages this with
@@ -104,27 +86,19 @@ def smooth_infonce(
         ids: (N,) int ids of the anchors (>= 0).
         candidate_ids: (M,) int ids of the candidates, -1 for "never a positive".
         positive_keys: (N, D) MoCo keys, one positive per row.
-        temperature: tau > 0.
-        smoothing: alpha in [0, 1), the target mass moved from the positives to the negatives.
-        neighbors: None for uniform smoothing over all negatives, or k >= 1 to smooth onto the k
-            most similar negatives of each row (ties: lower candidate index first).
         weights: (N,) row weights w_i >= 0 (SSLight's global / local weighting).
-        symmetric: None, "mean" or "sum" (two-tower only).
-        reduction: "mean" (sum_i w_i l_i / sum_i w_i), "sum" (sum_i w_i l_i) or "none"
-            (w_i l_i per row; with ``symmetric`` the N rows of the first direction then the M of
-            the second).
-        normalize: L2-normalise anchors, candidates and keys first (gradient flows through it).
+        symmetric: None, "mean" or "sum" (two-tower only; symmetric MoCo: `views.symmetric_moco_loss`).
         gather_distributed: gather the candidates (in-batch and two-tower layouts) of all ranks,
             gradients flowing back to their owners. Needs the same batch size on every rank and
             ids that mean the same on every rank (the module's instance ids take care of this).
-        backend: "auto" (Triton kernel for CUDA tensors, reference elsewhere), "reference" or
-            "triton".
-        deterministic: Triton backend: no atomics in the backward, bitwise-reproducible
-            gradients (one more recompute of the similarity tiles).
-        allow_tf32: Triton backend, float32 inputs: TF32 tensor-core dots (about 1e-3 relative)
-            instead of exact IEEE float32 dots (the default).
-        validate: check values too (non-finite inputs, rows without positives, k larger than the
-            negatives). This synchronises with the device; shape, dtype and device checks always run.
+        validate: check values too (non-finite inputs, ids, weights, rows without positives, too
+            few negatives, equal batch sizes across ranks). These synchronise with the device;
+            ``validate=False`` reads nothing back from it (a training loop's hot path): bad values
+            then give unspecified results. Shapes, dtypes and devices are always checked.
+        options: a `LossOptions`; the remaining keywords (``temperature``, ``smoothing``,
+            ``neighbors``, ``reduction``, ``normalize``, ``backend``, ``deterministic``,
+            ``allow_tf32``, ``few_negatives``) are its fields, given directly or overriding it.
+            The loss itself and every option are defined in `SmoothInfoNCELoss`'s docstring.
 
     Returns:
         The loss, float32 (float64 for float64 inputs); per row with ``reduction="none"``.
@@ -138,10 +112,7 @@ def smooth_infonce(
         >>> loss.shape
         torch.Size([])
     """
-    temperature = check_temperature(temperature)
-    smoothing = check_smoothing(smoothing)
-    neighbors = check_neighbors(neighbors)
-    check_choice("reduction", reduction, REDUCTIONS)
+    options = _merge_options(options, option_fields)
     check_choice("symmetric", symmetric, SYMMETRIC)
     check_embeddings("anchors", anchors)
     n, width = anchors.shape
@@ -149,105 +120,86 @@ def smooth_infonce(
         check_embeddings("candidates", candidates, width=width)
     if positive_keys is not None:
         check_embeddings("positive_keys", positive_keys, width=width, rows=n)
-        if candidates is None:
-            raise ValueError("positive_keys (MoCo layout) needs candidates: the queue of negatives (K x D)")
     check_same_device(anchors=anchors, candidates=candidates, positive_keys=positive_keys,
                       ids=ids, candidate_ids=candidate_ids, weights=weights)
     if ids is not None:
-        check_ids("ids", ids, n)
-    if candidate_ids is not None:
-        if candidates is None:
-            raise ValueError("candidate_ids needs candidates; the in-batch layout uses ids for both sides")
-        check_ids("candidate_ids", candidate_ids, candidates.shape[0], minimum=NO_ID)
+        check_ids("ids", ids, n, validate=validate)
+    if candidate_ids is not None and candidates is not None:
+        check_ids("candidate_ids", candidate_ids, candidates.shape[0], minimum=NO_ID, validate=validate)
     if weights is not None:
         if symmetric is not None:
             raise ValueError("weights apply to one direction; pass symmetric=None and combine the two calls")
-        check_weights(weights, n)
+        check_weights(weights, n, validate=validate)
     if validate:
         check_finite(anchors=anchors, candidates=candidates, positive_keys=positive_keys)
+    return compute_loss(anchors, candidates, ids=ids, candidate_ids=candidate_ids, positive_keys=positive_keys,
+                        weights=weights, symmetric=symmetric, gather_distributed=gather_distributed,
+                        options=options, validate=validate)
 
-    if normalize:
+
+def compute_loss(
+    anchors: Tensor,
+    candidates: Optional[Tensor] = None,
+    *,
+    options: LossOptions,
+    smoothing: Optional[float] = None,
+    ids: Optional[Tensor] = None,
+    candidate_ids: Optional[Tensor] = None,
+    positive_keys: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+    symmetric: Optional[str] = None,
+    gather_distributed: bool = False,
+    validate: bool = True,
+) -> Tensor:
+    """`smooth_infonce` without the argument checks (the caller has made them). ``smoothing``
+    overrides ``options.smoothing`` (an adapter's scheduled alpha); ``validate`` still decides the
+    checks that need the resolved layout (per-row counts, equal batches across ranks)."""
+    smoothing = options.smoothing if smoothing is None else smoothing
+    if options.normalize:
         anchors = _l2_normalize(anchors)
         candidates = None if candidates is None else _l2_normalize(candidates)
         positive_keys = None if positive_keys is None else _l2_normalize(positive_keys)
+    row_losses = resolve_backend(options, anchors.device)
 
-    row_losses = resolve_backend(backend, anchors.device, deterministic=deterministic, allow_tf32=allow_tf32)
-    options = dict(temperature=temperature, smoothing=smoothing, neighbors=neighbors)
+    def one_direction(anchors, candidates, ids, candidate_ids, positive_keys):
+        layout = resolve_layout(anchors, candidates, ids=ids, candidate_ids=candidate_ids,
+                                positive_keys=positive_keys, gather_distributed=gather_distributed,
+                                check_batch=validate)
+        if validate:
+            check_counts(layout.pairs, options.neighbors, options.few_negatives)
+        return row_losses(layout.anchors, layout.candidates, layout.positive_keys, layout.pairs,
+                          temperature=options.temperature, smoothing=smoothing, neighbors=options.neighbors)
+
     if symmetric is None:
-        rows = _one_direction(row_losses, anchors, candidates, ids, candidate_ids, positive_keys,
-                              gather_distributed, validate, options)
-        return _reduce(rows, weights, reduction)
-
+        return _reduce(one_direction(anchors, candidates, ids, candidate_ids, positive_keys),
+                       weights, options.reduction)
     if candidates is None or positive_keys is not None:
-        raise ValueError("symmetric applies to the two-tower layout: pass candidates and no positive_keys")
-    forward = _one_direction(row_losses, anchors, candidates, ids, candidate_ids, None,
-                             gather_distributed, validate, options)
-    backward = _one_direction(row_losses, candidates, anchors, candidate_ids, ids, None,
-                              gather_distributed, validate, options)
-    if reduction == "none":
+        raise ValueError("symmetric applies to the two-tower layout: pass candidates and no positive_keys "
+                         "(symmetric MoCo: smooth_infonce.views.symmetric_moco_loss)")
+    forward = one_direction(anchors, candidates, ids, candidate_ids, None)
+    backward = one_direction(candidates, anchors, candidate_ids, ids, None)
+    if options.reduction == "none":
         return torch.cat([forward, backward])
-    combined = _reduce(forward, None, reduction) + _reduce(backward, None, reduction)
+    combined = _reduce(forward, None, options.reduction) + _reduce(backward, None, options.reduction)
     return combined / 2 if symmetric == "mean" else combined
+
+
+def _merge_options(options: Optional[LossOptions], fields: dict) -> LossOptions:
+    unknown = set(fields) - set(LossOptions.field_names())
+    if unknown:
+        raise TypeError(f"smooth_infonce got unexpected keyword argument(s) {sorted(unknown)}; "
+                        f"the loss options are {LossOptions.field_names()}")
+    if options is None:
+        return LossOptions(**fields)
+    if not isinstance(options, LossOptions):
+        raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
+    return options.replace(**fields) if fields else options
 
 
 def _l2_normalize(x: Tensor) -> Tensor:
     """Unit rows, normalised in float32 (float64 stays float64) and returned in the input dtype."""
     wide = x if x.dtype == torch.float64 else x.float()
     return F.normalize(wide, dim=1).to(x.dtype)
-
-
-def _one_direction(row_losses, anchors, candidates, ids, candidate_ids, positive_keys,
-                   gather_distributed, validate, options) -> Tensor:
-    n, device = anchors.shape[0], anchors.device
-    self_offset = None
-    positional_ids = False  # two-tower default: row i's positive is column i
-    if candidates is None:  # in-batch: the anchors are the candidates, minus each row itself
-        if ids is None:
-            raise ValueError("the in-batch layout (candidates=None) needs ids: which rows are views of one instance")
-        candidates, candidate_ids, self_offset = anchors, ids, 0
-    elif positive_keys is not None:
-        if ids is not None or candidate_ids is not None:
-            raise ValueError("the MoCo layout (positive_keys) takes no ids: each row's positive is its key")
-    elif (ids is None) != (candidate_ids is None):
-        raise ValueError("pass both ids and candidate_ids, or neither (then row i's positive is column i)")
-    elif ids is None:
-        positional_ids = True
-        ids = torch.arange(n, device=device)
-        candidate_ids = torch.arange(candidates.shape[0], device=device)
-
-    # Gather the candidates of all ranks (MoCo's queue is already global). Local row i is then
-    # global row rank * n + i: positional ids and the self column shift with it.
-    if gather_distributed and distributed.world_size() > 1 and positive_keys is None:
-        distributed.check_equal_batch(candidates.shape[0])
-        shift = distributed.rank() * candidates.shape[0]
-        if self_offset is not None:
-            self_offset = shift
-        if positional_ids:
-            ids = ids + shift
-            candidate_ids = candidate_ids + shift
-        candidate_ids = distributed.gather_ids(candidate_ids)
-        candidates = distributed.gather_with_grad(candidates)
-
-    pairs = make_pairs(n, candidates.shape[0], anchor_ids=ids, candidate_ids=candidate_ids,
-                       self_offset=self_offset, has_positive_key=positive_keys is not None,
-                       device=device)
-    if validate:
-        _check_counts(pairs, options["neighbors"])
-    return row_losses(anchors, candidates, positive_keys, pairs, **options)
-
-
-def _check_counts(pairs: Pairs, neighbors: Optional[int]) -> None:
-    no_positive = (pairs.num_positives == 0).nonzero().flatten()
-    if no_positive.numel():
-        raise ValueError(
-            f"{no_positive.numel()} anchor row(s) have no positive (first: row {int(no_positive[0])}); "
-            "every row needs another view / a matching id"
-        )
-    fewest = int(pairs.num_negatives.min())
-    if fewest == 0:
-        raise ValueError("a row has no negatives (batch of one instance?): InfoNCE needs at least one negative per row")
-    if neighbors is not None and neighbors > fewest:
-        raise ValueError(f"neighbors={neighbors} is larger than the {fewest} negatives available to some row")
 
 
 def _reduce(rows: Tensor, weights: Optional[Tensor], reduction: str) -> Tensor:

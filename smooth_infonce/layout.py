@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import distributed
+
 NO_ID = -1  # candidate id that matches no anchor: a negative for every row
 
 
@@ -109,3 +111,101 @@ def dense_masks(pairs: Pairs, n: int, m: int, device: torch.device) -> tuple[Ten
         valid = torch.cat([first, valid], dim=1)
         positive = torch.cat([first, positive], dim=1)
     return valid, positive
+
+
+LAYOUTS = ("in_batch", "moco", "two_tower")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One resolved direction of a loss call: what the backend receives.
+
+    ``kind`` is "in_batch" (the anchors are the candidates, each row minus itself), "moco" (a
+    positive key per row, the queue as candidates) or "two_tower" (separate candidates, row i's
+    positive column i unless ids say otherwise). Across ranks the candidates are the gathered ones,
+    and ``pairs`` already carries this rank's offsets.
+    """
+
+    kind: str
+    anchors: Tensor
+    candidates: Tensor
+    positive_keys: Optional[Tensor]
+    pairs: Pairs
+
+
+def resolve_layout(
+    anchors: Tensor,
+    candidates: Optional[Tensor] = None,
+    *,
+    ids: Optional[Tensor] = None,
+    candidate_ids: Optional[Tensor] = None,
+    positive_keys: Optional[Tensor] = None,
+    gather_distributed: bool = False,
+    check_batch: bool = True,
+) -> Layout:
+    """Decide the layout from which arguments are given, gather candidates across ranks if asked,
+    and describe the pairs. The one place where a call's layout and rank offsets are decided.
+
+    - ``candidates=None``: in-batch; ``ids`` (required) say which rows are views of one instance.
+    - ``positive_keys``: MoCo; optional ``ids`` / ``candidate_ids`` (both or neither) leave queue
+      entries with the row's own id out of its negatives (``Pairs.ids_exclude``).
+    - otherwise two-tower: ``ids`` / ``candidate_ids`` (both or neither; default: row i's positive
+      is column i).
+
+    ``check_batch``: with ``gather_distributed``, check that every rank has the same batch size
+    (one more collective; the validating boundary asks for it).
+    """
+    n, device = anchors.shape[0], anchors.device
+    if candidates is None:
+        if positive_keys is not None:
+            raise ValueError("positive_keys (MoCo layout) needs candidates: the queue of negatives (K x D)")
+        if candidate_ids is not None:
+            raise ValueError("candidate_ids needs candidates; the in-batch layout uses ids for both sides")
+        if ids is None:
+            raise ValueError("the in-batch layout (candidates=None) needs ids: which rows are views of one instance")
+        kind, candidates, candidate_ids, self_offset = "in_batch", anchors, ids, 0
+    else:
+        if (ids is None) != (candidate_ids is None):
+            raise ValueError("pass both ids and candidate_ids, or neither")
+        kind, self_offset = ("moco" if positive_keys is not None else "two_tower"), None
+    positional_ids = kind == "two_tower" and ids is None  # row i's positive is column i
+    if positional_ids:
+        ids, candidate_ids = torch.arange(n, device=device), torch.arange(candidates.shape[0], device=device)
+
+    # Gather the candidates of all ranks (MoCo's queue is already global). Local row i is then
+    # global row rank * n + i: the self column and positional ids shift with it.
+    if gather_distributed and kind != "moco" and distributed.world_size() > 1:
+        if check_batch:
+            distributed.check_equal_batch(candidates.shape[0])
+        shift = distributed.rank() * candidates.shape[0]
+        if self_offset is not None:
+            self_offset = shift
+        if positional_ids:
+            ids, candidate_ids = ids + shift, candidate_ids + shift
+        candidate_ids = distributed.gather_ids(candidate_ids)
+        candidates = distributed.gather_with_grad(candidates)
+
+    pairs = make_pairs(n, candidates.shape[0], anchor_ids=ids, candidate_ids=candidate_ids,
+                       self_offset=self_offset, has_positive_key=kind == "moco",
+                       ids_exclude=kind == "moco", device=device)
+    return Layout(kind, anchors, candidates, positive_keys, pairs)
+
+
+def check_counts(pairs: Pairs, neighbors: Optional[int], few_negatives: str) -> None:
+    """Every row needs a positive; with ``few_negatives="raise"`` also a negative, and at least
+    ``neighbors`` of them. Reads the counts back from the device (validating callers only)."""
+    no_positive = (pairs.num_positives == 0).nonzero().flatten()
+    if no_positive.numel():
+        raise ValueError(
+            f"{no_positive.numel()} anchor row(s) have no positive (first: row {int(no_positive[0])}); "
+            "every row needs another view / a matching id"
+        )
+    if few_negatives != "raise":
+        return
+    fewest = int(pairs.num_negatives.min())
+    if fewest == 0:
+        raise ValueError("a row has no negatives (batch of one instance?): InfoNCE needs at least one negative "
+                         "per row; few_negatives='use_all' makes such a row plain InfoNCE (loss 0), as lightly does")
+    if neighbors is not None and neighbors > fewest:
+        raise ValueError(f"neighbors={neighbors} is larger than the {fewest} negatives available to some row; "
+                         "few_negatives='use_all' smooths onto all of them")

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .functional import smooth_infonce
-from .schedule import SmoothingSchedule
-from .validation import (
-    BACKENDS,
-    REDUCTIONS,
-    check_choice,
-    check_embeddings,
-    check_finite,
-    check_neighbors,
-    check_same_device,
-    check_smoothing,
-    check_temperature,
-)
-
-Weights = Union[None, Sequence[float], Tensor]
+from .options import LossOptions
+from .validation import check_smoothing
+from .views import Weights, multi_view_loss
 
 
 class SmoothInfoNCELoss(nn.Module):
@@ -52,18 +38,11 @@ class SmoothInfoNCELoss(nn.Module):
     sum_i w_i l_i / sum_i w_i) or a tensor with one weight per row.
 
     Args:
-        temperature: tau > 0.
-        smoothing: alpha in [0, 1).
-        neighbors: None for uniform smoothing over all negatives; k >= 1 to smooth onto the k most
-            similar negatives of each row (the authors' default strategy).
-        schedule: optional `SmoothingSchedule`; ``set_epoch(e)`` then sets ``smoothing``.
-        normalize: L2-normalise the embeddings inside the loss.
+        temperature, smoothing, neighbors, schedule, normalize, reduction, backend, deterministic,
+            allow_tf32, few_negatives: the loss options (`LossOptions`, where each is described);
+            or pass ``options=LossOptions(...)``. With a schedule, ``set_epoch(e)`` sets the
+            current alpha (``smoothing``), which starts at the schedule's epoch-0 value.
         gather_distributed: compare against the in-batch candidates of every rank.
-        reduction: "mean", "sum" or "none".
-        backend: "auto" (the fused Triton kernel on CUDA, the reference op elsewhere),
-            "reference" or "triton".
-        deterministic: Triton backend: bitwise-reproducible gradients (no atomics).
-        allow_tf32: Triton backend, float32 inputs: TF32 dots instead of exact IEEE float32.
         validate: value checks that synchronise with the device (non-finite inputs, too few
             negatives); shape, dtype and device checks always run.
 
@@ -83,35 +62,26 @@ class SmoothInfoNCELoss(nn.Module):
         smoothing: float = 0.0,
         neighbors: Optional[int] = None,
         *,
-        schedule: Optional[SmoothingSchedule] = None,
-        normalize: bool = True,
+        options: Optional[LossOptions] = None,
         gather_distributed: bool = False,
-        reduction: str = "mean",
-        backend: str = "auto",
-        deterministic: bool = False,
-        allow_tf32: bool = False,
         validate: bool = True,
+        **option_fields: Any,
     ) -> None:
         super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.smoothing = check_smoothing(smoothing)
-        self.neighbors = check_neighbors(neighbors)
-        if schedule is not None and not isinstance(schedule, SmoothingSchedule):
-            raise TypeError(f"schedule must be a SmoothingSchedule or None, got {type(schedule).__name__}")
-        self.schedule = schedule
-        self.normalize = normalize
+        if options is None:
+            options = LossOptions(temperature=temperature, smoothing=smoothing, neighbors=neighbors, **option_fields)
+        elif option_fields or (temperature, smoothing, neighbors) != (0.1, 0.0, None):
+            raise TypeError("pass options=LossOptions(...) or the option keywords, not both")
+        self.options = options
+        self.smoothing = options.initial_smoothing  # the current alpha: the one thing that moves
         self.gather_distributed = gather_distributed
-        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.backend = check_choice("backend", backend, BACKENDS)
-        self.deterministic = deterministic
-        self.allow_tf32 = allow_tf32
         self.validate = validate
 
     def set_epoch(self, epoch: int) -> float:
-        """Set ``smoothing`` from the schedule for this epoch and return it."""
-        if self.schedule is None:
+        """Set the current alpha (``smoothing``) from the schedule for this epoch and return it."""
+        if self.options.schedule is None:
             raise RuntimeError("set_epoch needs a schedule: SmoothInfoNCELoss(..., schedule=SmoothingSchedule(...))")
-        self.smoothing = self.schedule(epoch)
+        self.smoothing = self.options.smoothing_at(epoch)
         return self.smoothing
 
     def forward(
@@ -120,84 +90,34 @@ class SmoothInfoNCELoss(nn.Module):
         out1: Tensor,
         *more_views: Tensor,
         queue: Optional[Tensor] = None,
+        ids: Optional[Tensor] = None,
+        queue_ids: Optional[Tensor] = None,
         weights: Weights = None,
         labels: Optional[Tensor] = None,
     ) -> Tensor:
         return multi_view_loss(
-            (out0, out1, *more_views), queue=queue, weights=weights, labels=labels,
+            (out0, out1, *more_views), self.options, smoothing=check_smoothing(self.smoothing),
+            queue=queue, ids=ids, queue_ids=queue_ids, weights=weights, labels=labels,
             gather_distributed=self.gather_distributed, validate=self.validate,
-            temperature=self.temperature, smoothing=check_smoothing(self.smoothing), neighbors=self.neighbors,
-            reduction=self.reduction, normalize=self.normalize, backend=self.backend,
-            deterministic=self.deterministic, allow_tf32=self.allow_tf32,
         )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, smoothing={self.smoothing}, neighbors={self.neighbors}, "
-                f"backend={self.backend!r}")
+        o = self.options
+        return (f"temperature={o.temperature}, smoothing={self.smoothing}, neighbors={o.neighbors}, "
+                f"backend={o.backend!r}")
 
 
-def check_views(views: Sequence[Tensor], queue: Optional[Tensor] = None) -> None:
-    """Shapes and devices of the call forms: equal (B, D) views named out0, out1, ... and a
-    (K, D) queue. Metadata only, no device synchronisation."""
-    check_embeddings("out0", views[0])
-    batch, width = views[0].shape
-    for v, view in enumerate(views[1:], start=1):
-        check_embeddings(f"out{v}", view, width=width, rows=batch)
-    if queue is not None:
-        check_embeddings("queue", queue, width=width)
-    check_same_device(**{f"out{v}": view for v, view in enumerate(views)}, queue=queue)
+def _option_property(name: str) -> property:
+    """``loss.<name>`` reads the option; assigning it replaces the options (validated again)."""
+    def get(self):
+        return getattr(self.options, name)
+
+    def set_(self, value):
+        self.options = self.options.replace(**{name: value})
+
+    return property(get, set_, doc=f"The `LossOptions.{name}` of this loss.")
 
 
-def view_row_weights(weights: Weights, num_views: int, batch: int, device: torch.device) -> Optional[Tensor]:
-    """One weight per anchor row from one float per view (rows of view v get weights[v]); a
-    per-row tensor passes through as given."""
-    if weights is None or isinstance(weights, Tensor):
-        return weights
-    if len(weights) != num_views:
-        raise ValueError(f"weights must give one value per anchor view ({num_views}), got {len(weights)}")
-    return torch.as_tensor(list(weights), dtype=torch.float32, device=device).repeat_interleave(batch)
-
-
-def multi_view_loss(
-    views: Sequence[Tensor],
-    *,
-    queue: Optional[Tensor] = None,
-    weights: Weights = None,
-    labels: Optional[Tensor] = None,
-    gather_distributed: bool = False,
-    validate: bool = True,
-    **options,
-) -> Tensor:
-    """The call forms of `SmoothInfoNCELoss` (and of the toolkit drop-ins) on a sequence of views.
-
-    Without a queue: in-batch multi-view, every view of image b a positive of every other view of
-    b (or every row of the same ``labels`` class). With a queue: MoCo, ``views[1]`` holds the keys
-    and every other view is a query sharing them as positives and the queue (no gradient) as
-    negatives. ``weights``: one float per anchor view, or a per-row tensor. ``options`` go to
-    `smooth_infonce`.
-    """
-    check_views(views, queue)
-    if validate:  # named after the caller's arguments; the functional op would only say "anchors"
-        check_finite(**{f"out{v}": view for v, view in enumerate(views)}, queue=queue)
-    batch, device = views[0].shape[0], views[0].device
-
-    if queue is not None:
-        if labels is not None:
-            raise ValueError("labels are not supported with a queue (MoCo has one positive per query)")
-        queries = (views[0], *views[2:])
-        return smooth_infonce(
-            torch.cat(queries), queue.detach(), positive_keys=views[1].repeat(len(queries), 1),
-            weights=view_row_weights(weights, len(queries), batch, device), validate=validate, **options,
-        )
-
-    if labels is not None:
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},), one per image, got {tuple(labels.shape)}")
-        ids = labels
-    else:  # instance ids, unique across ranks so gathered candidates keep their identity
-        first = distributed.rank() * batch if gather_distributed else 0
-        ids = torch.arange(first, first + batch, device=device)
-    return smooth_infonce(
-        torch.cat(views), ids=ids.repeat(len(views)), gather_distributed=gather_distributed,
-        weights=view_row_weights(weights, len(views), batch, device), validate=validate, **options,
-    )
+for _name in LossOptions.field_names():
+    if _name != "smoothing":  # the current (scheduled) alpha is a plain attribute
+        setattr(SmoothInfoNCELoss, _name, _option_property(_name))

@@ -13,10 +13,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "reference", "triton")
-
-
 def check_temperature(temperature: float) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
@@ -94,23 +90,28 @@ def check_same_device(**tensors: Optional[Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device, got {where}")
 
 
-def check_ids(name: str, ids: Tensor, rows: int, *, minimum: int = 0) -> None:
-    """1-D integer ids, one per row, >= minimum (candidate ids may be -1: never a positive)."""
+def check_ids(name: str, ids: Tensor, rows: int, *, minimum: int = 0, validate: bool = True) -> None:
+    """1-D integer ids, one per row; with ``validate`` also >= minimum (candidate ids may be -1:
+    never matched), which reads a value back from the device."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a 1-D integer tensor, got {type(ids).__name__}")
     if ids.dim() != 1 or ids.shape[0] != rows:
         raise ValueError(f"{name} must have shape ({rows},), got {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if rows and int(ids.min()) < minimum:
+    if validate and rows and int(ids.min()) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got min {int(ids.min())}")
 
 
-def check_weights(weights: Tensor, rows: int) -> None:
+def check_weights(weights: Tensor, rows: int, *, validate: bool = True) -> None:
+    """Per-row weights (rows,), float; with ``validate`` also finite, >= 0 and not all zero (a
+    device synchronisation)."""
     if not isinstance(weights, Tensor) or not weights.dtype.is_floating_point:
         raise TypeError("weights must be a floating-point tensor of per-row weights")
     if weights.shape != (rows,):
         raise ValueError(f"weights must have shape ({rows},), one per anchor row, got {tuple(weights.shape)}")
+    if not validate:
+        return
     check_finite(weights=weights)
     if bool((weights < 0).any()):
         raise ValueError("weights must be >= 0")

@@ -105,7 +105,8 @@ def test_layout_misuse():
         smooth_infonce(x)
     with pytest.raises(ValueError, match="positive_keys .* needs candidates"):
         smooth_infonce(x, positive_keys=y)
-    with pytest.raises(ValueError, match="MoCo layout .* takes no ids"):
+    # MoCo takes sample ids for both sides (own-image queue entries are excluded), never half of them
+    with pytest.raises(ValueError, match="both ids and candidate_ids"):
         smooth_infonce(x, y, positive_keys=y, ids=torch.arange(4))
     with pytest.raises(ValueError, match="both ids and candidate_ids"):
         smooth_infonce(x, y, ids=torch.arange(4))
