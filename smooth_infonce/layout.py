@@ -91,12 +91,11 @@ def dense_masks(pairs: Pairs, n: int, m: int, device: torch.device) -> tuple[Ten
 
     Only for the reference op and tests: this is exactly the N x M memory the kernel avoids.
     """
-    valid = torch.ones(n, m, dtype=torch.bool, device=device)
-    if pairs.self_offset is not None:
-        rows = torch.arange(n, device=device)
-        cols = rows + pairs.self_offset
-        keep = (cols >= 0) & (cols < m)
-        valid[rows[keep], cols[keep]] = False
+    columns = torch.arange(m, device=device)
+    if pairs.self_offset is not None:  # by comparison, not indexing: no data-dependent shapes
+        valid = columns[None, :] != (torch.arange(n, device=device) + pairs.self_offset)[:, None]
+    else:
+        valid = torch.ones(n, m, dtype=torch.bool, device=device)
     if pairs.anchor_ids is not None and pairs.candidate_ids is not None:
         same = pairs.anchor_ids[:, None] == pairs.candidate_ids[None, :]
         if pairs.ids_exclude:

@@ -152,3 +152,128 @@ def test_public_api_reaches_the_triton_backend(deterministic, k):
             grads.append((loss, *torch.autograd.grad(loss, (out0, out1))))
         for ref, fused in zip(*grads):
             torch.testing.assert_close(fused, ref, rtol=2e-5, atol=2e-6)
+
+
+# --- one options object, validation once, no host reads without validation ------------------------
+
+
+def test_options_object_validates_once_and_is_shared():
+    from smooth_infonce import LossOptions
+
+    opts = LossOptions(temperature=0.3, smoothing=0.2, neighbors=2)
+    views = [randn(v, 5, 6, dtype=torch.float64) for v in range(2)]
+    by_keywords = SmoothInfoNCELoss(0.3, 0.2, 2)(*views)
+    torch.testing.assert_close(SmoothInfoNCELoss(options=opts)(*views), by_keywords)
+    torch.testing.assert_close(smooth_infonce(torch.cat(views), ids=torch.arange(5).repeat(2), options=opts),
+                               by_keywords)
+    with pytest.raises(TypeError, match="not both"):
+        SmoothInfoNCELoss(0.5, options=opts)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        smooth_infonce(torch.cat(views), ids=torch.arange(5).repeat(2), temprature=0.1)
+    with pytest.raises(Exception, match="frozen|cannot assign"):
+        opts.temperature = 1.0
+    loss = SmoothInfoNCELoss(options=opts)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        loss.temperature = 0.0  # an assignment goes through the same validation
+    with pytest.raises(TypeError, match="neighbors must be None"):
+        LossOptions(neighbors=True)
+    with pytest.raises(ValueError, match="few_negatives must be one of"):
+        LossOptions(few_negatives="ignore")
+    with pytest.raises(ValueError, match="disagrees with the schedule"):
+        LossOptions(smoothing=0.2, schedule=SmoothingSchedule(0.1))
+
+
+def test_a_scheduled_loss_starts_at_the_schedules_epoch_zero_value():
+    loss = SmoothInfoNCELoss(0.2, schedule=SmoothingSchedule(0.1, "warmup", warmup_epochs=3))
+    assert loss.smoothing == 0.0
+    assert loss.set_epoch(3) == 0.1
+
+
+def test_validate_false_reads_nothing_back_from_the_device():
+    """On the meta device every value read raises; validate=False must not need one."""
+    x = torch.randn(16, 8, device="meta")
+    ids = torch.arange(8, device="meta").repeat(2)
+    out = smooth_infonce(x, ids=ids, validate=False, smoothing=0.1, neighbors=3, backend="reference")
+    assert out.device.type == "meta" and out.shape == ()
+    query, queue = torch.randn(4, 8, device="meta"), torch.randn(10, 8, device="meta")
+    loss = SmoothInfoNCELoss(0.2, 0.1, 3, validate=False, backend="reference")
+    out = loss(query, query, queue=queue, ids=torch.arange(4, device="meta"),
+               queue_ids=torch.arange(10, device="meta"), weights=torch.ones(4, device="meta"))
+    assert out.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):  # the validating path does read values
+        smooth_infonce(x, ids=ids, backend="reference")
+
+
+# --- few negatives: raise by default, or the policy training loops use --------------------------
+
+
+def test_a_batch_of_one_raises_by_default_and_is_plain_infonce_with_use_all():
+    from lightly.loss import NTXentLoss
+
+    out0 = randn(0, 1, 8).requires_grad_()
+    out1 = randn(1, 1, 8).requires_grad_()
+    with pytest.raises(ValueError, match="few_negatives='use_all'"):
+        SmoothInfoNCELoss(0.2, 0.1, 5)(out0, out1)
+    for neighbors in (None, 5):
+        loss = SmoothInfoNCELoss(0.2, 0.1, neighbors, few_negatives="use_all")(out0, out1)
+        torch.testing.assert_close(loss, NTXentLoss(temperature=0.2)(out0, out1))
+        assert float(loss) == 0.0
+        grads = torch.autograd.grad(loss, (out0, out1))
+        assert all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_more_neighbours_than_negatives_smooths_onto_all_of_them(batch):
+    views = [randn(v, batch, 6, dtype=torch.float64) for v in range(2)]
+    negatives = 2 * (batch - 1)
+    with pytest.raises(ValueError, match=f"neighbors={negatives + 1} is larger than the {negatives}"):
+        SmoothInfoNCELoss(0.3, 0.2, negatives + 1)(*views)
+    uniform = SmoothInfoNCELoss(0.3, 0.2, None, reduction="none")(*views)
+    torch.testing.assert_close(
+        SmoothInfoNCELoss(0.3, 0.2, negatives + 5, reduction="none", few_negatives="use_all")(*views), uniform)
+    torch.testing.assert_close(uniform, nt_xent_oracle(views, temperature=0.3, smoothing=0.2, neighbors=None))
+
+
+# --- MoCo with sample ids: a query's own image is not its negative ------------------------------
+
+
+@pytest.mark.parametrize("neighbors", [None, 2])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_own_queue_entries_are_masked_like_deleted(smoothing, neighbors):
+    batch, size = 4, 12
+    query, key = randn(0, batch, 8, dtype=torch.float64), randn(1, batch, 8, dtype=torch.float64)
+    queue = randn(2, size, 8, dtype=torch.float64)
+    ids = torch.tensor([3, 7, 11, 5])
+    queue_ids = torch.tensor([7, -1, 3, 3, 20, 21, 11, 22, 23, 24, 7, 25])  # -1: unknown, never masked
+    query.requires_grad_()
+    loss = SmoothInfoNCELoss(0.2, smoothing, neighbors, reduction="none")
+    got = loss(query, key, queue=queue, ids=ids, queue_ids=queue_ids)
+    for i in range(batch):  # the oracle deletes row i's own entries from the queue
+        kept = queue[queue_ids != ids[i]]
+        expected = moco_oracle(query[i:i + 1], key[i:i + 1], kept, temperature=0.2, smoothing=smoothing,
+                               neighbors=neighbors)
+        torch.testing.assert_close(got[i:i + 1], expected)
+        g_got, = torch.autograd.grad(got[i], query, retain_graph=True)
+        g_exp, = torch.autograd.grad(expected.sum(), query)
+        torch.testing.assert_close(g_got, g_exp)
+    with pytest.raises(ValueError, match="both ids .* and queue_ids"):
+        loss(query, key, queue=queue, ids=ids)
+    with pytest.raises(ValueError, match="queue_ids must have shape"):
+        loss(query, key, queue=queue, ids=ids, queue_ids=queue_ids[:3])
+
+
+# --- symmetric MoCo: both directions against one queue -------------------------------------------
+
+
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+def test_symmetric_moco_reads_one_queue_in_both_directions(combine):
+    from smooth_infonce import LossOptions, symmetric_moco_loss
+
+    q0, k0, q1, k1 = (randn(s, 4, 8, dtype=torch.float64) for s in range(4))
+    queue = randn(9, 10, 8, dtype=torch.float64)
+    opts = LossOptions(temperature=0.2, smoothing=0.1, neighbors=3)
+    got = symmetric_moco_loss(q0, k0, q1, k1, queue, opts, combine=combine)
+    forward = moco_oracle(q0, k1, queue, temperature=0.2, smoothing=0.1, neighbors=3).mean()
+    backward = moco_oracle(q1, k0, queue, temperature=0.2, smoothing=0.1, neighbors=3).mean()
+    expected = forward + backward if combine == "sum" else (forward + backward) / 2
+    torch.testing.assert_close(got, expected)
