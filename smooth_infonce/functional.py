@@ -63,7 +63,7 @@ def smooth_infonce(
     options: Optional[LossOptions] = None,
     **option_fields: Any,
 ) -> Tensor:
-    """Smoothed InfoNCE (arXiv 2212.07158) for every layout of loss.md.
+    """Smoothed InfoNCE (arXiv 2212.07158) for every layout (README, "The loss").
 
     Layouts, chosen by which arguments are given:
 

@@ -15,13 +15,10 @@ class SmoothInfoNCELoss(nn.Module):
     """Smoothed InfoNCE loss ("Establishing a stronger baseline for lightweight contrastive
     models", arXiv 2212.07158).
 
-    For anchor i with logits z_ij = <a_i, c_j> / tau over its valid candidates V(i), positives
-    P(i) and smoothing set S(i) (all negatives, or the ``neighbors`` most similar ones):
-
-        y_ij = (1 - alpha) / |P(i)| on P(i),   alpha / |S(i)| on S(i),   0 elsewhere
-        l_i  = logsumexp_{j in V(i)} z_ij - sum_j y_ij z_ij
-
-    and the loss is the (weighted) mean of l_i. ``smoothing=0`` is plain InfoNCE / NT-Xent.
+    The loss, its targets and its conventions are defined once, in the README's section "The
+    loss": cross-entropy of each row's softmax over its valid candidates against a soft target
+    that keeps 1 - alpha on the positives and moves alpha onto all negatives (``neighbors=None``)
+    or onto the ``neighbors`` most similar ones. ``smoothing=0`` is plain InfoNCE / NT-Xent.
 
     Call forms:
 
@@ -33,6 +30,8 @@ class SmoothInfoNCELoss(nn.Module):
       gradient) its negatives; mean over the B rows.
     - ``loss(query, key, *more_queries, queue=Q, weights=(0.4, 0.1, ...))``: SSLight's
       multi-query MoCo: every query view shares the key's positive and the queue's negatives.
+    - ``loss(query, key, queue=Q, ids=sample_ids, queue_ids=Q_ids)``: MoCo where a queue entry of
+      the query's own image (an earlier key of it) is not one of its negatives.
 
     ``weights`` is one float per anchor view (rows of view v get weights[v]; the loss is
     sum_i w_i l_i / sum_i w_i) or a tensor with one weight per row.

@@ -1,4 +1,4 @@
-"""The per-epoch smoothing (alpha) schedule of the authors' code (loss.md, section 3)."""
+"""The per-epoch smoothing (alpha) schedule of the authors' code (README, "The loss")."""
 
 from __future__ import annotations
 
