@@ -10,8 +10,8 @@ See `SmoothInfoNCELoss` (module), `smooth_infonce` (functional, every layout) an
 from .functional import smooth_infonce, triton_available
 from .layout import Layout, Pairs, make_pairs, resolve_layout
 from .loss import SmoothInfoNCELoss
-from .options import LossOptions
 from .ops.reference import reference_row_losses
+from .options import LossOptions
 from .schedule import SmoothingSchedule
 from .views import multi_view_loss, symmetric_moco_loss
 

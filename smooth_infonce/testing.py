@@ -101,7 +101,8 @@ def make_problem(
             ids = torch.arange(n // views).repeat(views)
         else:
             n = max(n, 2 * classes)
-            ids = torch.cat([torch.arange(classes).repeat(2), torch.randint(classes, (n - 2 * classes,), generator=gen)])
+            extra = torch.randint(classes, (n - 2 * classes,), generator=gen)
+            ids = torch.cat([torch.arange(classes).repeat(2), extra])
         if shuffle:
             ids = ids[torch.randperm(n, generator=gen)]
         m, same, self_offset = n, True, 0

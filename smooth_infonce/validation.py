@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+
 def check_temperature(temperature: float) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")

@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oracles import moco_oracle, nt_xent_oracle
 from smooth_infonce import SmoothInfoNCELoss, SmoothingSchedule, smooth_infonce
+
+from oracles import moco_oracle, nt_xent_oracle
 
 
 def randn(seed, *shape, dtype=torch.float32):
@@ -29,7 +30,7 @@ def test_sslight_multi_query_weighting():
     weights = (0.4,) + (0.6 / 6,) * 6
     got = SmoothInfoNCELoss(0.2, 0.1, 5)(queries[0], key, *queries[1:], queue=queue, weights=weights)
     per_view = [moco_oracle(q, key, queue, temperature=0.2, smoothing=0.1, neighbors=5).mean() for q in queries]
-    expected = sum(w * l for w, l in zip(weights, per_view)) / sum(weights)
+    expected = sum(w * loss for w, loss in zip(weights, per_view)) / sum(weights)
     torch.testing.assert_close(got, expected)
 
 
