@@ -22,8 +22,8 @@ class SmoothingSchedule:
       ``epochs`` (held there afterwards), after ``warmup_epochs`` at 0 if given.
 
     Example:
-        >>> SmoothingSchedule(0.1, "cosine", epochs=100)(50)
-        0.05...
+        >>> round(SmoothingSchedule(0.1, "cosine", epochs=100)(50), 6)
+        0.05
     """
 
     smoothing: float
