@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from smooth_infonce import smooth_infonce
-from smooth_infonce.loss import multi_view_loss, view_row_weights
+from smooth_infonce import LossOptions, smooth_infonce
+from smooth_infonce.views import multi_view_loss, view_row_weights
 
 SYMMETRIC_MODES = (None, "mean", "sum")
 
@@ -109,10 +109,11 @@ def moco_loss(
         raise ValueError(f"query_view_weights needs {1 + len(local_queries)} values (global query, then "
                          f"each local), got {len(query_view_weights)}")
 
+    options = LossOptions(temperature=temperature, smoothing=smoothing, neighbors=neighbors, backend=backend)
     # each direction is the module's MoCo call form: (query, key, *more queries) against a queue
     losses = [
-        multi_view_loss((queries[1 - d], keys[d], *local_queries), queue=queues[d], weights=query_view_weights,
-                        temperature=temperature, smoothing=smoothing, neighbors=neighbors, backend=backend)
+        multi_view_loss((queries[1 - d], keys[d], *local_queries), options, queue=queues[d],
+                        weights=query_view_weights)
         for d in directions
     ]
     total = sum(losses)
