@@ -30,6 +30,11 @@ training image are made once with lightly's transforms and shared by all runs; e
 two different ones per image. On a 2-core CPU the PIL augmentations cost more than the tiny
 network, so this makes the comparison affordable and identical in data for every run.
 ``--view-cache 0`` augments on the fly (the default for ``--data``).
+
+Code: the images in `smooth_infonce.integrations.digits`, the training loop in
+`smooth_infonce.integrations.pretraining`, kNN and linear probe in
+`smooth_infonce.integrations.evaluation`; this module holds the run configuration, the report and
+the command line.
 """
 
 from __future__ import annotations
@@ -41,20 +46,17 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .backbones import Backbone
+from .digits import digits_views, load_digits_images, load_image_folder, split_indices
+from .evaluation import EvalData, eval_transform
+from .pretraining import CachedViews, OnTheFlyViews, RunResult, build_view_cache, pretrain, seed_everything
 from .recipes import CropSpec, Recipe, ViewSpec, get_preset
-
-# tqdm refreshes: smooth on a terminal, a line every few seconds in a log file.
-_BAR_INTERVAL = 0.2 if sys.stderr.isatty() else 5.0
 
 RUNS = ("plain", "uniform", "neighbors")
 DEFAULT_LR_PER_256 = {"simclr": 0.6, "moco": 0.12}
@@ -108,116 +110,6 @@ class DemoConfig:
             raise ValueError("--view-cache needs at least 2 views per image (or 0: augment on the fly)")
 
 
-# --- data ------------------------------------------------------------------------------------------
-
-class ImageList(Dataset):
-    """(PIL image, label) pairs, loaded lazily from an ImageFolder or held in memory."""
-
-    def __init__(self, images: Sequence, labels: Sequence[int], loader=None) -> None:
-        self.images, self.labels, self.loader = list(images), [int(v) for v in labels], loader
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, index: int):
-        image = self.images[index]
-        return self.loader(image) if self.loader is not None else image
-
-    def subset(self, indices: Sequence[int]) -> "ImageList":
-        return ImageList([self.images[i] for i in indices], [self.labels[i] for i in indices], self.loader)
-
-
-def load_digits_images(image_size: int) -> ImageList:
-    """scikit-learn's digits (shipped with the package) as RGB PIL images of ``image_size`` px."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = [
-        Image.fromarray(np.clip(pixels * 16, 0, 255).astype(np.uint8))  # values are 0..16
-        .resize((image_size, image_size), Image.BICUBIC).convert("RGB")
-        for pixels in digits.images
-    ]
-    return ImageList(images, digits.target.tolist())
-
-
-def load_image_folder(path: str) -> ImageList:
-    from torchvision.datasets import ImageFolder
-
-    folder = ImageFolder(path)
-    return ImageList([p for p, _ in folder.samples], [c for _, c in folder.samples], loader=folder.loader)
-
-
-def split_indices(labels: Sequence[int], test_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    stratify = labels if min(np.bincount(labels)) >= 2 else None
-    train, test = train_test_split(indices, test_size=test_fraction, random_state=seed, stratify=stratify)
-    return sorted(train.tolist()), sorted(test.tolist())
-
-
-def digits_views(image_size: int) -> ViewSpec:
-    """Views for small grey digits: no flip (digits are not mirror-symmetric), no colour or blur
-    (nothing to jitter, and a blur erases an 8 px glyph), crops of at least 40 % of the area."""
-    return ViewSpec(
-        global_crops=CropSpec(2, image_size, (0.4, 1.0)), interpolation="bicubic", hflip_prob=0.0,
-        color_jitter=(0.4, 0.4, 0.0, 0.0), color_jitter_prob=0.8, grayscale_prob=0.0, blur_prob=0.0,
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-    )
-
-
-class OnTheFlyViews(Dataset):
-    """Every item: fresh augmented views (lightly's MultiViewTransform) of one image."""
-
-    def __init__(self, images: ImageList, transform) -> None:
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> List[Tensor]:
-        return self.transform(self.images.image(index))
-
-
-class CachedViews(Dataset):
-    """Every item: two different views drawn from a fixed cache of augmented views per image."""
-
-    def __init__(self, cache: Tensor, generator: torch.Generator) -> None:
-        self.cache, self.generator = cache, generator  # cache: (images, views, 3, H, W)
-
-    def __len__(self) -> int:
-        return self.cache.shape[0]
-
-    def __getitem__(self, index: int) -> List[Tensor]:
-        first, second = torch.randperm(self.cache.shape[1], generator=self.generator)[:2].tolist()
-        return [self.cache[index, first], self.cache[index, second]]
-
-
-def build_view_cache(images: ImageList, views: ViewSpec, per_image: int, seed: int, progress: bool) -> Tensor:
-    from tqdm.auto import tqdm
-
-    from .lightly import build_crop_transform
-
-    one_view = build_crop_transform(views.global_crops, views)
-    _seed_everything(seed)
-    cache = [torch.stack([one_view(images.image(i)) for _ in range(per_image)])
-             for i in tqdm(range(len(images)), desc=f"augmenting ({per_image} views / image)",
-                           disable=not progress, leave=False, mininterval=_BAR_INTERVAL)]
-    return torch.stack(cache)
-
-
-def eval_transform(image_size: int, views: ViewSpec):
-    from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
-
-    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(mean=views.mean, std=views.std)])
-
-
-def stack_eval_images(images: ImageList, transform) -> Tensor:
-    return torch.stack([transform(images.image(i)) for i in range(len(images))])
-
-
 # --- recipe ------------------------------------------------------------------------------------------
 
 def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
@@ -239,133 +131,6 @@ def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
         epochs=config.epochs,
         batch_size=config.batch_size,
     )
-
-
-# --- evaluation ----------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, images: Tensor, device: str, batch_size: int = 512) -> Tensor:
-    was_training = backbone.training
-    backbone.eval()
-    features = torch.cat([backbone(images[i:i + batch_size].to(device)).float().cpu()
-                          for i in range(0, len(images), batch_size)])
-    backbone.train(was_training)
-    return features
-
-
-def knn_top1(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-             k: int) -> float:
-    """Weighted kNN top-1 (lightly's knn_predict, cosine similarity, temperature 0.1)."""
-    from lightly.utils.benchmarking import knn_predict
-
-    bank = nn.functional.normalize(train_features, dim=1).t().contiguous()
-    predicted = knn_predict(nn.functional.normalize(test_features, dim=1), bank, train_labels,
-                            num_classes=int(train_labels.max()) + 1, knn_k=min(k, bank.shape[1]))
-    return float((predicted[:, 0] == test_labels).float().mean())
-
-
-def linear_probe_top1(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
-                      test_labels: Tensor) -> float:
-    """Logistic regression on standardised frozen features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probe.fit(train_features.numpy(), train_labels.numpy())
-    return float(probe.score(test_features.numpy(), test_labels.numpy()))
-
-
-@dataclass
-class EvalData:
-    train_images: Tensor
-    train_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
-
-    def knn(self, backbone: nn.Module, device: str, k: int) -> float:
-        return knn_top1(extract_features(backbone, self.train_images, device), self.train_labels,
-                        extract_features(backbone, self.test_images, device), self.test_labels, k)
-
-    def evaluate(self, backbone: nn.Module, device: str, k: int) -> Dict[str, float]:
-        train = extract_features(backbone, self.train_images, device)
-        test = extract_features(backbone, self.test_images, device)
-        return {"knn_top1": knn_top1(train, self.train_labels, test, self.test_labels, k),
-                "linear_top1": linear_probe_top1(train, self.train_labels, test, self.test_labels)}
-
-
-# --- training --------------------------------------------------------------------------------------------
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # lightly's GaussianBlur draws from numpy
-    torch.manual_seed(seed)
-
-
-@dataclass
-class RunResult:
-    run: str
-    seed: int
-    smoothing: float
-    mode: str
-    neighbors: Optional[int]
-    knn_top1: float
-    linear_top1: float
-    seconds: float
-    loss_per_epoch: List[float] = field(default_factory=list)
-    knn_per_epoch: List[float] = field(default_factory=list)
-    smoothing_per_epoch: List[float] = field(default_factory=list)
-
-
-def pretrain(recipe: Recipe, train_views: Dataset, evaluation: EvalData, config: DemoConfig, seed: int,
-             run: str) -> Tuple[Backbone, RunResult]:
-    """Pre-train ``recipe``'s lightly model with the smooth-infonce drop-in loss."""
-    from tqdm.auto import tqdm
-
-    from .lightly import build_loss, build_model
-    from .optim import build_optimizer
-
-    _seed_everything(seed)  # the same initialisation and batch order for every run of a seed
-    model = build_model(recipe).to(config.device)
-    criterion = build_loss(recipe).to(config.device)
-    optimizer = build_optimizer(model, recipe.optimizer, recipe.batch_size)
-    loader = DataLoader(train_views, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.workers, generator=torch.Generator().manual_seed(seed))
-    steps_per_epoch = len(loader)
-    weights = recipe.view_weights()
-    result = RunResult(run, seed, recipe.loss.smoothing, recipe.loss.mode if recipe.loss.smoothing else "-",
-                       recipe.loss.neighbors_or_none, 0.0, 0.0, 0.0)
-    start = time.perf_counter()
-    bar = tqdm(total=recipe.epochs * steps_per_epoch, desc=f"{run:>9} seed {seed}", unit="step",
-               disable=not config.progress, leave=False, dynamic_ncols=True, mininterval=_BAR_INTERVAL)
-    step = 0
-    for epoch in range(recipe.epochs):
-        criterion.set_epoch(epoch)
-        total, count = 0.0, 0
-        for views in loader:
-            lr = recipe.optimizer.learning_rate(step, steps_per_epoch=steps_per_epoch, epochs=recipe.epochs,
-                                                batch_size=recipe.batch_size)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            views = [v.to(config.device, non_blocking=True) for v in views]
-            if recipe.framework == "moco":
-                model.update_key_encoder()
-            loss = model.training_loss(views, criterion, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count, step = total + float(loss.detach()), count + 1, step + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{total / count:.3f}", alpha=criterion.effective_smoothing, refresh=False)
-        result.loss_per_epoch.append(total / max(count, 1))
-        result.smoothing_per_epoch.append(criterion.smoothing)
-        result.knn_per_epoch.append(evaluation.knn(model.backbone, config.device, config.knn_k))
-        bar.set_postfix(epoch=epoch, loss=f"{result.loss_per_epoch[-1]:.3f}", knn=f"{result.knn_per_epoch[-1]:.3f}", refresh=False)
-    bar.close()
-    result.seconds = time.perf_counter() - start
-    scores = evaluation.evaluate(model.backbone, config.device, config.knn_k)
-    result.knn_top1, result.linear_top1 = scores["knn_top1"], scores["linear_top1"]
-    return model.backbone, result
 
 
 # --- reporting ------------------------------------------------------------------------------------------------
@@ -391,8 +156,8 @@ def summarise(results: Sequence[RunResult], references: Dict[str, Dict[str, floa
         if not mine:
             continue
         first = mine[0]
-        loss = "InfoNCE" if first.smoothing == 0 else (
-            f"smoothed, alpha {first.smoothing:g}, " + ("uniform" if first.neighbors is None else f"k = {first.neighbors} neighbours"))
+        target = "uniform" if first.neighbors is None else f"k = {first.neighbors} neighbours"
+        loss = "InfoNCE" if first.smoothing == 0 else f"smoothed, alpha {first.smoothing:g}, {target}"
         rows.append({"run": run, "loss": loss,
                      "kNN top-1 (%)": fmt([r.knn_top1 for r in mine]),
                      "linear top-1 (%)": fmt([r.linear_top1 for r in mine]),
@@ -479,22 +244,14 @@ def _run_demo(config: DemoConfig) -> Dict:
         images = images.subset(keep)
     train_idx, test_idx = split_indices(images.labels, 0.25, seed=0)
     train, test = images.subset(train_idx), images.subset(test_idx)
-    to_tensor = eval_transform(config.image_size, views)
-    evaluation = EvalData(stack_eval_images(train, to_tensor), torch.tensor(train.labels),
-                          stack_eval_images(test, to_tensor), torch.tensor(test.labels))
+    evaluation = EvalData.from_images(train, test, eval_transform(config.image_size, views))
 
     # References that need no training: the randomly initialised network and the raw pixels.
-    _seed_everything(config.seeds[0])
+    seed_everything(config.seeds[0])
     random_backbone = demo_recipe(config, "plain", views).backbone.build().to(config.device)
-    flat = lambda x: x.flatten(start_dim=1)  # noqa: E731
     references = {
         "random init": evaluation.evaluate(random_backbone, config.device, config.knn_k),
-        "raw pixels": {
-            "knn_top1": knn_top1(flat(evaluation.train_images), evaluation.train_labels,
-                                 flat(evaluation.test_images), evaluation.test_labels, config.knn_k),
-            "linear_top1": linear_probe_top1(flat(evaluation.train_images), evaluation.train_labels,
-                                             flat(evaluation.test_images), evaluation.test_labels),
-        },
+        "raw pixels": evaluation.raw_pixels(config.knn_k),
     }
 
     if config.view_cache:
@@ -504,11 +261,13 @@ def _run_demo(config: DemoConfig) -> Dict:
         if config.view_cache:
             train_views: Dataset = CachedViews(cache, torch.Generator().manual_seed(seed))
         else:
-            from .lightly import build_view_transform
+            from .lightly_models import build_view_transform
 
             train_views = OnTheFlyViews(train, build_view_transform(views))
         for run in config.runs:
-            _, result = pretrain(demo_recipe(config, run, views), train_views, evaluation, config, seed, run)
+            _, result = pretrain(demo_recipe(config, run, views), train_views, evaluation, seed=seed, run=run,
+                                 device=config.device, workers=config.workers, knn_k=config.knn_k,
+                                 progress=config.progress)
             results.append(result)
             if config.progress:
                 print(f"{run:>9} seed {seed}: kNN {100 * result.knn_top1:.1f} %, linear "

@@ -1,69 +1,65 @@
-"""lightly integration: a drop-in for `lightly.loss.NTXentLoss`, and lightly models, heads and
-transforms built from the recipes.
+"""lightly drop-in: `SmoothNTXentLoss`, a subclass of `lightly.loss.NTXentLoss` computing smoothed
+InfoNCE through the core (`smooth_infonce.views`).
 
 Swap one line and existing lightly code runs unchanged::
 
     # criterion = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128))
     criterion = SmoothNTXentLoss(temperature=0.2, memory_bank_size=(4096, 128), smoothing=0.1, neighbors=5)
 
-The loss is computed by the core op `smooth_infonce.smooth_infonce` (the fused Triton kernel on
-CUDA, the exact reference op elsewhere). Imports in this module are absolute: ``import lightly``
-is the real lightly package, not this file.
+``build_loss(recipe)`` builds it from a preset (`smooth_infonce.integrations.recipes`); lightly
+models, heads and transforms of the recipes: `smooth_infonce.integrations.lightly_models`.
+Imports in this module are absolute: ``import lightly`` is the real lightly package, not this file.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import List, Optional, Sequence, Union
+import warnings
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from lightly.loss import NTXentLoss
-from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
-from lightly.models.utils import (
-    batch_shuffle_distributed,
-    batch_unshuffle_distributed,
-    deactivate_requires_grad,
-    update_momentum,
-)
-from lightly.transforms.gaussian_blur import GaussianBlur
-from lightly.transforms.multi_view_transform import MultiViewTransform
-from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
+from lightly.models.utils import concat_all_gather
 from lightly.utils import dist as lightly_dist
+from torch import Tensor
 
-from smooth_infonce.loss import check_views, multi_view_loss
+from smooth_infonce.options import LossOptions
 from smooth_infonce.schedule import SmoothingSchedule
-from smooth_infonce.validation import (
-    BACKENDS,
-    check_choice,
-    check_neighbors,
-    check_smoothing,
-    check_temperature,
-)
+from smooth_infonce.validation import check_smoothing
+from smooth_infonce.views import Weights, check_views, multi_view_loss, symmetric_moco_loss
 
-from .backbones import Backbone
-from .recipes import CropSpec, Recipe, ViewSpec
+from .recipes import Recipe
 
-ViewWeights = Union[None, Sequence[float], Tensor]
+NO_ID = -1  # a bank entry whose sample id is unknown: never masked
+
+# The keyword defaults of the loss options in the drop-in. ``few_negatives="use_all"``: a training
+# loop survives every batch lightly's NTXentLoss survives (a last batch of one image, k larger than
+# a short batch's negatives).
+_OPTION_DEFAULTS = dict(temperature=0.5, smoothing=0.0, neighbors=None, schedule=None, normalize=True,
+                        reduction="mean", backend="auto", deterministic=False, allow_tf32=None,
+                        few_negatives="use_all")
+assert set(_OPTION_DEFAULTS) == set(LossOptions.field_names())
 
 
 class SmoothNTXentLoss(NTXentLoss):
     """Smoothed InfoNCE as a drop-in subclass of lightly's `NTXentLoss`.
 
     Same constructor arguments and call as `NTXentLoss` (``isinstance(loss, NTXentLoss)`` holds),
-    plus the smoothing. At ``smoothing=0`` it returns what `NTXentLoss` returns, in both modes:
+    plus the smoothing. At ``smoothing=0`` it returns what `NTXentLoss` returns (to float
+    rounding), in both modes and for every batch size >= 1 (a batch of one image gives 0 with
+    zero gradient in-batch, as lightly):
 
     - in-batch (``memory_bank_size=0``, SimCLR): every other embedding of the batch is a
       negative, mean over the 2B rows;
     - memory bank (``memory_bank_size=(K, dim)``, MoCo): ``out0`` are the queries, ``out1`` the
       keys; logits ``[positive | K bank entries]``, positive at column 0, the bank read before it
       is updated with the (normalised) keys. As in lightly, the bank is only updated when
-      ``out0.requires_grad`` (not under ``torch.no_grad()``, not for evaluation).
+      ``out0.requires_grad`` (not under ``torch.no_grad()``, not for evaluation), keys that do not
+      fit before the bank's end are dropped and the pointer wraps to 0.
 
     With smoothing alpha, each row's target keeps 1 - alpha on its positive and spreads alpha over
-    its ``neighbors`` most similar negatives (``neighbors=None``: over all negatives).
+    its ``neighbors`` most similar negatives (``neighbors=None``: over all negatives); the loss is
+    defined in the README's section "The loss".
 
     Multi-view: ``loss(out0, out1, out2, ..., weights=...)``. In-batch, every view of an image is
     a positive of every other view (multi-crop). With a memory bank, ``out1`` is the key (global
@@ -74,24 +70,45 @@ class SmoothNTXentLoss(NTXentLoss):
 
     Beyond lightly:
 
-    - ``persistent_bank=True`` stores the bank, its pointer and its "filled" flag in the
-      ``state_dict``, so a resumed run continues with its queue instead of a random one (off by
-      default: state dicts then load into plain lightly models and back).
-    - ``wait_for_full_bank=True`` holds alpha at 0 until every bank entry has been written once
-      (the random initial bank has meaningless neighbours; a resume without a saved bank starts
-      over).
-    - ``schedule``: a `SmoothingSchedule`; call ``set_epoch(epoch)`` each epoch.
+    - ``loss(query, key, ids=sample_ids)`` (memory bank): the bank stores each key's sample id
+      (dataset index) beside it, and a bank entry holding an earlier key of the query's own image
+      is left out of that query's negatives (it is a certain false negative). Entries enqueued
+      without ids have id -1 (unknown: never masked). Under ``gather_distributed`` the ids are
+      gathered with the keys (lightly's ``concat_all_gather``). A bank larger than the data set
+      always holds the query's own earlier key: pass ids there.
+    - ``loss.symmetric(query0, key0, query1, key1, combine="mean")``: light-moco's symmetric loss,
+      both directions against the bank as it was before the step, then key0 and key1 enqueued.
+    - ``persistent_bank=True`` stores the bank, its pointer, its ids and the count of enqueued keys
+      in the ``state_dict``, so a resumed run continues with its queue instead of a random one.
+      A state dict without them (saved from lightly's `NTXentLoss`, or from this loss without a
+      persistent bank) still loads with ``strict=True``: the bank is then counted as not yet
+      filled (alpha held at 0 until it is, with ``wait_for_full_bank``), with a warning. The
+      reverse, this loss's state into a plain `NTXentLoss`, needs
+      ``load_state_dict(state, strict=False)`` when the bank is persistent (lightly keeps no bank
+      state and ignores those keys); without ``persistent_bank`` the state dicts are identical
+      (empty), so both directions load strictly.
+    - ``wait_for_full_bank=True`` holds alpha at 0 until K keys have been enqueued (the random
+      initial bank has meaningless neighbours). The drop-in counts the keys it wrote.
+    - ``schedule``: a `SmoothingSchedule`; call ``set_epoch(epoch)`` each epoch. Before that,
+      alpha is the schedule's epoch-0 value.
+    - ``neighbors`` larger than the memory bank is rejected at construction; an embedding width
+      other than the bank's raises an error naming ``memory_bank_size``.
+
+    Refused on purpose where lightly accepts: ``temperature <= 0`` (lightly only rejects
+    ``|temperature| < 1e-8``; a negative temperature inverts the loss).
 
     Args:
         temperature: tau > 0.
         memory_bank_size: 0 (in-batch) or (K, dim), as in lightly.
-        gather_distributed: in-batch: negatives from all ranks; bank: keys of all ranks enqueued.
-        smoothing: alpha in [0, 1).
-        neighbors: None (uniform smoothing over the negatives) or k >= 1.
-        schedule: optional `SmoothingSchedule`.
-        persistent_bank: keep the bank in the state_dict.
+        gather_distributed: in-batch: negatives from all ranks; bank: keys (and ids) of all ranks
+            enqueued.
+        smoothing, neighbors, schedule, normalize, reduction, backend, deterministic, allow_tf32,
+            few_negatives: the loss options, each described in `smooth_infonce.LossOptions` (which
+            validates them); ``few_negatives`` defaults to "use_all" here. Or pass
+            ``options=LossOptions(...)`` instead of these keywords. Each is readable (and
+            assignable, validated again) as an attribute; ``smoothing`` is the current alpha.
+        persistent_bank: keep the bank state in the state_dict.
         wait_for_full_bank: alpha = 0 until the bank has been filled once.
-        backend: "auto", "reference" or "triton" (see `smooth_infonce.smooth_infonce`).
         validate: value checks that synchronise with the device.
 
     Example:
@@ -105,11 +122,12 @@ class SmoothNTXentLoss(NTXentLoss):
         >>> loss = criterion(out0, out1)                     # SimCLR
         >>> moco = SmoothNTXentLoss(0.2, memory_bank_size=(256, 32), smoothing=0.1, neighbors=5,
         ...                         persistent_bank=True)
-        >>> loss = moco(out0, out1)                          # MoCo: out1 = keys, then enqueued
+        >>> loss = moco(out0, out1, ids=torch.arange(16))    # MoCo: out1 = keys, then enqueued
         >>> locals_ = [torch.randn(16, 32, requires_grad=True) for _ in range(2)]
         >>> loss = moco(out0, out1, *locals_, weights=(0.4, 0.3, 0.3))   # SSLight multi-query
-        >>> sorted(k for k in moco.state_dict())
-        ['bank_filled', 'memory_bank.bank', 'memory_bank.bank_ptr']
+        >>> loss = moco.symmetric(out0, out1, locals_[0], locals_[1], combine="sum")
+        >>> sorted(moco.state_dict())
+        ['bank_enqueued', 'bank_ids', 'memory_bank.bank', 'memory_bank.bank_ptr']
     """
 
     def __init__(
@@ -121,223 +139,226 @@ class SmoothNTXentLoss(NTXentLoss):
         neighbors: Optional[int] = None,
         *,
         schedule: Optional[SmoothingSchedule] = None,
+        normalize: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+        deterministic: bool = False,
+        allow_tf32: Optional[bool] = None,
+        few_negatives: str = "use_all",
+        options: Optional[LossOptions] = None,
         persistent_bank: bool = False,
         wait_for_full_bank: bool = True,
-        backend: str = "auto",
         validate: bool = True,
     ) -> None:
-        super().__init__(temperature=temperature, memory_bank_size=memory_bank_size,
+        given = dict(temperature=temperature, smoothing=smoothing, neighbors=neighbors, schedule=schedule,
+                     normalize=normalize, reduction=reduction, backend=backend, deterministic=deterministic,
+                     allow_tf32=allow_tf32, few_negatives=few_negatives)
+        if options is None:
+            options = LossOptions(**given)  # validates every option (before lightly sees tau)
+        else:
+            if not isinstance(options, LossOptions):
+                raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
+            changed = sorted(name for name, value in given.items() if value != _OPTION_DEFAULTS[name])
+            if changed:
+                raise TypeError(f"pass options=LossOptions(...) or the option keywords, not both (got {changed})")
+        # lightly's __init__ assigns self.temperature, a property over the options: set them first.
+        self.__dict__["options"] = options
+        super().__init__(temperature=options.temperature, memory_bank_size=memory_bank_size,
                          gather_distributed=gather_distributed)
-        check_temperature(temperature)  # lightly accepts negative temperatures; the op does not
-        self.smoothing = check_smoothing(smoothing)
-        self.neighbors = check_neighbors(neighbors)
-        if schedule is not None and not isinstance(schedule, SmoothingSchedule):
-            raise TypeError(f"schedule must be a SmoothingSchedule or None, got {type(schedule).__name__}")
-        self.schedule = schedule
+        self.options = options
+        self._check_neighbors_fit_bank(options)
+        self.smoothing = options.initial_smoothing  # the current alpha: the one thing that moves
         self.wait_for_full_bank = wait_for_full_bank
-        self.backend = check_choice("backend", backend, BACKENDS)
         self.validate = validate
         self.persistent_bank = persistent_bank and self.has_memory_bank
+        size = self.memory_bank.size[0] if self.has_memory_bank else 0
         if self.persistent_bank:
             # Re-registering an existing buffer only changes whether it is saved.
             self.memory_bank.register_buffer("bank", self.memory_bank.bank, persistent=True)
             self.memory_bank.register_buffer("bank_ptr", self.memory_bank.bank_ptr, persistent=True)
-        # Saved exactly when the bank is: a bank restored from a checkpoint keeps its flag, a
-        # fresh random bank starts unfilled.
-        self.register_buffer("bank_filled", torch.zeros((), dtype=torch.bool), persistent=self.persistent_bank)
+        # Saved exactly when the bank is: a bank restored from a checkpoint keeps its ids and count,
+        # a fresh random bank starts unfilled with unknown ids.
+        self.register_buffer("bank_ids", torch.full((size,), NO_ID, dtype=torch.long),
+                             persistent=self.persistent_bank)
+        self.register_buffer("bank_enqueued", torch.zeros((), dtype=torch.long), persistent=self.persistent_bank)
+
+    # --- options ------------------------------------------------------------------------------
+
+    def _check_neighbors_fit_bank(self, options: LossOptions) -> None:
+        if self.has_memory_bank and options.neighbors is not None and options.neighbors > self.memory_bank.size[0]:
+            raise ValueError(f"neighbors={options.neighbors} is larger than the memory bank: memory_bank_size="
+                             f"{tuple(self.memory_bank.size)} holds {self.memory_bank.size[0]} negatives")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "options":
+            if not isinstance(value, LossOptions):
+                raise TypeError(f"options must be a LossOptions, got {type(value).__name__}")
+            if "memory_bank" in self._modules:
+                self._check_neighbors_fit_bank(value)
+        super().__setattr__(name, value)
 
     @property
     def has_memory_bank(self) -> bool:
         return self.memory_bank.size[0] > 0
 
     def set_epoch(self, epoch: int) -> float:
-        """Set ``smoothing`` from the schedule for this epoch and return it."""
-        if self.schedule is None:
+        """Set the current alpha (``smoothing``) from the schedule for this epoch and return it."""
+        if self.options.schedule is None:
             raise RuntimeError("set_epoch needs a schedule: SmoothNTXentLoss(..., schedule=SmoothingSchedule(...))")
-        self.smoothing = self.schedule(epoch)
+        self.smoothing = self.options.smoothing_at(epoch)
         return self.smoothing
+
+    @property
+    def bank_filled(self) -> bool:
+        """Whether every bank entry has been written once (K keys enqueued)."""
+        return self.has_memory_bank and int(self.bank_enqueued) >= self.memory_bank.size[0]
 
     @property
     def effective_smoothing(self) -> float:
         """The alpha the next call uses: 0 while a bank that was never filled is waited for."""
-        if self.has_memory_bank and self.wait_for_full_bank and not bool(self.bank_filled):
+        if self.has_memory_bank and self.wait_for_full_bank and not self.bank_filled:
             return 0.0
         return check_smoothing(self.smoothing)
 
-    def forward(self, out0: Tensor, out1: Tensor, *more_views: Tensor, weights: ViewWeights = None) -> Tensor:
+    # --- the loss -------------------------------------------------------------------------------
+
+    def forward(self, out0: Tensor, out1: Tensor, *more_views: Tensor, weights: Weights = None,
+                ids: Optional[Tensor] = None) -> Tensor:
+        """The loss of one step (see the class docstring); ``ids`` (B,): sample ids of the images
+        (memory bank only)."""
         views = (out0, out1, *more_views)
         check_views(views)  # before the bank sees the keys
-        options = dict(temperature=check_temperature(self.temperature), smoothing=self.effective_smoothing,
-                       neighbors=self.neighbors, backend=self.backend)
         if not self.has_memory_bank:
-            return multi_view_loss(views, weights=weights, gather_distributed=self.gather_distributed,
-                                   validate=self.validate, **options)
-        # The bank stores unit keys, like lightly's; it is read (cloned) before the enqueue.
-        keys = F.normalize(out1, dim=1)
-        update = out0.requires_grad
-        keys, bank = self.memory_bank(keys, update=update)
-        if update:  # lightly resets the pointer to 0 exactly when a write reaches the bank's end
-            self.bank_filled |= self.memory_bank.bank_ptr[0] == 0
-        if self.memory_bank.feature_dim_first:
-            bank = bank.t()
-        return multi_view_loss((out0, keys, *more_views), queue=bank.to(device=out0.device, dtype=out0.dtype),
-                               weights=weights, validate=self.validate, **options)
+            if ids is not None:
+                raise ValueError("ids apply to the memory-bank mode (memory_bank_size=(K, dim)); in-batch views "
+                                 "of one image are matched by position")
+            return multi_view_loss(views, self.options, smoothing=self.effective_smoothing, weights=weights,
+                                   gather_distributed=self.gather_distributed, validate=self.validate)
+        self._check_bank_width(out0)
+        keys = self._keys(out1)
+        bank, bank_ids = self._read_bank(out0.device)
+        loss = multi_view_loss((out0, keys, *more_views), self.options, smoothing=self.effective_smoothing,
+                               queue=bank, ids=ids, queue_ids=None if ids is None else bank_ids,
+                               weights=weights, validate=self.validate)
+        if out0.requires_grad:  # lightly's rule: no update for evaluation
+            self._enqueue(keys, ids)
+        return loss
+
+    def symmetric(self, query0: Tensor, key0: Tensor, query1: Tensor, key1: Tensor, combine: str = "mean",
+                  ids: Optional[Tensor] = None) -> Tensor:
+        """light-moco's symmetric MoCo loss (memory bank only), as its authors compute it.
+
+        ``query_v`` / ``key_v`` are the query- and key-encoder outputs of view v. query0 is scored
+        against key1 and query1 against key0, both against the bank as it was before this step;
+        the two mean losses are combined by ``combine`` ("sum" as the authors' code, or "mean").
+        Then key0 and key1 are enqueued, in that order (2B keys; only when ``query0`` requires a
+        gradient, lightly's rule). ``ids`` (B,): the images' sample ids (one image gives both
+        views), stored with both keys and masked as in ``forward``.
+        """
+        if not self.has_memory_bank:
+            raise ValueError("symmetric needs a memory bank: SmoothNTXentLoss(memory_bank_size=(K, dim))")
+        check_views((query0, key0, query1, key1))
+        self._check_bank_width(query0)
+        key0, key1 = self._keys(key0), self._keys(key1)
+        bank, bank_ids = self._read_bank(query0.device)
+        loss = symmetric_moco_loss(query0, key0, query1, key1, bank, self.options, combine=combine,
+                                   smoothing=self.effective_smoothing, ids=ids,
+                                   queue_ids=None if ids is None else bank_ids, validate=self.validate)
+        if query0.requires_grad:
+            self._enqueue(key0, ids)
+            self._enqueue(key1, ids)
+        return loss
+
+    # --- the bank -------------------------------------------------------------------------------
+
+    def _check_bank_width(self, out0: Tensor) -> None:
+        width = self.memory_bank.size[1]
+        if out0.shape[1] != width:
+            raise ValueError(f"the embeddings are {out0.shape[1]} wide but memory_bank_size="
+                             f"{tuple(self.memory_bank.size)} stores {width}-wide keys")
+
+    def _keys(self, keys: Tensor) -> Tensor:
+        """The keys as the bank stores them: unit rows (like lightly's) unless ``normalize=False``."""
+        return F.normalize(keys, dim=1) if self.options.normalize else keys
+
+    def _read_bank(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """A copy of the bank (K, dim) in its own dtype and of its ids, read before any enqueue.
+        The core computes mixed dtypes in float32, so an fp32 bank is never rounded to the
+        queries' half precision."""
+        bank = self.memory_bank.bank.detach().clone()
+        if self.memory_bank.feature_dim_first and bank.shape[0] != self.memory_bank.size[0]:
+            bank = bank.t()  # lightly stores (K, dim); only a transposed custom bank needs this
+        return bank.to(device), self.bank_ids.clone().to(device)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor, ids: Optional[Tensor]) -> None:
+        """Write the keys (and their ids, -1 if unknown) at the pointer with lightly's rule: the
+        keys that do not fit before the bank's end are dropped and the pointer wraps to 0. Under
+        ``gather_distributed`` the keys and ids of every rank are written, in rank order."""
+        keys = keys.detach()
+        ids = torch.full((keys.shape[0],), NO_ID, dtype=torch.long, device=keys.device) if ids is None else ids
+        if ids.shape != (keys.shape[0],):
+            raise ValueError(f"ids must have shape ({keys.shape[0]},), got {tuple(ids.shape)}")
+        if self.gather_distributed and lightly_dist.world_size() > 1:
+            keys, ids = concat_all_gather(keys.contiguous()), concat_all_gather(ids.to(keys.device).contiguous())
+        size, ptr = self.memory_bank.size[0], int(self.memory_bank.bank_ptr)
+        written = min(keys.shape[0], size - ptr)
+        bank = self.memory_bank.bank
+        bank[ptr:ptr + written] = keys[:written].to(device=bank.device, dtype=bank.dtype)
+        self.bank_ids[ptr:ptr + written] = ids[:written].to(self.bank_ids.device)
+        self.memory_bank.bank_ptr[0] = 0 if ptr + keys.shape[0] >= size else ptr + written
+        self.bank_enqueued += written
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """A persistent bank also loads, strictly, a state dict without any bank state (saved from
+        lightly's NTXentLoss, or from this loss without ``persistent_bank``): it keeps its current
+        bank, which then counts as not yet filled."""
+        if self.persistent_bank:
+            current = {"memory_bank.bank": self.memory_bank.bank, "memory_bank.bank_ptr": self.memory_bank.bank_ptr,
+                       "bank_ids": self.bank_ids, "bank_enqueued": torch.zeros_like(self.bank_enqueued)}
+            if not any(prefix + name in state_dict for name in current):
+                warnings.warn("SmoothNTXentLoss(persistent_bank=True) loaded a state dict without a memory bank "
+                              "(saved from lightly's NTXentLoss, or without persistent_bank): the bank counts as "
+                              "not yet filled" + (", and alpha is held at 0 until it is" if self.wait_for_full_bank
+                                                  else ""), stacklevel=4)
+                for name, value in current.items():
+                    state_dict[prefix + name] = value.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
+        o = self.options
         bank = f", memory_bank_size={tuple(self.memory_bank.size)}" if self.has_memory_bank else ""
-        return (f"temperature={self.temperature}, smoothing={self.smoothing}, neighbors={self.neighbors}"
+        return (f"temperature={o.temperature}, smoothing={self.smoothing}, neighbors={o.neighbors}"
                 f"{bank}, persistent_bank={self.persistent_bank}")
 
 
-# --- recipes -> lightly ---------------------------------------------------------------------------
+def _option_property(name: str) -> property:
+    """``loss.<name>`` reads the option; assigning it replaces the options (validated again)."""
 
-def build_loss(recipe: Recipe, **options) -> SmoothNTXentLoss:
-    """The recipe's loss: a memory bank of ``moco.queue_size`` keys for MoCo, in-batch for SimCLR.
-    ``options`` go to `SmoothNTXentLoss` (e.g. ``persistent_bank=True``, ``backend=...``)."""
-    loss = recipe.loss
+    def get(self):
+        return getattr(self.options, name)
+
+    def set_(self, value):
+        self.options = self.options.replace(**{name: value})
+
+    return property(get, set_, doc=f"The `LossOptions.{name}` of this loss.")
+
+
+for _name in LossOptions.field_names():
+    if _name != "smoothing":  # the current (scheduled) alpha is a plain attribute
+        setattr(SmoothNTXentLoss, _name, _option_property(_name))
+
+
+def build_loss(recipe: Recipe, **kwargs: Any) -> SmoothNTXentLoss:
+    """The recipe's loss: a memory bank of ``moco.queue_size`` keys for MoCo, in-batch for SimCLR;
+    alpha starts at the schedule's epoch-0 value. ``kwargs``: loss options not in the recipe
+    (``backend``, ``deterministic``, ``allow_tf32``, ``normalize``, ``few_negatives``, ...) and the
+    drop-in's own arguments (``persistent_bank=True``, ``validate``, ``gather_distributed``)."""
+    option_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in LossOptions.field_names()}
+    option_fields.setdefault("few_negatives", "use_all")
     bank = (recipe.moco.queue_size, recipe.head.output_dim) if recipe.framework == "moco" else 0
-    options.setdefault("wait_for_full_bank", loss.wait_for_full_bank)
-    return SmoothNTXentLoss(
-        temperature=loss.temperature, memory_bank_size=bank, smoothing=loss.smoothing,
-        neighbors=loss.neighbors_or_none, schedule=loss.smoothing_schedule(recipe.epochs), **options,
-    )
-
-
-def build_crop_transform(crop: CropSpec, views: ViewSpec) -> T.Compose:
-    """One view: random resized crop of the group ``crop``, then ``views``' augmentations."""
-    interpolation = T.InterpolationMode.BICUBIC if views.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    brightness, contrast, saturation, hue = views.color_jitter
-    return T.Compose([
-        T.RandomResizedCrop(crop.size, scale=crop.scale, interpolation=interpolation),
-        T.RandomHorizontalFlip(p=views.hflip_prob),
-        T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=views.color_jitter_prob),
-        T.RandomGrayscale(p=views.grayscale_prob),
-        GaussianBlur(prob=views.blur_prob, sigmas=views.blur_sigmas),
-        T.ToTensor(),
-        T.Normalize(mean=views.mean, std=views.std),
-    ])
-
-
-def build_view_transform(views: ViewSpec) -> MultiViewTransform:
-    """lightly `MultiViewTransform`: image -> [global crops..., local crops...] (PIL input)."""
-    crops = [build_crop_transform(views.global_crops, views)] * views.global_crops.count
-    if views.local_crops is not None:
-        crops += [build_crop_transform(views.local_crops, views)] * views.local_crops.count
-    return MultiViewTransform(crops)
-
-
-def encode_views(encoder: nn.Module, views: Sequence[Tensor]) -> List[Tensor]:
-    """Run ``encoder`` once per group of consecutive same-sized views (globals together, locals
-    together), as multi-crop implementations do, and return one output per view."""
-    outputs: List[Tensor] = []
-    start = 0
-    while start < len(views):
-        stop = start
-        while stop < len(views) and views[stop].shape[1:] == views[start].shape[1:]:
-            stop += 1
-        encoded = encoder(torch.cat(views[start:stop]))
-        outputs.extend(encoded.chunk(stop - start))
-        start = stop
-    return outputs
-
-
-class SimCLRModel(nn.Module):
-    """Backbone + lightly projection head; ``model(images)`` gives the projections.
-
-    Example:
-        >>> import torch
-        >>> from smooth_infonce.integrations.backbones import build_backbone
-        >>> from smooth_infonce.integrations.lightly import SimCLRModel, SmoothNTXentLoss
-        >>> model = SimCLRModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=16)
-        >>> views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
-        >>> loss = model.training_loss(views, SmoothNTXentLoss(0.2, smoothing=0.1, neighbors=3))
-    """
-
-    def __init__(self, backbone: Backbone, hidden_dim: int = 2048, output_dim: int = 128,
-                 num_layers: int = 2, batch_norm: bool = True) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(backbone.num_features, hidden_dim, output_dim,
-                                                    num_layers=num_layers, batch_norm=batch_norm)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.projection_head(self.backbone(images))
-
-    def training_loss(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: ViewWeights = None) -> Tensor:
-        """In-batch loss over all views (multi-crop when there are more than two)."""
-        projections = encode_views(self, views)
-        if weights is None:
-            return criterion(*projections)
-        return criterion(*projections, weights=weights)
-
-
-class MoCoModel(nn.Module):
-    """MoCo v2 with lightly's pieces: query encoder (backbone + MoCo head) and a momentum key
-    encoder updated with `lightly.models.utils.update_momentum`.
-
-    ``training_loss(views, criterion)``: the key is views[0] (global view 1) through the key
-    encoder; every other view is a query (SSLight: global view 2 plus the local crops). Call
-    ``update_key_encoder()`` once per step before the loss, as in MoCo.
-
-    Example:
-        >>> import torch
-        >>> from smooth_infonce.integrations.backbones import build_backbone
-        >>> from smooth_infonce.integrations.lightly import MoCoModel, SmoothNTXentLoss
-        >>> model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=16)
-        >>> criterion = SmoothNTXentLoss(0.2, memory_bank_size=(64, 16), smoothing=0.1, neighbors=3)
-        >>> views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)]
-        >>> model.update_key_encoder()
-        >>> loss = model.training_loss(views, criterion, weights=(0.4, 0.6))
-    """
-
-    def __init__(self, backbone: Backbone, hidden_dim: int = 2048, output_dim: int = 128,
-                 num_layers: int = 2, batch_norm: bool = False, key_momentum: float = 0.999,
-                 shuffle_bn: bool = True) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projection_head = MoCoProjectionHead(backbone.num_features, hidden_dim, output_dim,
-                                                  num_layers=num_layers, batch_norm=batch_norm)
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.backbone_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
-        self.key_momentum = key_momentum
-        self.shuffle_bn = shuffle_bn
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.projection_head(self.backbone(images))
-
-    @torch.no_grad()
-    def forward_key(self, images: Tensor) -> Tensor:
-        # Across GPUs, shuffling keeps batch-norm statistics from leaking the positive pairing;
-        # on one device the statistics do not depend on the order, so nothing is done.
-        shuffle = self.shuffle_bn and lightly_dist.world_size() > 1
-        if shuffle:
-            images, order = batch_shuffle_distributed(images)
-        keys = self.projection_head_momentum(self.backbone_momentum(images))
-        return batch_unshuffle_distributed(keys, order) if shuffle else keys
-
-    def update_key_encoder(self, momentum: Optional[float] = None) -> None:
-        m = self.key_momentum if momentum is None else momentum
-        update_momentum(self.backbone, self.backbone_momentum, m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m)
-
-    def training_loss(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: ViewWeights = None) -> Tensor:
-        """MoCo loss: key = views[0], queries = views[1:], one weight per query view."""
-        if len(views) < 2:
-            raise ValueError(f"MoCo needs at least 2 views (key, query), got {len(views)}")
-        keys = self.forward_key(views[0])
-        queries = encode_views(self, views[1:])
-        if weights is None:
-            return criterion(queries[0], keys, *queries[1:])
-        return criterion(queries[0], keys, *queries[1:], weights=weights)
-
-
-def build_model(recipe: Recipe, backbone: Optional[Backbone] = None) -> Union[MoCoModel, SimCLRModel]:
-    """The recipe's lightly model (``backbone`` defaults to ``recipe.backbone.build()``)."""
-    backbone = recipe.backbone.build() if backbone is None else backbone
-    head = recipe.head
-    if recipe.framework == "moco":
-        return MoCoModel(backbone, head.hidden_dim, head.output_dim, head.num_layers, head.batch_norm,
-                         key_momentum=recipe.moco.key_momentum, shuffle_bn=recipe.moco.shuffle_bn)
-    return SimCLRModel(backbone, head.hidden_dim, head.output_dim, head.num_layers, head.batch_norm)
+    kwargs.setdefault("wait_for_full_bank", recipe.loss.wait_for_full_bank)
+    return SmoothNTXentLoss(memory_bank_size=bank, options=recipe.loss.to_options(recipe.epochs, **option_fields),
+                            **kwargs)

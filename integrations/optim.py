@@ -56,7 +56,8 @@ def parameter_groups(model: nn.Module, spec: OptimizerSpec) -> List[Dict[str, An
     groups: Dict[str, Dict[str, Any]] = {
         "decay": {"name": "decay", "params": [], "weight_decay": spec.weight_decay, "lars_adaptation": True},
         "no_decay_1d": {"name": "no_decay_1d", "params": [], "weight_decay": 0.0, "lars_adaptation": False},
-        "no_decay_depthwise": {"name": "no_decay_depthwise", "params": [], "weight_decay": 0.0, "lars_adaptation": True},
+        "no_decay_depthwise": {"name": "no_decay_depthwise", "params": [], "weight_decay": 0.0,
+                               "lars_adaptation": True},
     }
     seen = set()
     for param in model.parameters():

@@ -42,7 +42,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from smooth_infonce.schedule import SCHEDULES, SmoothingSchedule
+from smooth_infonce.options import LossOptions
+from smooth_infonce.schedule import SmoothingSchedule
+from smooth_infonce.validation import check_choice
 
 from .backbones import Backbone, build_backbone
 
@@ -55,7 +57,7 @@ OPTIMIZERS = ("sgd", "lars")
 LR_SCHEDULES = ("cosine", "constant")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
-# Chosen values for what the papers leave UNKNOWN (recipes.md); justified where they are used.
+# Chosen values for what the papers and their public code leave unknown; justified where they are used.
 DEFAULT_SMOOTHING = 0.1
 DEFAULT_NEIGHBORS = 10
 
@@ -111,7 +113,8 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Smoothed InfoNCE settings (loss.md).
+    """Smoothed InfoNCE settings of a recipe; `to_options` gives the core's `LossOptions`, which
+    validates the values (the loss is defined in the README's section "The loss").
 
     Attributes:
         temperature: tau.
@@ -136,11 +139,11 @@ class LossSpec:
     wait_for_full_bank: bool = True
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.temperature) and self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        _check(0.0 <= self.smoothing < 1.0, f"smoothing must be in [0, 1), got {self.smoothing}")
-        _check(self.mode in SMOOTHING_MODES, f"mode must be one of {SMOOTHING_MODES}, got {self.mode!r}")
-        _check(isinstance(self.neighbors, int) and self.neighbors >= 1, f"neighbors must be an int >= 1, got {self.neighbors!r}")
-        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_choice("mode", self.mode, SMOOTHING_MODES)
+        # The core checks the values (neighbors also in the uniform mode, where it is unused).
+        LossOptions(temperature=self.temperature, smoothing=self.smoothing, neighbors=self.neighbors)
+        _check(self.neighbors is not None, "neighbors must be an int >= 1 (mode='uniform' ignores it)")
+        self.smoothing_schedule(epochs=1)
 
     @property
     def neighbors_or_none(self) -> Optional[int]:
@@ -151,6 +154,14 @@ class LossSpec:
         """alpha per epoch for a run of ``epochs`` epochs (the cosine ramp spans the whole run)."""
         ramp = max(1, epochs - self.warmup_epochs) if self.schedule == "cosine" else None
         return SmoothingSchedule(self.smoothing, self.schedule, warmup_epochs=self.warmup_epochs, epochs=ramp)
+
+    def to_options(self, epochs: int, **fields: Any) -> LossOptions:
+        """The core's `LossOptions` for a run of ``epochs`` epochs (alpha scheduled per epoch; its
+        ``initial_smoothing`` is the schedule's epoch-0 value). ``fields``: the options a recipe
+        does not hold (``backend``, ``deterministic``, ``allow_tf32``, ``normalize``,
+        ``reduction``, ``few_negatives``)."""
+        return LossOptions(temperature=self.temperature, neighbors=self.neighbors_or_none,
+                           schedule=self.smoothing_schedule(epochs), **fields)
 
 
 @dataclass(frozen=True)
@@ -286,8 +297,9 @@ class ViewSpec:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         _check(self.global_crops.count >= 2, f"need at least 2 global crops, got {self.global_crops.count}")
-        _check(self.interpolation in INTERPOLATIONS, f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        _check(len(self.color_jitter) == 4, f"color_jitter is (brightness, contrast, saturation, hue), got {self.color_jitter}")
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        _check(len(self.color_jitter) == 4,
+               f"color_jitter is (brightness, contrast, saturation, hue), got {self.color_jitter}")
 
     @property
     def num_local(self) -> int:
@@ -313,7 +325,8 @@ def query_view_weights(num_global: int, num_local: int,
     or no local views: every query view weighs the same (a plain mean).
     """
     num_global_queries = num_global - 1
-    _check(num_global_queries >= 1 and num_local >= 0, f"need >= 2 global and >= 0 local views, got {num_global}, {num_local}")
+    _check(num_global_queries >= 1 and num_local >= 0,
+           f"need >= 2 global and >= 0 local views, got {num_global}, {num_local}")
     if loss_weights is None or num_local == 0:
         count = num_global_queries + num_local
         return (1.0 / count,) * count
@@ -366,7 +379,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         _check(self.framework in FRAMEWORKS, f"framework must be one of {FRAMEWORKS}, got {self.framework!r}")
-        _check(self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        _check(self.epochs >= 1 and self.batch_size >= 1,
+               f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
     def view_weights(self) -> Optional[Tuple[float, ...]]:
         """The ``weights=`` argument of the loss for this recipe's views (see `view_loss_weights`)."""
@@ -462,7 +476,8 @@ def light_moco() -> Recipe:
     """The light-moco recipe: MoCo v2 with tau 0.07 and smoothed InfoNCE (62.3 % with
     MobileNetV3-Large, 65.8 % with EfficientNet-B0 in the paper).
 
-    The published alpha, k, mode and schedule are UNKNOWN (recipes.md). Chosen defaults:
+    The published alpha, k, mode and schedule are unknown (neither the paper's abstract nor its
+    public code states them). Chosen defaults:
 
     - mode ``neighbors``: the default strategy of the authors' code.
     - alpha = 0.1: the customary label-smoothing mass; it keeps 90 % of the target on the

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from smooth_infonce.integrations import demo
-
-from integration_helpers import digit_images
+from smooth_infonce.integrations.digits import digit_images
 
 TINY = ["--epochs", "1", "--max-images", "160", "--batch-size", "32", "--width", "4", "--view-cache", "2",
         "--knn-k", "5", "--no-progress"]

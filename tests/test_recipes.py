@@ -50,7 +50,8 @@ def test_light_moco_and_its_baseline_follow_the_recipe_facts():
 
 
 def test_sslight_presets_follow_the_recipe_facts():
-    base, sslight, smooth = get_preset("sslight_baseline"), get_preset("sslight_moco"), get_preset("sslight_moco_smooth")
+    base, sslight = get_preset("sslight_baseline"), get_preset("sslight_moco")
+    smooth = get_preset("sslight_moco_smooth")
     for recipe in (base, sslight, smooth):
         opt = recipe.optimizer
         assert recipe.backbone.name == "mobilenet_v2" and recipe.batch_size == 1024
@@ -97,6 +98,21 @@ def test_loss_spec_schedule_and_mode():
     assert schedule(0) == schedule(1) == 0.0 and schedule(10) == pytest.approx(0.2)
     assert 0 < schedule(6) < 0.2
     assert LossSpec(smoothing=0.1, neighbors=7).neighbors_or_none == 7
+
+
+def test_loss_spec_builds_the_core_options_and_leaves_the_checks_to_them():
+    from smooth_infonce import LossOptions
+
+    options = get_preset("light_moco").loss.to_options(epochs=200, backend="reference")
+    assert isinstance(options, LossOptions)
+    assert (options.temperature, options.smoothing, options.neighbors, options.backend) == (0.07, 0.1, 10, "reference")
+    assert options.initial_smoothing == 0.0 and options.smoothing_at(3) == 0.1  # 3 warm-up epochs at 0
+    assert LossSpec(smoothing=0.2, mode="uniform").to_options(10).neighbors is None
+    for bad in (dict(neighbors=True), dict(neighbors=0), dict(temperature=0.0), dict(temperature=-1.0),
+                dict(smoothing=1.0), dict(mode="tiered"), dict(schedule="linear"), dict(warmup_epochs=-1),
+                dict(mode="uniform", neighbors=True)):
+        with pytest.raises((ValueError, TypeError)):
+            LossSpec(**bad)
 
 
 def test_learning_rate_warmup_then_cosine_per_iteration():
@@ -155,7 +171,8 @@ def test_backbone_registry():
                                              ("sslight_moco", "mobilenet_v2"),
                                              ("sslight_moco", "resnet18")])
 def test_preset_builds_a_lightly_model_whose_head_fits(preset, backbone):
-    from smooth_infonce.integrations.lightly import MoCoModel, build_loss, build_model
+    from smooth_infonce.integrations.lightly import build_loss
+    from smooth_infonce.integrations.lightly_models import MoCoModel, build_model
 
     recipe = get_preset(preset, backbone__name=backbone, moco__queue_size=256)
     model = build_model(recipe).eval()
@@ -268,10 +285,10 @@ def test_lars_adapts_depthwise_kernels_without_decaying_them():
 # --- views from lightly's transforms -------------------------------------------------------------
 
 def test_sslight_view_transform_on_a_real_photo():
-    from sklearn.datasets import load_sample_image
     from PIL import Image
+    from sklearn.datasets import load_sample_image
 
-    from smooth_infonce.integrations.lightly import build_view_transform
+    from smooth_infonce.integrations.lightly_models import build_view_transform
 
     photo = Image.fromarray(load_sample_image("china.jpg"))
     views = build_view_transform(get_preset("sslight_moco").views)(photo)

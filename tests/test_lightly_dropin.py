@@ -1,26 +1,16 @@
-"""The lightly drop-in against the real lightly 1.6 NTXentLoss, and lightly models training with it."""
+"""The lightly drop-in (`SmoothNTXentLoss`) against the real lightly 1.6 NTXentLoss: values,
+gradients, bank mechanics, state dicts."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
 from lightly.loss import NTXentLoss
 
 from smooth_infonce import SmoothInfoNCELoss, SmoothingSchedule
-from smooth_infonce.integrations.backbones import build_backbone
-from smooth_infonce.integrations.lightly import (
-    MoCoModel,
-    SimCLRModel,
-    SmoothNTXentLoss,
-    build_view_transform,
-    encode_views,
-)
-from smooth_infonce.integrations.recipes import CropSpec, ViewSpec
-
-from integration_helpers import digit_images
+from smooth_infonce.integrations.lightly import SmoothNTXentLoss
 
 ATOL = 1e-5
 
@@ -159,7 +149,7 @@ def test_persistent_bank_round_trip_resumes_the_queue_and_the_filled_flag():
     for step in range(4):  # fill (24 = 3 x 8) and one more step
         trained(*_embeddings(8, 8, seed=40 + step))
     state = copy.deepcopy(trained.state_dict())
-    assert set(state) == {"memory_bank.bank", "memory_bank.bank_ptr", "bank_filled"}
+    assert set(state) == {"memory_bank.bank", "memory_bank.bank_ptr", "bank_ids", "bank_enqueued"}
 
     resumed = SmoothNTXentLoss(0.2, memory_bank_size=(24, 8), smoothing=0.2, neighbors=3, persistent_bank=True)
     assert resumed.effective_smoothing == 0.0  # fresh random bank: held at 0
@@ -230,84 +220,83 @@ def test_row_weight_errors():
         SmoothNTXentLoss()(out0, out1[:3])
 
 
-# --- lightly models training with the drop-in on real images ----------------------------------
+# --- one options object --------------------------------------------------------------------------
 
-DIGIT_VIEWS = ViewSpec(global_crops=CropSpec(2, 16, (0.5, 1.0)), hflip_prob=0.0, color_jitter=(0.4, 0.4, 0.0, 0.0),
-                       grayscale_prob=0.0, blur_prob=0.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+def test_every_loss_option_is_a_constructor_keyword_and_an_attribute():
+    import inspect
+
+    from smooth_infonce import LossOptions
+
+    parameters = inspect.signature(SmoothNTXentLoss).parameters
+    assert set(LossOptions.field_names()) <= set(parameters)
+    schedule = SmoothingSchedule(0.2, "warmup", warmup_epochs=1)
+    given = dict(temperature=0.3, smoothing=0.2, neighbors=4, schedule=schedule, normalize=False, reduction="sum",
+                 backend="reference", deterministic=True, allow_tf32=False, few_negatives="raise")
+    loss = SmoothNTXentLoss(memory_bank_size=(16, 8), **given)
+    assert loss.options == LossOptions(**given)
+    for name, value in given.items():
+        if name != "smoothing":
+            assert getattr(loss, name) == value
+    assert loss.smoothing == 0.0  # the current alpha: the schedule's epoch-0 value
+    same = SmoothNTXentLoss(memory_bank_size=(16, 8), options=LossOptions(**given))
+    assert same.options == loss.options and same.temperature == 0.3
+    with pytest.raises(TypeError, match="not both"):
+        SmoothNTXentLoss(0.2, options=LossOptions(temperature=0.2))
+    assert SmoothNTXentLoss().options.few_negatives == "use_all"  # the training-loop policy
 
 
-def _fixed_views(images, transform):
-    views = [transform(image) for image in images]
-    return [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+def test_options_are_validated_by_the_core_options_object():
+    with pytest.raises(ValueError, match="temperature"):  # lightly accepts a negative temperature
+        SmoothNTXentLoss(temperature=-0.5)
+    with pytest.raises(ValueError, match="reduction"):
+        SmoothNTXentLoss(reduction="max")
+    with pytest.raises(TypeError, match="neighbors"):
+        SmoothNTXentLoss(neighbors=True)
+    loss = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8), neighbors=4)
+    loss.temperature = 0.1  # assignment replaces the options, validated again
+    assert loss.options.temperature == 0.1
+    with pytest.raises(ValueError, match="temperature"):
+        loss.temperature = 0.0
 
 
-def test_lightly_simclr_trains_with_the_drop_in_on_digits():
+def test_neighbors_larger_than_the_bank_and_width_mismatch_name_memory_bank_size():
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        SmoothNTXentLoss(0.2, memory_bank_size=(8, 4), smoothing=0.1, neighbors=9)
+    SmoothNTXentLoss(0.2, memory_bank_size=(8, 4), smoothing=0.1, neighbors=8)
+    loss = SmoothNTXentLoss(0.2, memory_bank_size=(8, 4), smoothing=0.1, neighbors=2)
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        loss.neighbors = 20
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        loss(*_embeddings(4, 5, seed=0))
+    assert int(loss.memory_bank.bank_ptr) == 0  # nothing enqueued by the failed call
+
+
+def test_counts_what_it_enqueued_including_dropped_keys_at_the_wrap():
+    reference, drop_in = _pair_with_same_bank(0.2, (40, 8), smoothing=0.0)
+    counts = []
+    for step in range(4):
+        out0, out1 = _embeddings(16, 8, seed=70 + step)
+        reference(out0, out1)
+        drop_in(out0, out1)
+        counts.append((int(drop_in.bank_enqueued), drop_in.bank_filled))
+        assert int(drop_in.memory_bank.bank_ptr) == int(reference.memory_bank.bank_ptr)
+    # 16, 32, then 8 written and 8 dropped (lightly's rule), then 16 from the start again
+    assert counts == [(16, False), (32, False), (40, True), (56, True)]
+
+
+def test_the_bank_keeps_its_dtype_under_bfloat16():
+    from smooth_infonce import smooth_infonce
+
     torch.manual_seed(0)
-    images, _ = digit_images(64)
-    views = _fixed_views(images, build_view_transform(DIGIT_VIEWS))
-    model = SimCLRModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=32)
-    criterion = SmoothNTXentLoss(temperature=0.2, smoothing=0.1, neighbors=5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        loss = model.training_loss(views, criterion)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0] - 0.3, losses
-
-
-def test_lightly_moco_trains_with_the_drop_in_on_digits():
-    """Two disjoint batches alternate and the queue holds exactly one batch of keys, so a query
-    never meets its own image's old key among the negatives."""
-    torch.manual_seed(0)
-    transform = build_view_transform(DIGIT_VIEWS)
-    batches = [_fixed_views(digit_images(48, offset=48 * b)[0], transform) for b in range(2)]
-    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=32, key_momentum=0.9)
-    criterion = SmoothNTXentLoss(temperature=0.2, memory_bank_size=(48, 32), smoothing=0.1, neighbors=5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(30):
-        model.update_key_encoder()
-        loss = model.training_loss(batches[step % 2], criterion)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    assert bool(criterion.bank_filled) and criterion.effective_smoothing == pytest.approx(0.1)
-    early, late = sum(losses[2:6]) / 4, sum(losses[-4:]) / 4  # steps 0-1 use the random bank
-    assert late < early - 0.3, losses
-    # the key encoder follows the query encoder, without gradients
-    assert all(not p.requires_grad for p in model.backbone_momentum.parameters())
-
-
-def test_sslight_multi_crop_step_on_digits():
-    """Two global and two local crops from lightly's transforms; key = global 1, three queries."""
-    torch.manual_seed(0)
-    views_spec = dataclasses.replace(DIGIT_VIEWS, local_crops=CropSpec(2, 8, (0.05, 0.3)), loss_weights=(0.4, 0.6))
-    images, _ = digit_images(16)
-    views = _fixed_views(images, build_view_transform(views_spec))
-    assert [tuple(v.shape[-2:]) for v in views] == [(16, 16)] * 2 + [(8, 8)] * 2
-    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=32, output_dim=16)
-    criterion = SmoothNTXentLoss(0.2, memory_bank_size=(64, 16), smoothing=0.1, neighbors=2)
-    model.update_key_encoder()
-    loss = model.training_loss(views, criterion, weights=views_spec.query_weights())
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert int(criterion.memory_bank.bank_ptr) == 16
-    assert model.backbone.net[0][0].weight.grad is not None
-
-
-def test_encode_views_runs_once_per_resolution_group():
-    calls = []
-
-    class Recorder(torch.nn.Module):
-        def forward(self, x):
-            calls.append(tuple(x.shape))
-            return x.flatten(1)[:, :4]
-
-    views = [torch.randn(3, 3, 8, 8)] * 2 + [torch.randn(3, 3, 4, 4)] * 3
-    outputs = encode_views(Recorder(), views)
-    assert calls == [(6, 3, 8, 8), (9, 3, 4, 4)]
-    assert [tuple(o.shape) for o in outputs] == [(3, 4)] * 5
+    loss = SmoothNTXentLoss(0.05, memory_bank_size=(32, 16), smoothing=0.0)
+    bank = loss.memory_bank.bank.clone()
+    query = torch.randn(8, 16).bfloat16().requires_grad_()
+    key = torch.randn(8, 16).bfloat16()
+    got = loss(query, key)
+    assert loss.memory_bank.bank.dtype == torch.float32  # the bf16 keys were written into the fp32 bank
+    keys = torch.nn.functional.normalize(key, dim=1)
+    expected = smooth_infonce(query.detach(), bank, positive_keys=keys, temperature=0.05)
+    rounded = smooth_infonce(query.detach(), bank.bfloat16(), positive_keys=keys, temperature=0.05)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=0)
+    assert not torch.equal(expected, rounded)  # casting the bank to bf16 would change the loss

@@ -1,0 +1,97 @@
+"""lightly models, heads and transforms built from the recipes (`lightly_models`), training with the
+drop-in on real digits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from smooth_infonce.integrations.backbones import build_backbone
+from smooth_infonce.integrations.digits import digit_images
+from smooth_infonce.integrations.lightly import SmoothNTXentLoss
+from smooth_infonce.integrations.lightly_models import MoCoModel, SimCLRModel, build_view_transform, encode_views
+from smooth_infonce.integrations.recipes import CropSpec, ViewSpec
+
+# --- lightly models training with the drop-in on real images ----------------------------------
+
+DIGIT_VIEWS = ViewSpec(global_crops=CropSpec(2, 16, (0.5, 1.0)), hflip_prob=0.0, color_jitter=(0.4, 0.4, 0.0, 0.0),
+                       grayscale_prob=0.0, blur_prob=0.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _fixed_views(images, transform):
+    views = [transform(image) for image in images]
+    return [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+
+
+def test_lightly_simclr_trains_with_the_drop_in_on_digits():
+    torch.manual_seed(0)
+    images, _ = digit_images(64)
+    views = _fixed_views(images, build_view_transform(DIGIT_VIEWS))
+    model = SimCLRModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=32)
+    criterion = SmoothNTXentLoss(temperature=0.2, smoothing=0.1, neighbors=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = model.training_loss(views, criterion)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_lightly_moco_trains_with_the_drop_in_on_digits():
+    """Two disjoint batches alternate and the queue holds exactly one batch of keys, so a query
+    never meets its own image's old key among the negatives."""
+    torch.manual_seed(0)
+    transform = build_view_transform(DIGIT_VIEWS)
+    batches = [_fixed_views(digit_images(48, offset=48 * b)[0], transform) for b in range(2)]
+    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=32, key_momentum=0.9)
+    criterion = SmoothNTXentLoss(temperature=0.2, memory_bank_size=(48, 32), smoothing=0.1, neighbors=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(30):
+        model.update_key_encoder()
+        loss = model.training_loss(batches[step % 2], criterion)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert bool(criterion.bank_filled) and criterion.effective_smoothing == pytest.approx(0.1)
+    early, late = sum(losses[2:6]) / 4, sum(losses[-4:]) / 4  # steps 0-1 use the random bank
+    assert late < early - 0.3, losses
+    # the key encoder follows the query encoder, without gradients
+    assert all(not p.requires_grad for p in model.backbone_momentum.parameters())
+
+
+def test_sslight_multi_crop_step_on_digits():
+    """Two global and two local crops from lightly's transforms; key = global 1, three queries."""
+    torch.manual_seed(0)
+    views_spec = dataclasses.replace(DIGIT_VIEWS, local_crops=CropSpec(2, 8, (0.05, 0.3)), loss_weights=(0.4, 0.6))
+    images, _ = digit_images(16)
+    views = _fixed_views(images, build_view_transform(views_spec))
+    assert [tuple(v.shape[-2:]) for v in views] == [(16, 16)] * 2 + [(8, 8)] * 2
+    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=32, output_dim=16)
+    criterion = SmoothNTXentLoss(0.2, memory_bank_size=(64, 16), smoothing=0.1, neighbors=2)
+    model.update_key_encoder()
+    loss = model.training_loss(views, criterion, weights=views_spec.query_weights())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert int(criterion.memory_bank.bank_ptr) == 16
+    assert model.backbone.net[0][0].weight.grad is not None
+
+
+def test_encode_views_runs_once_per_resolution_group():
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return x.flatten(1)[:, :4]
+
+    views = [torch.randn(3, 3, 8, 8)] * 2 + [torch.randn(3, 3, 4, 4)] * 3
+    outputs = encode_views(Recorder(), views)
+    assert calls == [(6, 3, 8, 8), (9, 3, 4, 4)]
+    assert [tuple(o.shape) for o in outputs] == [(3, 4)] * 5
