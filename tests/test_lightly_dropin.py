@@ -300,3 +300,107 @@ def test_the_bank_keeps_its_dtype_under_bfloat16():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.detach(), expected, rtol=0, atol=0)
     assert not torch.equal(expected, rounded)  # casting the bank to bf16 would change the loss
+
+
+# --- issue 11: every batch lightly survives, resuming across the swap ------------------------------
+
+def _values_and_grads(loss_fn, out0, out1):
+    out0, out1 = out0.clone().requires_grad_(), out1.clone().requires_grad_()
+    loss = loss_fn(out0, out1)
+    return (loss.detach(), *torch.autograd.grad(loss, (out0, out1), allow_unused=True))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_in_batch_small_batches_equal_ntxent(batch):
+    """float64: lightly's value and gradients to 1e-6; a batch of one gives 0 with zero gradient."""
+    out0, out1 = (x.double() for x in _embeddings(batch, 8, seed=80 + batch, grad=False))
+    expected = _values_and_grads(NTXentLoss(temperature=0.2), out0, out1)
+    got = _values_and_grads(SmoothNTXentLoss(temperature=0.2), out0, out1)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+    if batch == 1:  # zero up to float rounding: lse - target term of a single column
+        assert abs(float(got[0])) < 1e-12 and float(got[1].abs().max()) < 1e-12 and float(got[2].abs().max()) < 1e-12
+    for neighbors in (None, 10):  # smoothing survives too; k = 10 > the 2B - 2 negatives of a row
+        smoothed = SmoothNTXentLoss(temperature=0.2, smoothing=0.2, neighbors=neighbors)
+        value, *grads = _values_and_grads(smoothed, out0, out1)
+        assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+        if batch == 1:
+            assert abs(float(value)) < 1e-12 and float(grads[0].abs().max()) < 1e-12
+
+
+def test_neighbors_larger_than_a_short_batch_smooths_onto_all_negatives():
+    out0, out1 = _embeddings(3, 8, seed=90)
+    uniform = SmoothNTXentLoss(0.2, smoothing=0.2)(out0, out1)  # 4 negatives per row
+    torch.testing.assert_close(SmoothNTXentLoss(0.2, smoothing=0.2, neighbors=10)(out0, out1), uniform)
+    with pytest.raises(ValueError, match="neighbors=10"):  # the strict policy says why
+        SmoothNTXentLoss(0.2, smoothing=0.2, neighbors=10, few_negatives="raise")(out0, out1)
+
+
+def test_memory_bank_small_and_short_last_batches_equal_ntxent_step_by_step():
+    """Batches 1, 2, 3, then full ones and a short last one (an epoch with drop_last=False), float64."""
+    reference, drop_in = _pair_with_same_bank(0.2, (12, 8), smoothing=0.0)
+    reference, drop_in = reference.double(), drop_in.double()
+    for step, batch in enumerate([1, 2, 3, 5, 5, 5, 1, 5, 2]):
+        out0, out1 = (x.double() for x in _embeddings(batch, 8, seed=100 + step, grad=False))
+        expected = _values_and_grads(reference, out0, out1)
+        got = _values_and_grads(drop_in, out0, out1)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+        assert torch.equal(drop_in.memory_bank.bank, reference.memory_bank.bank)
+        assert int(drop_in.memory_bank.bank_ptr) == int(reference.memory_bank.bank_ptr)
+
+
+def test_multi_crop_in_batch_survives_a_batch_of_one():
+    views = [torch.randn(1, 8, requires_grad=True) for _ in range(4)]
+    loss = SmoothNTXentLoss(0.2, smoothing=0.2, neighbors=3)(*views)
+    loss.backward()
+    # every other row is a positive and none is a negative: plain multi-positive InfoNCE, alpha unused
+    plain = SmoothNTXentLoss(0.2)(*[v.detach() for v in views])
+    torch.testing.assert_close(loss.detach(), plain)
+    assert all(torch.isfinite(v.grad).all() for v in views)
+
+
+@pytest.mark.parametrize("source", ["lightly", "drop_in"])
+def test_state_without_a_bank_loads_strictly_into_a_persistent_bank(source):
+    if source == "lightly":
+        saved = NTXentLoss(0.2, memory_bank_size=(24, 8))
+    else:
+        saved = SmoothNTXentLoss(0.2, memory_bank_size=(24, 8), smoothing=0.2, neighbors=3)
+    for step in range(4):  # the saving run filled its (unsaved) bank
+        saved(*_embeddings(8, 8, seed=110 + step))
+    model = torch.nn.Module()
+    model.criterion = saved
+    checkpoint = model.state_dict()
+    assert [k for k in checkpoint if k.startswith("criterion.")] == []
+
+    resumed = torch.nn.Module()
+    resumed.criterion = SmoothNTXentLoss(0.2, memory_bank_size=(24, 8), smoothing=0.2, neighbors=3,
+                                         persistent_bank=True)
+    for step in range(4):  # even a bank that was filled before the load counts as unfilled after it
+        resumed.criterion(*_embeddings(8, 8, seed=120 + step))
+    assert resumed.criterion.bank_filled
+    with pytest.warns(UserWarning, match="not yet filled"):
+        resumed.load_state_dict(checkpoint, strict=True)
+    criterion = resumed.criterion
+    assert not criterion.bank_filled and criterion.effective_smoothing == 0.0
+    for step in range(3):  # alpha held at 0 until 24 keys were enqueued again
+        criterion(*_embeddings(8, 8, seed=130 + step))
+        assert criterion.effective_smoothing == (0.2 if step == 2 else 0.0)
+
+
+def test_a_partial_bank_state_still_fails_strict_loading():
+    state = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8), persistent_bank=True).state_dict()
+    del state["bank_ids"]
+    with pytest.raises(RuntimeError, match="bank_ids"):
+        SmoothNTXentLoss(0.2, memory_bank_size=(16, 8), persistent_bank=True).load_state_dict(state)
+
+
+def test_persistent_state_loads_into_plain_ntxent_with_strict_false():
+    drop_in = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8), smoothing=0.1, persistent_bank=True)
+    drop_in(*_embeddings(8, 8, seed=140))
+    plain = NTXentLoss(0.2, memory_bank_size=(16, 8))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        plain.load_state_dict(drop_in.state_dict())
+    result = plain.load_state_dict(drop_in.state_dict(), strict=False)
+    assert set(result.unexpected_keys) == {"memory_bank.bank", "memory_bank.bank_ptr", "bank_ids", "bank_enqueued"}
+    assert result.missing_keys == []
