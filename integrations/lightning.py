@@ -1,0 +1,194 @@
+"""Lightning: pre-train any preset from one device to many nodes, on Lightning's own loop and DDP.
+
+    >>> from smooth_infonce.integrations.lightning import from_preset
+    >>> module = from_preset("light_moco", backbone__name="tiny_cnn", batch_size=8,
+    ...                      moco__queue_size=64, head__hidden_dim=32, head__output_dim=16)
+    >>> type(module).__name__, module.criterion.memory_bank.size
+    ('PretrainModule', (64, 16))
+
+`PretrainModule` wires one recipe end to end: the lightly model (backbone + head, and for MoCo the
+momentum key encoder), the lightly drop-in loss with the recipe's alpha schedule (set every epoch),
+the optimiser with its parameter groups (SGD or LARS, the no-decay rules), the warm-up + cosine lr
+(set every step), the multi-crop views (`PretrainDataModule`), and the MoCo queue in every
+checkpoint. Under Lightning's DDP, SimCLR gathers the negatives of every process and MoCo enqueues
+the keys of every process (``gather_distributed``); nothing here is a hand-written loop.
+
+MoCo masks a query's own image in the queue: the data module hands the dataset index of every
+image to the loss (``ids``), which stores it beside each enqueued key.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+try:
+    import lightning as L
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "smooth_infonce.integrations.lightning needs Lightning: pip install 'smooth-infonce[lightning]'"
+    ) from err
+
+from .lightly import build_loss
+from .lightly_models import build_model, build_view_transform
+from .optim import build_optimizer
+from .recipes import Recipe, get_preset
+
+RNG_STATE_KEY = "smooth_infonce_rng_state"
+
+
+class IndexedViews(Dataset):
+    """``(views, target, index)`` for every image of ``dataset`` (a torchvision-style dataset of
+    ``(image, target)``): ``views`` is the list ``transform(image)`` returns (the recipe's global
+    crops, then its local crops), ``index`` the image's position in the dataset (its sample id)."""
+
+    def __init__(self, dataset: Dataset, transform: Optional[Callable[[Any], Sequence[Tensor]]]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        views = image if self.transform is None else self.transform(image)
+        return list(views), target, index
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Training data with the recipe's views: an ImageFolder at ``root``, or any ``dataset`` of
+    ``(image, target)`` pairs (PIL images for the recipe's transform; with ``transform=None`` the
+    dataset must return the list of view tensors itself).
+
+    ``batch_size`` is per process; under DDP Lightning shards the data with a distributed sampler.
+    Views of one size are stacked by the default collate, so multi-crop batches come out as a list
+    of (B, 3, H, W) tensors, globals first.
+    """
+
+    def __init__(self, recipe: Recipe, *, root: Optional[str] = None, dataset: Optional[Dataset] = None,
+                 batch_size: int = 256, num_workers: int = 0, drop_last: bool = True, shuffle: bool = True,
+                 transform: Optional[Callable] = "recipe") -> None:  # type: ignore[assignment]
+        super().__init__()
+        if (root is None) == (dataset is None):
+            raise ValueError("PretrainDataModule needs exactly one of root (an ImageFolder) or dataset")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.recipe, self.root, self.dataset = recipe, root, dataset
+        self.batch_size, self.num_workers, self.drop_last, self.shuffle = batch_size, num_workers, drop_last, shuffle
+        self.transform = build_view_transform(recipe.views) if transform == "recipe" else transform
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.dataset is None:
+            from torchvision.datasets import ImageFolder
+
+            self.dataset = ImageFolder(self.root)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(IndexedViews(self.dataset, self.transform), batch_size=self.batch_size, shuffle=self.shuffle,
+                          num_workers=self.num_workers, drop_last=self.drop_last,
+                          persistent_workers=self.num_workers > 0)
+
+
+class PretrainModule(L.LightningModule):
+    """One recipe as a LightningModule (see the module docstring).
+
+    Args:
+        recipe: a `Recipe` (``get_preset(name, **overrides)``).
+        mask_own_keys: MoCo: leave queue entries of a query's own image out of its negatives.
+        loss_options: more `SmoothNTXentLoss` keywords (``backend``, ``deterministic``,
+            ``allow_tf32``, ...).
+
+    The learning rate scales with the total batch of the run (per-process batch x processes x
+    gradient accumulation), per 256 images, as the recipe states.
+    """
+
+    def __init__(self, recipe: Recipe, *, mask_own_keys: bool = True, **loss_options: Any) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.mask_own_keys = mask_own_keys and recipe.framework == "moco"
+        self.model = build_model(recipe)
+        loss_options.setdefault("persistent_bank", True)
+        loss_options.setdefault("gather_distributed", True)  # a no-op on one process
+        self.criterion = build_loss(recipe, **loss_options)
+        self.save_hyperparameters({"recipe": recipe.to_dict(), "mask_own_keys": mask_own_keys, **{
+            k: v for k, v in loss_options.items() if isinstance(v, (bool, int, float, str, type(None)))}})
+
+    # --- schedules -------------------------------------------------------------------------------
+
+    def total_batch_size(self) -> int:
+        trainer = self.trainer
+        per_process = trainer.train_dataloader.batch_size if trainer.train_dataloader is not None else None
+        if per_process is None:
+            per_process = self.recipe.batch_size // max(1, trainer.world_size)
+        return per_process * trainer.world_size * trainer.accumulate_grad_batches
+
+    def learning_rate(self) -> float:
+        trainer = self.trainer
+        steps_per_epoch = max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
+        return self.recipe.optimizer.learning_rate(self.global_step, steps_per_epoch=steps_per_epoch,
+                                                   epochs=trainer.max_epochs, batch_size=self.total_batch_size())
+
+    def on_train_start(self) -> None:
+        images = len(self.trainer.train_dataloader.dataset)
+        queue = self.recipe.moco.queue_size
+        if self.recipe.framework == "moco" and queue > images:
+            what = ("they are masked (mask_own_keys=True), so each query has fewer real negatives than the queue holds"
+                    if self.mask_own_keys else "each query is pushed away from its own image: set mask_own_keys=True")
+            warnings.warn(f"the MoCo queue ({queue} keys) is larger than the dataset ({images} images): every query "
+                          f"meets earlier keys of its own image in the queue; {what}", stacklevel=2)
+
+    def on_train_epoch_start(self) -> None:
+        alpha = self.criterion.set_epoch(self.current_epoch)
+        self.log("train/alpha_schedule", alpha, on_step=False, on_epoch=True)
+
+    # --- the step --------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        views, _, index = batch
+        lr = self.learning_rate()
+        for group in self.optimizers().param_groups:
+            group["lr"] = lr
+        if self.recipe.framework == "moco":
+            self.model.update_key_encoder()
+        masking = {"ids": index} if self.mask_own_keys else {}
+        loss = self.model.training_loss(views, self.criterion, weights=self.recipe.view_weights(), **masking)
+        self.log_dict({"train/loss": loss, "train/lr": lr, "train/alpha": self.criterion.effective_smoothing},
+                      prog_bar=True, on_step=True, on_epoch=False, batch_size=views[0].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, self.recipe.optimizer, batch_size=self.total_batch_size())
+
+    # --- checkpoints: the RNG streams too, so a resumed run draws the same views -----------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # tensors and plain numbers only, so that torch.load(weights_only=True) reads it back
+        kind, keys, position, has_gauss, cached = np.random.get_state()
+        checkpoint[RNG_STATE_KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                     "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, cached)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(RNG_STATE_KEY)
+        if state is None:
+            warnings.warn("checkpoint without RNG state: the resumed run draws other views", stacklevel=2)
+            return
+        kind, keys, position, has_gauss, cached = state["numpy"]
+        torch.set_rng_state(state["torch"])
+        np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
+        random.setstate(state["python"])
+
+
+def build_module(recipe: Recipe, **options: Any) -> PretrainModule:
+    """The LightningModule of ``recipe``; ``options`` go to `PretrainModule`."""
+    return PretrainModule(recipe, **options)
+
+
+def from_preset(name: str, *, module_options: Optional[dict] = None, **overrides: Any) -> PretrainModule:
+    """`build_module` of ``get_preset(name, **overrides)``."""
+    return build_module(get_preset(name, **overrides), **(module_options or {}))
