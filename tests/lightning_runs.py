@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 
-from integration_helpers import digit_images  # noqa: E402
 from smooth_infonce.integrations.backbones import list_backbones, register_backbone  # noqa: E402
+from smooth_infonce.integrations.digits import digit_images  # noqa: E402
 from smooth_infonce.integrations.lightning import PretrainDataModule, from_preset  # noqa: E402
 
 TINY = dict(backbone__name="tiny_cnn", backbone__kwargs={"width": 8}, head__hidden_dim=32,

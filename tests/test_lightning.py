@@ -14,9 +14,10 @@ import torch
 
 L = pytest.importorskip("lightning")
 
-from lightning_runs import TINY, DigitImages  # noqa: E402
 from smooth_infonce.integrations.lightning import PretrainDataModule, from_preset  # noqa: E402
 from smooth_infonce.integrations.recipes import list_presets  # noqa: E402
+
+from lightning_runs import TINY, DigitImages  # noqa: E402
 
 RUNS = Path(__file__).parent / "lightning_runs.py"
 
