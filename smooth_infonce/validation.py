@@ -36,7 +36,7 @@ def check_neighbors(neighbors: Optional[int]) -> Optional[int]:
     if isinstance(neighbors, bool) or not isinstance(neighbors, int):
         raise TypeError(f"neighbors must be None (uniform smoothing) or an int >= 1, got {neighbors!r}")
     if neighbors < 1:
-        # The authors' code accepts k = 0 with alpha > 0 and silently returns (1 - alpha) * InfoNCE.
+        # k = 0 with alpha > 0 has no smoothing set: the authors' code divides alpha by k there.
         raise ValueError(f"neighbors must be None (uniform smoothing) or >= 1, got {neighbors}")
     return neighbors
 
