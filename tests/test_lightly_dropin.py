@@ -404,3 +404,166 @@ def test_persistent_state_loads_into_plain_ntxent_with_strict_false():
     result = plain.load_state_dict(drop_in.state_dict(), strict=False)
     assert set(result.unexpected_keys) == {"memory_bank.bank", "memory_bank.bank_ptr", "bank_ids", "bank_enqueued"}
     assert result.missing_keys == []
+
+
+# --- issue 12: a bank that knows its samples -------------------------------------------------------
+
+def test_ids_are_stored_beside_the_bank_and_saved_with_a_persistent_bank():
+    loss = SmoothNTXentLoss(0.2, memory_bank_size=(10, 8), smoothing=0.1, persistent_bank=True)
+    loss(*_embeddings(4, 8, seed=150), ids=torch.tensor([5, 6, 7, 8]))
+    loss(*_embeddings(4, 8, seed=151))  # no ids: unknown
+    loss(*_embeddings(4, 8, seed=152), ids=torch.tensor([1, 2, 3, 4]))  # 2 fit, 2 dropped, wrap
+    assert loss.bank_ids.tolist() == [5, 6, 7, 8, -1, -1, -1, -1, 1, 2]
+    assert int(loss.memory_bank.bank_ptr) == 0 and int(loss.bank_enqueued) == 10
+    loss(*_embeddings(4, 8, seed=153), ids=torch.tensor([9, 10, 11, 12]))
+    assert loss.bank_ids.tolist() == [9, 10, 11, 12, -1, -1, -1, -1, 1, 2]
+    state = copy.deepcopy(loss.state_dict())
+    assert torch.equal(state["bank_ids"], loss.bank_ids)
+    resumed = SmoothNTXentLoss(0.2, memory_bank_size=(10, 8), smoothing=0.1, persistent_bank=True)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.bank_ids, loss.bank_ids) and resumed.bank_filled
+    query, key = _embeddings(4, 8, seed=154)
+    ids = torch.tensor([1, 9, 3, 0])
+    torch.testing.assert_close(resumed(query, key, ids=ids), loss(query, key, ids=ids))
+    assert list(SmoothNTXentLoss(0.2, memory_bank_size=(10, 8)).state_dict()) == []  # not persistent: as lightly
+    with pytest.raises(ValueError, match="memory-bank mode"):
+        SmoothNTXentLoss(0.2)(query, key, ids=ids)
+
+
+def _bank_with_own_entries(seed, smoothing=0.0, neighbors=None):
+    """A filled bank of 12 entries holding earlier keys of the 4 query images (ids 0..3) at known
+    places, entries of other images (ids >= 10) and entries without ids (-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    loss = SmoothNTXentLoss(0.2, memory_bank_size=(12, 8), smoothing=smoothing, neighbors=neighbors,
+                            wait_for_full_bank=False).double()
+    loss.memory_bank.bank.copy_(torch.nn.functional.normalize(torch.randn(12, 8, generator=generator,
+                                                                          dtype=torch.float64), dim=1))
+    loss.bank_ids.copy_(torch.tensor([10, 0, 11, 1, -1, 1, 12, 13, 2, -1, 14, 1]))  # image 3: none
+    query = torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    key = torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    return loss, query, key
+
+
+def _masked_and_deleted(loss, query, key, deleted_loss_fn):
+    """The drop-in with ids, and the mean over rows of ``deleted_loss_fn(bank without the row's own
+    entries)`` on that row alone; values and query gradients."""
+    ids = torch.arange(4)
+    bank, bank_ids = loss.memory_bank.bank.clone(), loss.bank_ids.clone()  # the call enqueues the keys
+    masked_query = query.clone().requires_grad_()
+    masked = loss(masked_query, key, ids=ids)
+    (masked_grad,) = torch.autograd.grad(masked, masked_query)
+    deleted_query = query.clone().requires_grad_()
+    rows = []
+    for i in range(4):
+        kept = bank[bank_ids != i]
+        reference = deleted_loss_fn(kept.shape[0])
+        reference.memory_bank.bank = kept.clone()
+        rows.append(reference(deleted_query[i:i + 1], key[i:i + 1]))
+    deleted = torch.stack(rows).mean()
+    (deleted_grad,) = torch.autograd.grad(deleted, deleted_query)
+    return (masked.detach(), masked_grad), (deleted.detach(), deleted_grad)
+
+
+def test_masking_own_image_entries_equals_deleting_them_from_lightly_bank():
+    loss, query, key = _bank_with_own_entries(seed=160)
+    ntxent = lambda size: NTXentLoss(0.2, memory_bank_size=(size, 8)).double()
+    (value, grad), (expected, expected_grad) = _masked_and_deleted(loss, query, key, ntxent)
+    torch.testing.assert_close(value, expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
+    unmasked = SmoothNTXentLoss(0.2, memory_bank_size=(12, 8)).double()
+    unmasked.memory_bank.bank.copy_(loss.memory_bank.bank)
+    assert not torch.allclose(unmasked(query, key), value)  # the own entries did count before
+
+
+@pytest.mark.parametrize("neighbors", [None, 2, 20])
+def test_masking_equals_deletion_with_smoothing(neighbors):
+    neighbors_for_bank = None if neighbors == 20 else neighbors  # k above the bank is refused at construction
+    loss, query, key = _bank_with_own_entries(seed=170, smoothing=0.3, neighbors=neighbors_for_bank)
+
+    def deleted_bank(size):
+        return SmoothNTXentLoss(0.2, memory_bank_size=(size, 8), smoothing=0.3, neighbors=neighbors_for_bank,
+                                wait_for_full_bank=False).double()
+
+    (value, grad), (expected, expected_grad) = _masked_and_deleted(loss, query, key, deleted_bank)
+    torch.testing.assert_close(value, expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
+
+
+def test_a_bank_larger_than_the_data_set_masks_every_own_key():
+    """8 images, batch 4, bank 16: after two epochs every query's own two earlier keys are in the
+    bank; with ids the loss equals the loss on the bank without them."""
+    loss = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8), smoothing=0.0).double()
+    data = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(180))
+    for step in range(4):
+        ids = torch.arange(4) + 4 * (step % 2)
+        loss(data[ids].clone().requires_grad_(), data[ids] + 0.01, ids=ids)
+    ids = torch.arange(4)
+    assert all(int((loss.bank_ids == i).sum()) == 2 for i in range(8))
+    with torch.no_grad():
+        masked = loss(data[ids], data[ids] + 0.01, ids=ids)
+        rows = []
+        for i in range(4):
+            kept = loss.memory_bank.bank[loss.bank_ids != i]
+            reference = NTXentLoss(0.2, memory_bank_size=(kept.shape[0], 8)).double()
+            reference.memory_bank.bank = kept.clone()
+            rows.append(reference(data[i:i + 1], data[i:i + 1] + 0.01))
+    torch.testing.assert_close(masked, torch.stack(rows).mean(), atol=1e-10, rtol=1e-10)
+
+
+# --- ids gathered with the keys under DDP (2 gloo processes) --------------------------------------
+
+def _ddp_worker(rank, port, result_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same random initial bank on both ranks
+        drop_in = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8), gather_distributed=True, smoothing=0.2,
+                                   neighbors=3, wait_for_full_bank=False)
+        torch.manual_seed(0)
+        reference = NTXentLoss(0.2, memory_bank_size=(16, 8), gather_distributed=True)
+        losses = []
+        for step in range(3):
+            query, key = _embeddings(6, 8, seed=1000 + step)
+            mine = slice(3 * rank, 3 * rank + 3)
+            ids = torch.arange(6)[mine] + 6 * (step % 2)  # the same images every other step
+            losses.append(drop_in(query[mine], key[mine], ids=ids).detach())
+            reference(query[mine], key[mine])
+        torch.save({"losses": losses, "bank": drop_in.memory_bank.bank, "bank_ids": drop_in.bank_ids,
+                    "reference_bank": reference.memory_bank.bank}, os.path.join(result_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ids_are_gathered_with_the_keys_under_ddp(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+
+    # One process holding both ranks' rows writes the same bank, ids and (per rank) losses.
+    torch.manual_seed(0)
+    single = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8), smoothing=0.2, neighbors=3, wait_for_full_bank=False)
+    for step in range(3):
+        query, key = _embeddings(6, 8, seed=1000 + step)
+        ids = torch.arange(6) + 6 * (step % 2)
+        # score each rank's rows against the bank before the step (detached: no enqueue)
+        expected = [single(query[3 * r:3 * r + 3].detach(), key[3 * r:3 * r + 3], ids=ids[3 * r:3 * r + 3])
+                    for r in range(2)]
+        single(query, key.detach(), ids=ids)  # the enqueue of the whole (gathered) batch
+        for r in range(2):
+            torch.testing.assert_close(ranks[r]["losses"][step], expected[r])
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["bank"], single.memory_bank.bank)
+        torch.testing.assert_close(ranks[r]["bank"], ranks[r]["reference_bank"])
+        assert torch.equal(ranks[r]["bank_ids"], single.bank_ids)
+    assert single.bank_ids.tolist()[:12] == list(range(12)) and single.bank_ids.tolist()[12:] == [0, 1, 2, 3]
