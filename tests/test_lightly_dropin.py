@@ -567,3 +567,88 @@ def test_ids_are_gathered_with_the_keys_under_ddp(tmp_path):
         torch.testing.assert_close(ranks[r]["bank"], ranks[r]["reference_bank"])
         assert torch.equal(ranks[r]["bank_ids"], single.bank_ids)
     assert single.bank_ids.tolist()[:12] == list(range(12)) and single.bank_ids.tolist()[12:] == [0, 1, 2, 3]
+
+
+# --- issue 10: light-moco's symmetric loss, step by step against the authors' arithmetic ------------
+
+def _authors_direction(query, key, queue, queue_ids, ids, temperature, alpha, k):
+    """One direction as light-moco's code computes it, row by row: logits [q.k_pos, q.queue] / tau,
+    cross-entropy against the target 1 - alpha on the positive and alpha spread over the k most
+    similar queue entries (all of them for k None); queue entries of the row's own image (ids) are
+    left out. Mean over the rows."""
+    rows = []
+    for i in range(query.shape[0]):
+        negatives = [j for j in range(queue.shape[0]) if ids is None or int(queue_ids[j]) != int(ids[i])]
+        positive = query[i] @ key[i]
+        similarities = [query[i] @ queue[j] for j in negatives]
+        logits = torch.stack([positive, *similarities]) / temperature
+        log_p = logits - torch.logsumexp(logits, dim=0)
+        loss = -(1 - alpha) * log_p[0]
+        if alpha > 0:
+            order = sorted(range(len(negatives)), key=lambda c: (-similarities[c].item(), c))  # ties: lower index
+            chosen = order if k is None else order[:k]
+            loss = loss - sum(alpha / len(chosen) * log_p[1 + c] for c in chosen)
+        rows.append(loss)
+    return torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("combine,smoothing,neighbors,with_ids", [
+    ("sum", 0.0, None, False), ("mean", 0.2, None, False), ("sum", 0.2, 3, False), ("mean", 0.1, 3, True),
+])
+def test_symmetric_equals_the_authors_loop_over_steps_with_the_enqueue(combine, smoothing, neighbors, with_ids):
+    """float64, 6 steps of 2 x 4 keys into a 24-entry bank (it wraps twice): loss, query gradients,
+    bank contents, ids and pointer as the authors' loop gives them."""
+    tau, batch, dim, size = 0.1, 4, 8, 24
+    torch.manual_seed(3)
+    loss_fn = SmoothNTXentLoss(tau, memory_bank_size=(size, dim), smoothing=smoothing, neighbors=neighbors,
+                               wait_for_full_bank=False).double()
+    # lightly's random start is unit-norm in float32; make it unit-norm in float64 (the core
+    # normalises the bank it reads, the authors' code does not)
+    loss_fn.memory_bank.bank.copy_(torch.nn.functional.normalize(loss_fn.memory_bank.bank, dim=1))
+    queue = loss_fn.memory_bank.bank.clone()  # the oracle's own queue, same start
+    queue_ids = torch.full((size,), -1)
+    ptr = 0
+    generator = torch.Generator().manual_seed(4)
+    for step in range(6):
+        query0, key0, query1, key1 = (torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+                                      for _ in range(4))
+        ids = torch.arange(batch) + batch * (step % 3) if with_ids else None
+        q0, q1 = query0.clone().requires_grad_(), query1.clone().requires_grad_()
+        got = loss_fn.symmetric(q0, key0, q1, key1, combine=combine, ids=ids)
+        got_grads = torch.autograd.grad(got, (q0, q1))
+
+        o0, o1 = query0.clone().requires_grad_(), query1.clone().requires_grad_()
+        n = torch.nn.functional.normalize
+        k0, k1 = n(key0, dim=1), n(key1, dim=1)
+        args = (queue, queue_ids, ids, tau, smoothing, neighbors)
+        expected = (_authors_direction(n(o0, dim=1), k1, *args)
+                    + _authors_direction(n(o1, dim=1), k0, *args))
+        expected = expected if combine == "sum" else expected / 2
+        expected_grads = torch.autograd.grad(expected, (o0, o1))
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+        for g, e in zip(got_grads, expected_grads):
+            torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+        for keys in (k0, k1):  # then the authors enqueue key0 and key1 (K is a multiple of 2B)
+            queue[ptr:ptr + batch] = keys
+            queue_ids[ptr:ptr + batch] = -1 if ids is None else ids
+            ptr = (ptr + batch) % size
+        torch.testing.assert_close(loss_fn.memory_bank.bank, queue, atol=1e-12, rtol=0)
+        assert torch.equal(loss_fn.bank_ids, queue_ids) and int(loss_fn.memory_bank.bank_ptr) == ptr
+    assert int(loss_fn.bank_enqueued) == 6 * 2 * batch
+
+
+def test_symmetric_differs_from_two_calls_and_needs_a_bank():
+    torch.manual_seed(5)
+    query0, key0, query1, key1 = (torch.randn(4, 8) for _ in range(4))
+    one = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8))
+    torch.manual_seed(0)
+    two = SmoothNTXentLoss(0.2, memory_bank_size=(16, 8))
+    two.memory_bank.bank.copy_(one.memory_bank.bank)
+    symmetric = one.symmetric(query0.requires_grad_(), key0, query1.requires_grad_(), key1, combine="sum")
+    calls = two(query0, key1) + two(query1, key0)  # the second call already sees key1 in the bank
+    assert not torch.allclose(symmetric, calls)
+    with pytest.raises(ValueError, match="combine"):
+        one.symmetric(query0, key0, query1, key1, combine="max")
+    with pytest.raises(ValueError, match="memory bank"):
+        SmoothNTXentLoss(0.2).symmetric(query0, key0, query1, key1)
