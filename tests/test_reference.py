@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightly.loss import NTXentLoss
 
-from oracles import label_oracle, moco_oracle, nt_xent_oracle, two_tower_oracle, unit
+from oracles import label_oracle, loop_oracle, moco_oracle, nt_xent_oracle, two_tower_oracle, unit
 from smooth_infonce import SmoothInfoNCELoss, make_pairs, reference_row_losses, smooth_infonce
-from smooth_infonce.layout import dense_masks
-from smooth_infonce.ops.reference import smoothed_targets
+from smooth_infonce.layout import NO_ID, dense_masks
+from smooth_infonce.ops.reference import nearest_negatives, positive_mask, smoothed_targets
 
 temperatures = st.floats(0.01, 1.0)
 alphas = st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.9])
@@ -228,3 +228,210 @@ def test_smoothing_raises_loss_of_a_confident_model():
     plain = SmoothInfoNCELoss(0.05)(out0, out1)
     smooth = SmoothInfoNCELoss(0.05, 0.2)(out0, out1)
     assert smooth > plain
+
+
+# --- per-row target weights: rows with fewer than k negatives, rows without negatives ----------
+
+def per_row_oracle(anchors, candidates, is_valid, is_positive, *, smoothing, positive_keys=None, **kw):
+    """The loop oracle row by row, with the per-row rule of `row_target_weights`: a row without
+    negatives keeps all the mass on its positives (alpha_i = 0); S(i) is the loop oracle's
+    ``ranked[:k]``, i.e. all negatives when there are fewer than k."""
+    rows = []
+    for i in range(anchors.shape[0]):
+        has_negative = any(is_valid(i, j) and not is_positive(i, j) for j in range(candidates.shape[0]))
+        keys = None if positive_keys is None else positive_keys[i:i + 1]
+        rows.append(loop_oracle(anchors[i:i + 1], candidates, lambda _, j, i=i: is_valid(i, j),
+                                lambda _, j, i=i: is_positive(i, j), positive_keys=keys,
+                                smoothing=smoothing if has_negative else 0.0, normalize=False, **kw))
+    return torch.cat(rows)
+
+
+def values_and_grads(fn, inputs):
+    """fn(*leaves) per row, and the gradient of a fixed random combination of the rows."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    rows = fn(*leaves)
+    mix = randn(99, rows.shape[0])
+    return rows.detach(), torch.autograd.grad((rows * mix).sum(), leaves, allow_unused=True, materialize_grads=True)
+
+
+def assert_same_values_and_grads(got, expected, tol=1e-12):
+    torch.testing.assert_close(got[0], expected[0], rtol=tol, atol=tol)
+    for g, e in zip(got[1], expected[1]):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+
+
+@settings(max_examples=40)
+@given(labels=st.lists(st.integers(0, 2), min_size=2, max_size=9), width=widths, temperature=temperatures,
+       smoothing=alphas, k=st.sampled_from([None, 1, 2, 5, 20]), seed=st.integers(0, 2**16))
+def test_in_batch_few_or_no_negatives_match_loop_oracle(labels, width, temperature, smoothing, k, seed):
+    """SupCon-style ids with tiny classes: k often exceeds a row's negatives, and with one label
+    (or a row whose label fills the batch) a row has none. Values and gradients, fp64."""
+    labels = labels + labels  # every row has a positive
+    n = len(labels)
+    ids = torch.tensor(labels)
+    z = randn(seed, n, width)
+    pairs = make_pairs(n, n, anchor_ids=ids, candidate_ids=ids, self_offset=0)
+    got = values_and_grads(lambda x: reference_row_losses(x, x, None, pairs, temperature=temperature,
+                                                          smoothing=smoothing, neighbors=k), [z])
+    expected = values_and_grads(
+        lambda x: per_row_oracle(x, x, lambda i, j: i != j, lambda i, j: labels[i] == labels[j],
+                                 temperature=temperature, smoothing=smoothing, neighbors=k), [z])
+    assert_same_values_and_grads(got, expected)
+
+
+def test_row_without_negatives_is_plain_infonce():
+    """One instance, two views: no negatives, one valid column: the loss is 0 whatever alpha and k."""
+    z = randn(0, 2, 4).requires_grad_()
+    pairs = make_pairs(2, 2, anchor_ids=torch.tensor([0, 0]), candidate_ids=torch.tensor([0, 0]), self_offset=0)
+    for smoothing, k in [(0.0, None), (0.3, None), (0.3, 2)]:
+        rows = reference_row_losses(z, z, None, pairs, temperature=0.1, smoothing=smoothing, neighbors=k)
+        torch.testing.assert_close(rows, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
+        (grad,) = torch.autograd.grad(rows.sum(), z)
+        torch.testing.assert_close(grad, torch.zeros_like(grad), rtol=0, atol=1e-12)
+
+
+def test_dense_targets_follow_the_per_row_rule():
+    """`smoothed_targets`: rows sum to 1 also with k > |Neg(i)| (all negatives share alpha) and
+    without negatives (all mass on the positives)."""
+    positive = torch.tensor([[True, False, False, False], [True, True, True, False]])
+    negative = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    sims = randn(0, 2, 4)
+    targets = smoothed_targets(sims, positive, negative, smoothing=0.4, neighbors=5)
+    expected = torch.tensor([[0.6, 0.2, 0.2, 0.0], [1 / 3, 1 / 3, 1 / 3, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(targets, expected)
+
+
+# --- ids_exclude: a queue entry with the row's own id is left out of V(i) ----------------------
+
+@settings(max_examples=40)
+@given(batch=st.integers(1, 5), queue=st.integers(1, 12), width=widths, temperature=temperatures,
+       smoothing=st.sampled_from([0.0, 0.1, 0.4]), k=st.sampled_from([None, 1, 3, 20]),
+       queue_ids=st.data(), seed=st.integers(0, 2**16))
+def test_masking_a_queue_entry_by_id_equals_deleting_it(batch, queue, width, temperature, smoothing, k,
+                                                         queue_ids, seed):
+    """MoCo with sample ids: row i's loss, and its gradient to the queries, keys and queue, equal
+    those of row i alone against the queue without the entries of id i (which get no gradient),
+    for alpha 0, uniform and neighbours, including rows left with < k or no negatives. fp64."""
+    cand = queue_ids.draw(st.lists(st.sampled_from(list(range(batch)) + [NO_ID, batch + 7]),
+                                   min_size=queue, max_size=queue))
+    inputs = randn(seed, batch, width), randn(seed + 1, batch, width), randn(seed + 2, queue, width)
+    options = dict(temperature=temperature, smoothing=smoothing, neighbors=k)
+    pairs = make_pairs(batch, queue, anchor_ids=torch.arange(batch), candidate_ids=torch.tensor(cand),
+                       has_positive_key=True, ids_exclude=True)
+    for i in range(batch):
+        q, key, bank = (x.detach().clone().requires_grad_() for x in inputs)
+        masked = reference_row_losses(q, bank, key, pairs, **options)[i]
+        masked_grads = torch.autograd.grad(masked, (q, key, bank))
+
+        keep = torch.tensor([j for j in range(queue) if cand[j] != i], dtype=torch.long)
+        q, key, bank = (x.detach().clone().requires_grad_() for x in inputs)
+        if len(keep):
+            alone = make_pairs(1, len(keep), has_positive_key=True)
+            deleted = reference_row_losses(q[i:i + 1], bank[keep], key[i:i + 1], alone, **options)[0]
+            deleted_grads = torch.autograd.grad(deleted, (q, key, bank))
+        else:  # nothing left but the key: one valid column, loss 0, no gradient
+            deleted, deleted_grads = torch.zeros((), dtype=torch.float64), (q * 0, key * 0, bank * 0)
+
+        torch.testing.assert_close(masked, deleted, rtol=1e-12, atol=1e-12)
+        for got, expected in zip(masked_grads, deleted_grads):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert not masked_grads[2][[j for j in range(queue) if cand[j] == i]].any()
+
+
+@settings(max_examples=25)
+@given(batch=st.integers(1, 4), queue=st.integers(1, 10), width=widths, temperature=temperatures,
+       smoothing=alphas, k=st.sampled_from([None, 1, 4, 20]), queue_ids=st.data(), seed=st.integers(0, 2**16))
+def test_moco_with_ids_matches_loop_oracle(batch, queue, width, temperature, smoothing, k, queue_ids, seed):
+    """MoCo with sample ids against the loop oracle: same-id queue entries are not valid columns."""
+    cand = queue_ids.draw(st.lists(st.sampled_from(list(range(batch)) + [NO_ID]), min_size=queue, max_size=queue))
+    q, key, bank = randn(seed, batch, width), randn(seed + 1, batch, width), randn(seed + 2, queue, width)
+    pairs = make_pairs(batch, queue, anchor_ids=torch.arange(batch), candidate_ids=torch.tensor(cand),
+                       has_positive_key=True, ids_exclude=True)
+    options = dict(temperature=temperature, smoothing=smoothing, neighbors=k)
+    got = values_and_grads(lambda q, key, bank: reference_row_losses(q, bank, key, pairs, **options), [q, key, bank])
+    expected = values_and_grads(
+        lambda q, key, bank: per_row_oracle(q, bank, lambda i, j: cand[j] != i, lambda i, j: False,
+                                            positive_keys=key, **options), [q, key, bank])
+    assert_same_values_and_grads(got, expected)
+
+
+# --- the fast path against the dense written-out form ------------------------------------------
+
+@settings(max_examples=40)
+@given(layout=st.sampled_from(["in_batch", "two_tower", "moco", "moco_ids"]), n=st.integers(1, 7),
+       m=st.integers(1, 9), width=widths, temperature=temperatures, smoothing=alphas,
+       k=st.sampled_from([None, 1, 2, 4, 12]), duplicates=st.booleans(), seed=st.integers(0, 2**16))
+def test_matches_dense_targets(layout, n, m, width, temperature, smoothing, k, duplicates, seed):
+    """l_i = LSE over V(i) - sum_j y_ij z_ij with y from `smoothed_targets` and the masks from
+    `dense_masks`: values and gradients, every layout, duplicated candidates (exact ties) included."""
+    if layout == "in_batch":
+        n = m = 2 * n
+    anchors, candidates, keys = randn(seed, n, width), randn(seed + 1, m, width), randn(seed + 2, n, width)
+    if duplicates:  # exact ties among the candidates' similarities
+        candidates = torch.cat([candidates[: (m + 1) // 2]] * 2)[:m]
+        anchors = candidates[:n] if layout == "in_batch" else anchors
+    ids = torch.arange(n) % max(n // 2, 1)
+    pairs = {
+        "in_batch": lambda: make_pairs(n, n, anchor_ids=ids, candidate_ids=ids, self_offset=0),
+        "two_tower": lambda: make_pairs(n, m, anchor_ids=torch.arange(n), candidate_ids=torch.arange(m)),
+        "moco": lambda: make_pairs(n, m, has_positive_key=True),
+        "moco_ids": lambda: make_pairs(n, m, anchor_ids=torch.arange(n), candidate_ids=torch.arange(m) % (n + 1),
+                                       has_positive_key=True, ids_exclude=True),
+    }[layout]()
+    has_positive = bool((pairs.num_positives > 0).all())
+    if not has_positive:
+        return  # a row without a positive has no defined loss
+    options = dict(temperature=temperature, smoothing=smoothing, neighbors=k)
+    leaves = [anchors] if layout == "in_batch" else [anchors, candidates] + ([keys] if "moco" in layout else [])
+
+    def fast(a, c=None, key=None):
+        return reference_row_losses(a, a if c is None else c, key, pairs, **options)
+
+    def dense(a, c=None, key=None):
+        c = a if c is None else c
+        sims = a @ c.T
+        if key is not None:
+            sims = torch.cat([(a * key).sum(1, keepdim=True), sims], dim=1)
+        valid, positive = dense_masks(pairs, n, c.shape[0], a.device)
+        targets = smoothed_targets(sims.detach(), positive, valid & ~positive, smoothing, k)
+        logits = sims / temperature
+        return torch.logsumexp(logits.masked_fill(~valid, float("-inf")), 1) - (targets * logits).sum(1)
+
+    assert_same_values_and_grads(values_and_grads(fast, leaves), values_and_grads(dense, leaves), tol=1e-11)
+
+
+@settings(max_examples=30)
+@given(n=st.integers(1, 6), m=st.integers(1, 14), k=st.integers(1, 12), copies=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_nearest_negatives_are_brute_force_topk(n, m, k, copies, seed):
+    """The op's selection (k-th value, then a rank with ties by column) equals a brute-force sort by
+    (similarity descending, column ascending), with many exact ties, k above |Neg(i)| included."""
+    base = randn(seed, max(m // copies, 1), 3)
+    candidates = base.repeat(m, 1)[:m]
+    anchors = randn(seed + 1, n, 3)
+    ids = torch.arange(n)
+    cand_ids = torch.arange(m) % (n + 2)  # some candidates are a row's positive
+    pairs = make_pairs(n, m, anchor_ids=ids, candidate_ids=cand_ids)
+    logits = anchors @ candidates.T
+    columns, present = nearest_negatives(logits, positive_mask(pairs, m), pairs.num_negatives, k)
+    for i in range(n):
+        negatives = [j for j in range(m) if int(cand_ids[j]) != i]
+        chosen = sorted(negatives, key=lambda j: (-float(logits[i, j]), j))[:k]
+        assert sorted(columns[i][present[i]].tolist()) == sorted(chosen)
+
+
+@pytest.mark.parametrize("k", [None, 2, 6])
+def test_gradcheck_moco_ids_and_two_tower(k):
+    """fp64 gradcheck of the op itself (the custom backward p - y), MoCo with excluded ids and rows
+    with fewer than k negatives, and two-tower with both sides differentiable."""
+    q, key, bank = randn(0, 3, 5).requires_grad_(), randn(1, 3, 5).requires_grad_(), randn(2, 6, 5).requires_grad_()
+    pairs = make_pairs(3, 6, anchor_ids=torch.arange(3), candidate_ids=torch.tensor([0, 0, 1, 2, 2, NO_ID]),
+                       has_positive_key=True, ids_exclude=True)
+    fn = lambda q, key, bank: reference_row_losses(q, bank, key, pairs, temperature=0.2,  # noqa: E731
+                                                   smoothing=0.3, neighbors=k)
+    assert torch.autograd.gradcheck(fn, (q, key, bank))
+    x, y = randn(3, 4, 5).requires_grad_(), randn(4, 6, 5).requires_grad_()
+    tower = make_pairs(4, 6, anchor_ids=torch.arange(4), candidate_ids=torch.arange(6))
+    fn = lambda x, y: reference_row_losses(x, y, None, tower, temperature=0.5,  # noqa: E731
+                                           smoothing=0.2, neighbors=k)
+    assert torch.autograd.gradcheck(fn, (x, y))
