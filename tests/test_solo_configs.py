@@ -1,8 +1,9 @@
-"""solo-learn integration, the parts that need no solo-learn: shipped configs, backbones, losses,
-option parsing, shared-recipe consistency and the launcher's error path.
+"""solo-learn integration, the parts that need no solo-learn: shipped configs (generated from the
+presets), backbones, losses, the MoCo queue and its step, option parsing and the launcher's error path.
 
 The loss oracles restate solo-learn's two formulas from the math (solo/losses/simclr.py and
-mocov2plus.py compute exactly these); lightly's NTXentLoss is an independent cross-check.
+mocov2plus.py compute exactly these); lightly's NTXentLoss is an independent cross-check; the MoCo
+step is checked over several steps against a queue kept as a Python list and the row-by-row oracle.
 """
 
 from __future__ import annotations
@@ -17,21 +18,29 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from oracles import moco_oracle
-from smooth_infonce import smooth_infonce
+from smooth_infonce import LossOptions, SmoothingSchedule, smooth_infonce
 from smooth_infonce.integrations.backbones import build_backbone
-from smooth_infonce.integrations.optim import parameter_groups
-from smooth_infonce.integrations.recipes import LossSpec, get_preset, list_presets
+from smooth_infonce.integrations.optim import parameter_groups, split_no_decay
+from smooth_infonce.integrations.recipes import (
+    OptimizerSpec,
+    get_preset,
+    list_presets,
+    query_view_weights,
+    view_loss_weights,
+)
 from smooth_infonce.integrations.solo import (
     CONFIG_PACKAGE,
     METHOD_NAMES,
     SOLO_BACKBONES,
+    KeyQueue,
+    generate,
     list_configs,
     moco_loss,
+    moco_step,
     simclr_loss,
     solo_backbone_factory,
 )
-from smooth_infonce.integrations.solo.configs_index import list_group_options
+from smooth_infonce.integrations.solo.configs_index import config_dir, list_group_options
 from smooth_infonce.integrations.solo.launcher import (
     find_solo_clone,
     hydra_argv,
@@ -40,13 +49,15 @@ from smooth_infonce.integrations.solo.launcher import (
     resolve_config_name,
 )
 from smooth_infonce.integrations.solo.options import (
-    SMOOTHING_DEFAULTS,
+    LOSS_DEFAULTS,
     loss_options,
+    loss_options_to_yaml,
+    moco_settings,
     symmetric_mode,
 )
 from smooth_infonce.integrations.solo.registry import SOLO_INSTALL_HINT, SoloLearnNotFound, register
-from smooth_infonce.integrations.optim import split_no_decay
-from smooth_infonce.integrations.recipes import OptimizerSpec, query_view_weights, view_loss_weights
+
+from oracles import loop_oracle, moco_oracle
 
 SOLO_INSTALLED = importlib.util.find_spec("solo") is not None
 LIGHTWEIGHT = ("mobilenetv3_large_100", "efficientnet_b0", "mobilenet_v2")
@@ -154,8 +165,11 @@ def test_pretrain_configs_compose_for_every_backbone_and_dataset(name):
             assert cfg.data.dataset in ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "custom")
             # the method's own checks, as it runs them at start-up
             options = loss_options(cfg.method_kwargs, cfg.max_epochs)
-            assert options.spec.neighbors < cfg.method_kwargs.get("queue_size", 2 * cfg.optimizer.batch_size)
-            symmetric_mode(cfg.method_kwargs)
+            negatives = cfg.method_kwargs.get("queue_size", 2 * cfg.optimizer.batch_size)
+            assert options.neighbors is None or options.neighbors < negatives
+            assert options.few_negatives == "use_all"
+            if cfg.method == "smooth_mocov2plus":
+                moco_settings(cfg.method_kwargs, options)
 
 
 @pytest.mark.parametrize("name", list_configs("linear"))
@@ -210,8 +224,14 @@ def test_config_matches_the_shared_preset(preset_name):
     # head: solo-learn's MoCo V2+ projector is Linear -> ReLU -> Linear without BN
     assert (kwargs.proj_hidden_dim, kwargs.proj_output_dim) == (recipe.head.hidden_dim, recipe.head.output_dim)
     assert recipe.head.num_layers == 2 and not recipe.head.batch_norm
-    # loss: the same LossSpec, hence the same alpha schedule
-    assert loss_options(kwargs, cfg.max_epochs).spec == loss
+    # loss: the preset's options (the solo methods' few_negatives policy), hence the same alpha schedule
+    options = loss_options(kwargs, cfg.max_epochs)
+    assert options == loss.to_options(recipe.epochs, few_negatives="use_all")
+    assert (options.temperature, options.smoothing, options.neighbors) == (
+        loss.temperature, loss.smoothing, loss.neighbors_or_none)
+    ramp = loss.smoothing_schedule(recipe.epochs)
+    assert [options.smoothing_at(e) for e in range(recipe.epochs + 2)] == [ramp(e) for e in range(recipe.epochs + 2)]
+    assert kwargs.wait_for_full_bank == loss.wait_for_full_bank and kwargs.mask_own_queue_entries is True
     assert symmetric_mode(kwargs) is None  # the presets' MoCo is asymmetric: key = global view 1
     # MoCo
     assert kwargs.queue_size == recipe.moco.queue_size
@@ -250,39 +270,112 @@ def test_config_matches_the_shared_preset(preset_name):
     assert (None if weights is None else tuple(weights)) == views.loss_weights
 
 
+# --- generated configs ----------------------------------------------------------------------
+
+def test_shipped_preset_configs_equal_the_generated_ones():
+    """The presets are the one source: `smooth-infonce-solo configs --write` rewrites these files."""
+    assert generate.stale_files() == {}
+    generated = set(generate.generated_files())
+    assert {f"pretrain/{p}.yaml" for p in list_presets()} <= generated
+    groups = {"moco_v2", "sslight", "sslight_baseline"}
+    assert {f"augmentations/{group}.yaml" for group in groups} <= generated
+    for rel in generated:
+        assert (generate.Path(config_dir()) / rel).read_text().count(generate.GENERATED_MARK) == 1
+
+
+def test_generator_writes_reports_and_removes_stale_files(tmp_path):
+    assert set(generate.write(tmp_path)) == set(generate.generated_files())
+    assert generate.stale_files(tmp_path) == {} and generate.write(tmp_path) == []
+    (tmp_path / "pretrain/light_moco.yaml").write_text("edited\n")
+    (tmp_path / "pretrain/old_preset.yaml").write_text(f"{generate.GENERATED_MARK} from a preset.\n")
+    (tmp_path / "pretrain/mine.yaml").write_text("# hand-written\n")
+    (tmp_path / "augmentations/moco_v2.yaml").unlink()
+    assert generate.stale_files(tmp_path) == {
+        "pretrain/light_moco.yaml": "differs from the preset", "augmentations/moco_v2.yaml": "missing",
+        "pretrain/old_preset.yaml": "generated from a preset that no longer exists"}
+    assert generate.write(tmp_path) == ["augmentations/moco_v2.yaml", "pretrain/light_moco.yaml",
+                                        "pretrain/old_preset.yaml"]
+    assert not (tmp_path / "pretrain/old_preset.yaml").exists() and (tmp_path / "pretrain/mine.yaml").exists()
+    assert generate.stale_files(tmp_path) == {}
+
+
+def test_configs_check_command(capsys):
+    assert main(["configs", "--check"]) == 0
+    with pytest.raises(SystemExit):
+        main(["configs", "--write", "--check"])
+
+
+def test_generated_config_follows_a_changed_preset(monkeypatch):
+    """A preset change reaches the rendered YAML (the generator reads the presets, not a copy)."""
+    changed = get_preset("light_moco", loss__smoothing=0.3, loss__mode="uniform", moco__queue_size=4096)
+    monkeypatch.setattr(generate, "get_preset", lambda name: changed if name == "light_moco" else get_preset(name))
+    config = generate.pretrain_config("light_moco")
+    assert config["method_kwargs"]["smoothing"] == 0.3 and config["method_kwargs"]["neighbors"] is None
+    assert config["method_kwargs"]["queue_size"] == 4096
+    assert "pretrain/light_moco.yaml" in generate.stale_files()
+
+
 # --- options -----------------------------------------------------------------------------------
 
-def test_option_defaults_are_the_loss_spec_defaults():
+def test_every_loss_option_is_a_method_kwarg_of_the_same_name():
     options = loss_options({"temperature": 0.2}, max_epochs=10)
-    assert options.spec == LossSpec(temperature=0.2)
-    assert SMOOTHING_DEFAULTS["loss_backend"] == "auto" and options.loss_weights is None
+    assert options == LossOptions(temperature=0.2, few_negatives="use_all")
+    assert set(LOSS_DEFAULTS) == set(LossOptions.field_names())
+    kwargs = {"temperature": 0.3, "smoothing": 0.2, "neighbors": 4, "schedule": {"kind": "warmup", "warmup_epochs": 2},
+              "normalize": False, "reduction": "sum", "backend": "reference", "deterministic": True,
+              "allow_tf32": False, "few_negatives": "raise"}
+    assert set(kwargs) == set(LossOptions.field_names())
+    assert loss_options(kwargs, max_epochs=10) == LossOptions(
+        temperature=0.3, smoothing=0.2, neighbors=4, schedule=SmoothingSchedule(0.2, "warmup", warmup_epochs=2),
+        normalize=False, reduction="sum", backend="reference", deterministic=True, allow_tf32=False,
+        few_negatives="raise")
 
 
-def test_options_build_the_recipe_schedule():
-    kwargs = {"temperature": 0.1, "smoothing": 0.2, "smoothing_schedule": "cosine", "smoothing_warmup_epochs": 2}
-    schedule = loss_options(kwargs, max_epochs=12).schedule
-    expected = LossSpec(temperature=0.1, smoothing=0.2, schedule="cosine", warmup_epochs=2).smoothing_schedule(12)
-    assert [schedule(e) for e in range(14)] == [expected(e) for e in range(14)]
-    assert schedule(1) == 0 and schedule(12) == pytest.approx(0.2)
+def test_schedule_spellings_and_round_trip():
+    schedule = {"kind": "cosine", "warmup_epochs": 2}
+    cosine = loss_options({"temperature": 0.1, "smoothing": 0.2, "schedule": schedule}, 12)
+    assert cosine.schedule == SmoothingSchedule(0.2, "cosine", warmup_epochs=2, epochs=10)
+    assert cosine.smoothing_at(1) == 0 and cosine.smoothing_at(12) == pytest.approx(0.2)
+    assert loss_options({"temperature": 0.1, "smoothing": 0.2, "schedule": "warmup"}, 5).schedule == \
+        SmoothingSchedule(0.2, "warmup")
+    assert loss_options({"temperature": 0.1, "schedule": None}, 5).schedule is None
+    for schedule in (SmoothingSchedule(0.2, "cosine", warmup_epochs=3, epochs=7),
+                     SmoothingSchedule(0.2, "cosine", epochs=4), SmoothingSchedule(0.1, "warmup", warmup_epochs=3)):
+        options = LossOptions(temperature=0.1, schedule=schedule, few_negatives="use_all")
+        rendered = loss_options_to_yaml(options, max_epochs=10)
+        assert loss_options(rendered, max_epochs=10) == options
 
 
 @pytest.mark.parametrize("bad", [
-    {"smoothing": 1.0}, {"smoothing_mode": "tiered"}, {"neighbors": 0}, {"smoothing_schedule": "linear"},
-    {"loss_backend": "cuda"}, {"loss_weights": [0.4]}, {"loss_weights": [0, 0]}, {"smoothing_mode": "neighbors",
-                                                                                 "neighbors": None},
+    {"smoothing": 1.0}, {"neighbors": 0}, {"schedule": "linear"}, {"schedule": {"kind": "warmup", "warm": 1}},
+    {"backend": "cuda"}, {"reduction": "none"}, {"few_negatives": "skip"}, {"temperature": None},
+    {"normalize": "yes"}, {"allow_tf32": 1},
 ])
 def test_invalid_options_are_rejected(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises((ValueError, TypeError), match="method_kwargs"):
         loss_options({"temperature": 0.2, **bad}, max_epochs=10)
 
 
-def test_uniform_mode_needs_no_k_and_symmetric_spellings():
-    assert loss_options({"temperature": 0.2, "smoothing_mode": "uniform", "neighbors": None}, 5).neighbors is None
-    assert symmetric_mode({}) == "mean"
+@pytest.mark.parametrize("old, new", [("smoothing_mode", "neighbors"), ("smoothing_schedule", "schedule"),
+                                      ("smoothing_warmup_epochs", "schedule"), ("loss_backend", "backend")])
+def test_old_keys_are_rejected_with_their_new_name(old, new):
+    with pytest.raises(ValueError, match=f"{old} is now {new}"):
+        loss_options({"temperature": 0.2, old: "x"}, max_epochs=10)
+
+
+def test_moco_settings_and_symmetric_spellings():
+    options = loss_options({"temperature": 0.2}, 5)
+    settings = moco_settings({}, options)
+    assert (settings.symmetric, settings.wait_for_full_bank, settings.mask_own_queue_entries) == ("mean", True, True)
+    assert moco_settings({"mask_own_queue_entries": False}, options).mask_own_queue_entries is False
     assert symmetric_mode({"symmetric": None}) is None and symmetric_mode({"symmetric": "none"}) is None
     assert symmetric_mode({"symmetric": "sum"}) == "sum"
     with pytest.raises(ValueError):
         symmetric_mode({"symmetric": "max"})
+    with pytest.raises(TypeError):
+        moco_settings({"mask_own_queue_entries": "yes"}, options)
+    with pytest.raises(ValueError, match="reduction"):
+        moco_settings({"symmetric": "sum"}, options.replace(reduction="sum"))
 
 
 # --- backbones ---------------------------------------------------------------------------------
@@ -337,14 +430,17 @@ def solo_moco_direction_oracle(query, key, queue, temperature):
     return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long))
 
 
+REFERENCE = LossOptions(temperature=0.2, backend="reference", few_negatives="use_all")
+
+
 def test_simclr_two_crops_at_smoothing_zero_is_solo_simclr_and_lightly_ntxent():
     from lightly.loss import NTXentLoss
 
     torch.manual_seed(0)
     z0, z1 = torch.randn(12, 16), torch.randn(12, 16)
-    indexes = torch.arange(100, 112).repeat(2)  # dataset indexes, crop-major
-    ours = simclr_loss(torch.cat([z0, z1]), indexes, temperature=0.2, backend="reference")
-    torch.testing.assert_close(ours, solo_simclr_oracle(torch.cat([z0, z1]), indexes, 0.2))
+    indexes = torch.arange(100, 112)  # dataset indexes of the 12 images
+    ours = simclr_loss(torch.cat([z0, z1]), indexes, REFERENCE)
+    torch.testing.assert_close(ours, solo_simclr_oracle(torch.cat([z0, z1]), indexes.repeat(2), 0.2))
     torch.testing.assert_close(ours, NTXentLoss(temperature=0.2)(z0, z1))
 
 
@@ -354,7 +450,7 @@ def test_simclr_multicrop_positives_average_the_log_probabilities():
     torch.manual_seed(1)
     z = torch.randn(4 * 6, 8)
     indexes = torch.arange(6).repeat(4)
-    ours = simclr_loss(z, indexes, temperature=0.5, backend="reference")
+    ours = simclr_loss(z, torch.arange(6), REFERENCE.replace(temperature=0.5))
     zn = F.normalize(z, dim=1)
     logits = zn @ zn.T / 0.5
     logits.fill_diagonal_(float("-inf"))
@@ -367,66 +463,201 @@ def test_simclr_multicrop_positives_average_the_log_probabilities():
 
 def test_simclr_view_weights_weight_rows_by_crop():
     torch.manual_seed(2)
-    z, indexes = torch.randn(3 * 5, 8), torch.arange(5).repeat(3)
-    rows = smooth_infonce(z, ids=indexes, temperature=0.3, reduction="none", backend="reference")
+    z, indexes = torch.randn(3 * 5, 8), torch.arange(5)
+    options = REFERENCE.replace(temperature=0.3)
+    rows = smooth_infonce(z, ids=indexes.repeat(3), options=options, reduction="none")
     weights = torch.tensor([0.5, 0.25, 0.25]).repeat_interleave(5)
-    weighted = simclr_loss(z, indexes, temperature=0.3, backend="reference", view_weights=(0.5, 0.25, 0.25))
+    weighted = simclr_loss(z, indexes, options, view_weights=(0.5, 0.25, 0.25))
     torch.testing.assert_close(weighted, (weights * rows).sum() / weights.sum())
-    torch.testing.assert_close(simclr_loss(z, indexes, temperature=0.3, backend="reference"), rows.mean())
+    torch.testing.assert_close(simclr_loss(z, indexes, options), rows.mean())
 
 
-def test_moco_symmetric_mean_at_smoothing_zero_is_solo_mocov2plus():
+def test_simclr_survives_a_batch_of_one_image():
+    """A last batch of one image: no negatives; solo-learn's loss is 0 there (log 1), ours too."""
+    z = torch.randn(2, 8, requires_grad=True)
+    loss = simclr_loss(z, torch.tensor([7]), REFERENCE.replace(smoothing=0.1, neighbors=5))
+    loss.backward()
+    assert loss.item() == pytest.approx(float(solo_simclr_oracle(z.detach(), torch.tensor([7, 7]), 0.2)), abs=1e-6)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(z.grad).all()
+    three = simclr_loss(torch.randn(4, 8), torch.tensor([1, 2]), REFERENCE.replace(smoothing=0.1, neighbors=5))
+    assert torch.isfinite(three)  # 2 negatives per row, k = 5: smooths onto both
+    with pytest.raises(ValueError, match="negatives"):
+        simclr_loss(z, torch.tensor([7]), REFERENCE.replace(few_negatives="raise"))
+
+
+def test_moco_symmetric_reads_one_queue_in_both_directions():
     torch.manual_seed(3)
     q1, q2, k1, k2 = (torch.randn(8, 16) for _ in range(4))
-    queues = F.normalize(torch.randn(2, 32, 16), dim=-1)
-    ours = moco_loss([q1, q2], [k1, k2], queues, temperature=0.2, symmetric="mean", backend="reference")
-    solo = (solo_moco_direction_oracle(q1, k2, queues[1], 0.2) + solo_moco_direction_oracle(q2, k1, queues[0], 0.2)) / 2
+    queue = F.normalize(torch.randn(32, 16), dim=-1)
+    ours = moco_loss([q1, q2], [k1, k2], queue, REFERENCE, symmetric="mean")
+    solo = (solo_moco_direction_oracle(q1, k2, queue, 0.2) + solo_moco_direction_oracle(q2, k1, queue, 0.2)) / 2
     torch.testing.assert_close(ours, solo)
-    summed = moco_loss([q1, q2], [k1, k2], queues, temperature=0.2, symmetric="sum", backend="reference")
+    summed = moco_loss([q1, q2], [k1, k2], queue, REFERENCE, symmetric="sum")
     torch.testing.assert_close(summed, 2 * solo)
 
 
 def test_moco_asymmetric_is_moco_v2_with_key_from_global_view_one():
     torch.manual_seed(4)
     q1, q2, k1 = (torch.randn(8, 16) for _ in range(3))
-    queue = F.normalize(torch.randn(1, 32, 16), dim=-1)
-    ours = moco_loss([q1, q2], [k1], queue, temperature=0.07, symmetric=None, backend="reference")
-    torch.testing.assert_close(ours, solo_moco_direction_oracle(q2, k1, queue[0], 0.07))
+    queue = F.normalize(torch.randn(32, 16), dim=-1)
+    ours = moco_loss([q1, q2], [k1], queue, REFERENCE.replace(temperature=0.07), symmetric=None)
+    torch.testing.assert_close(ours, solo_moco_direction_oracle(q2, k1, queue, 0.07))
 
 
 def test_moco_multi_query_weights_follow_sslight():
     torch.manual_seed(5)
-    q1, q2, k1 = (torch.randn(6, 16) for _ in range(3))
+    q1, q2, k1, k2 = (torch.randn(6, 16) for _ in range(4))
     local = [torch.randn(6, 16) for _ in range(3)]
-    queue = F.normalize(torch.randn(1, 24, 16), dim=-1)
+    queue = F.normalize(torch.randn(24, 16), dim=-1)
     weights = query_view_weights(2, 3, (0.4, 0.6))
     assert weights == pytest.approx((0.4, 0.2, 0.2, 0.2))
-    ours = moco_loss([q1, q2], [k1], queue, local_queries=local, temperature=0.2, symmetric=None,
-                     query_view_weights=weights, backend="reference")
-    per_view = [solo_moco_direction_oracle(q, k1, queue[0], 0.2) for q in [q2, *local]]
-    torch.testing.assert_close(ours, sum(w * l for w, l in zip(weights, per_view)))
-    plain = moco_loss([q1, q2], [k1], queue, local_queries=local, temperature=0.2, symmetric=None,
-                      backend="reference")
+    ours = moco_loss([q1, q2], [k1], queue, REFERENCE, local_queries=local, symmetric=None, query_view_weights=weights)
+    per_view = [solo_moco_direction_oracle(q, k1, queue, 0.2) for q in [q2, *local]]
+    torch.testing.assert_close(ours, sum(w * v for w, v in zip(weights, per_view)))
+    plain = moco_loss([q1, q2], [k1], queue, REFERENCE, local_queries=local, symmetric=None)
     torch.testing.assert_close(plain, torch.stack(per_view).mean())
+    both = moco_loss([q1, q2], [k1, k2], queue, REFERENCE, local_queries=local, symmetric="sum",
+                     query_view_weights=weights)
+    other = [solo_moco_direction_oracle(q, k2, queue, 0.2) for q in [q1, *local]]
+    torch.testing.assert_close(both, ours + sum(w * v for w, v in zip(weights, other)))
 
 
 def test_moco_smoothing_matches_the_loop_oracle():
     torch.manual_seed(6)
     q1, q2, k1, k2 = (torch.randn(5, 8) for _ in range(4))
-    queues = torch.randn(2, 20, 8)
-    ours = moco_loss([q1, q2], [k1, k2], queues, temperature=0.2, smoothing=0.3, neighbors=4,
-                     symmetric="mean", backend="reference")
+    queue = torch.randn(20, 8)
     options = dict(temperature=0.2, smoothing=0.3, neighbors=4)
-    expected = (moco_oracle(q1, k2, queues[1], **options).mean() + moco_oracle(q2, k1, queues[0], **options).mean()) / 2
+    ours = moco_loss([q1, q2], [k1, k2], queue, REFERENCE.replace(**options), symmetric="mean")
+    expected = (moco_oracle(q1, k2, queue, **options).mean() + moco_oracle(q2, k1, queue, **options).mean()) / 2
     torch.testing.assert_close(ours, expected.to(ours.dtype))
 
 
 def test_moco_loss_checks_its_layout():
     q, k = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(ValueError):
-        moco_loss([q, q], [k], torch.randn(1, 8, 8), temperature=0.2, symmetric="mean")  # needs 2 queues
+        moco_loss([q, q], [k], torch.randn(8, 8), REFERENCE, symmetric="mean")  # needs 2 keys
     with pytest.raises(ValueError):
-        moco_loss([q, q], [k], torch.randn(1, 8, 8), temperature=0.2, symmetric=None, query_view_weights=(1, 1))
+        moco_loss([q, q], [k], torch.randn(8, 8), REFERENCE, symmetric=None, query_view_weights=(1, 1))
+
+
+# --- the MoCo queue ------------------------------------------------------------------------------
+
+def test_key_queue_is_a_ring_buffer_of_keys_and_ids():
+    queue = KeyQueue(5, 3)
+    assert queue.ids.tolist() == [-1] * 5 and not bool(queue.filled)
+    assert torch.allclose(queue.keys.norm(dim=1), torch.ones(5))
+    keys = torch.arange(3 * 3, dtype=torch.float32).view(3, 3)
+    queue.push(keys, torch.tensor([10, 11, 12]))
+    assert queue.ids.tolist() == [10, 11, 12, -1, -1] and int(queue.ptr) == 3 and not bool(queue.filled)
+    queue.push(keys[:2] + 100)  # no ids: unknown
+    assert queue.ids.tolist() == [10, 11, 12, -1, -1] and int(queue.ptr) == 0 and bool(queue.filled)
+    assert torch.equal(queue.keys[3:], keys[:2] + 100)
+    queue.push(keys, torch.tensor([20, 21, 22]))  # a batch not dividing the queue: it wraps
+    queue.push(keys[:1], torch.tensor([30]))
+    assert queue.ids.tolist() == [20, 21, 22, 30, -1] and int(queue.ptr) == 4
+    queue.push(torch.arange(7 * 3, dtype=torch.float32).view(7, 3), torch.arange(40, 47))  # more than K
+    assert queue.ids.tolist() == [46, 42, 43, 44, 45] and int(queue.ptr) == (4 + 7) % 5  # as 7 single pushes
+    assert set(queue.state_dict()) == {"keys", "ids", "ptr", "filled"}
+
+
+def moco_run_oracle(batches, initial_keys, *, symmetric, mask_own, locals_weights=None, **loss):
+    """The light-moco authors' step, in Python: the loss reads the queue as it was; then key 1
+    (and key 2 when symmetric) are enqueued, slot by slot, with their ids. Row losses come from
+    the loop oracle; masked entries are left out of the query's candidates."""
+    queue = [(key, -1) for key in initial_keys]
+    ptr, losses = 0, []
+    for q1, q2, k1, k2, local, ids in batches:
+        keys = torch.stack([key for key, _ in queue])
+        owner = [owner_id for _, owner_id in queue]
+
+        def direction(queries, key, keys=keys, owner=owner, ids=ids):
+            weights = locals_weights or [1.0 / len(queries)] * len(queries)
+            total = 0
+            for weight, query in zip(weights, queries):
+                def valid(i, j, owner=owner, ids=ids):
+                    return not (mask_own and owner[j] == int(ids[i]))
+
+                rows = loop_oracle(query, keys, valid, lambda i, j: False, positive_keys=key, **loss)
+                total = total + weight * rows.mean()
+            return total
+
+        if symmetric is None:
+            losses.append(direction([q2, *local], k1))
+        else:
+            both = direction([q2, *local], k1) + direction([q1, *local], k2)
+            losses.append(both / 2 if symmetric == "mean" else both)
+        for block in ([k1] if symmetric is None else [k1, k2]):
+            for row in range(block.shape[0]):
+                queue[ptr] = (block[row].detach(), int(ids[row]))
+                ptr = (ptr + 1) % len(queue)
+    return losses, queue
+
+
+@pytest.mark.parametrize("symmetric, num_local, mask_own", [
+    ("sum", 0, True), ("mean", 0, True), ("sum", 0, False), (None, 2, True), ("mean", 2, True)])
+def test_moco_step_equals_the_authors_loop_over_steps(symmetric, num_local, mask_own):
+    """Seven steps in float64, loss and gradient, including the enqueue: one queue read by both
+    directions and receiving both views' keys (2B a step when symmetric); images recur, so the
+    queue holds own-image entries that the mask must leave out."""
+    torch.manual_seed(7)
+    batch, dim, size, steps = 3, 6, 10, 7  # 10 slots: batches wrap around the queue
+    loss = dict(temperature=0.2, smoothing=0.2, neighbors=3)
+    options = LossOptions(backend="reference", few_negatives="use_all", **loss)
+    weights = None if not num_local else [0.4] + [0.6 / num_local] * num_local
+    queue = KeyQueue(size, dim).double()
+    initial = [row.clone() for row in queue.keys]
+    leaves, batches = [], []
+    for _ in range(steps):
+        q1, q2 = (torch.randn(batch, dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        k1, k2 = (torch.randn(batch, dim, dtype=torch.float64) for _ in range(2))
+        local = [torch.randn(batch, dim, dtype=torch.float64, requires_grad=True) for _ in range(num_local)]
+        ids = torch.randint(0, 6, (batch,))  # 6 images: each one comes back within a few steps
+        leaves.append([q1, q2, *local])
+        batches.append((q1, q2, k1, k2, local, ids))
+
+    ours = [moco_step(queue, (q1, q2), (k1, k2), options, local_queries=local, symmetric=symmetric,
+                      query_view_weights=weights, ids=ids, mask_own=mask_own)
+            for q1, q2, k1, k2, local, ids in batches]
+    expected, oracle_queue = moco_run_oracle(batches, initial, symmetric=symmetric, mask_own=mask_own,
+                                             locals_weights=weights, **loss)
+    for step in range(steps):
+        torch.testing.assert_close(ours[step], expected[step], rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad(ours[step], leaves[step], allow_unused=True)
+        want = torch.autograd.grad(expected[step], leaves[step], allow_unused=True)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)  # asymmetric: global view 1 is no query
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(queue.keys, torch.stack([key for key, _ in oracle_queue]), rtol=0, atol=0)
+    assert queue.ids.tolist() == [owner for _, owner in oracle_queue]
+    per_step = batch * (1 if symmetric is None else 2)
+    assert int(queue.ptr) == steps * per_step % size and bool(queue.filled)
+    if mask_own:  # the mask did something: at some step the queue held a query's own image
+        unmasked, _ = moco_run_oracle(batches, initial, symmetric=symmetric, mask_own=False,
+                                      locals_weights=weights, **loss)
+        assert any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(unmasked, expected))
+
+
+def test_moco_step_without_mask_or_ids_reads_every_entry():
+    torch.manual_seed(8)
+    queue = KeyQueue(8, 4).double()
+    q1, q2, k1, k2 = (torch.randn(4, 4, dtype=torch.float64) for _ in range(4))
+    ids = torch.arange(4)
+    options = LossOptions(temperature=0.2, backend="reference")
+    moco_step(queue, (q1, q2), (k1, k2), options, symmetric="sum", ids=ids)  # enqueue k1, k2 with ids 0-3
+    assert queue.ids.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    snapshot = queue.keys.clone()
+    masked = moco_step(queue, (q1, q2), (k1, k2), options, symmetric="sum", ids=ids)
+    queue.keys.copy_(snapshot)
+    plain = moco_step(queue, (q1, q2), (k1, k2), options, symmetric="sum", ids=ids, mask_own=False)
+    expected = sum(solo_moco_direction_oracle(q, k, snapshot, 0.2) for q, k in ((q1, k2), (q2, k1)))
+    torch.testing.assert_close(plain, expected)
+    assert not torch.allclose(masked, plain)
+    # each query's own image fills 2 of the 8 slots: masking equals deleting them
+    rows = [loop_oracle(q[i:i + 1], snapshot[queue.ids != i], lambda a, b: True, lambda a, b: False,
+                        positive_keys=k[i:i + 1], temperature=0.2, smoothing=0.0, neighbors=None)
+            for q, k in ((q1, k2), (q2, k1)) for i in range(4)]
+    torch.testing.assert_close(masked, torch.cat(rows).view(2, 4).mean(1).sum())
 
 
 # --- shared recipe rules -----------------------------------------------------------------------
@@ -442,7 +673,8 @@ def test_no_decay_split_agrees_with_the_recipe_parameter_groups():
     reference = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(model, spec)}
     solo_groups = [{"name": "backbone", "params": model.parameters()},
                    {"name": "classifier", "params": [torch.nn.Parameter(torch.zeros(3, 3))], "weight_decay": 0}]
-    split = {g["name"]: g for g in split_no_decay(solo_groups, model, OptimizerSpec(exclude_bias_norm=True, exclude_depthwise=True))}
+    rules = OptimizerSpec(exclude_bias_norm=True, exclude_depthwise=True)
+    split = {g["name"]: g for g in split_no_decay(solo_groups, model, rules)}
     assert {id(p) for p in split["backbone"]["params"]} == reference["decay"]
     assert {id(p) for p in split["backbone_no_decay"]["params"]} == \
         reference["no_decay_1d"] | reference["no_decay_depthwise"]

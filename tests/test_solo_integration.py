@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,9 @@ from solo.losses.mocov2plus import mocov2plus_loss_func  # noqa: E402
 from solo.losses.simclr import simclr_loss_func  # noqa: E402
 from solo.methods.base import BaseMethod  # noqa: E402
 
+from smooth_infonce import LossOptions  # noqa: E402
 from smooth_infonce.integrations.solo import CONFIG_PACKAGE, is_registered, moco_loss, register, simclr_loss  # noqa: E402
-from smooth_infonce.integrations.solo.launcher import SCRIPTS, find_solo_clone  # noqa: E402
+from smooth_infonce.integrations.solo.launcher import SCRIPTS, find_solo_clone, hydra_quote  # noqa: E402
 from smooth_infonce.integrations.solo.methods import SmoothMoCoV2Plus, SmoothSimCLR  # noqa: E402
 from smooth_infonce.integrations.solo.registry import SoloLearnNotFound  # noqa: E402
 
@@ -138,21 +140,21 @@ def test_solo_builds_the_backbone_with_its_true_width(name):
 
 def test_losses_at_smoothing_zero_equal_solo_learns_functions():
     torch.manual_seed(0)
+    options = LossOptions(temperature=0.2, backend="reference", few_negatives="use_all")
     z = torch.randn(2 * 10, 32)
-    indexes = torch.arange(10).repeat(2)
-    torch.testing.assert_close(simclr_loss(z, indexes, temperature=0.2, backend="reference"),
-                               simclr_loss_func(z, indexes=indexes, temperature=0.2))
+    indexes = torch.arange(10)
+    torch.testing.assert_close(simclr_loss(z, indexes, options),
+                               simclr_loss_func(z, indexes=indexes.repeat(2), temperature=0.2))
     q1, q2, k1, k2 = (F.normalize(torch.randn(8, 16), dim=-1) for _ in range(4))
-    solo_queue = F.normalize(torch.randn(2, 16, 64), dim=1)  # solo-learn's (2, D, K) layout
-    expected = (mocov2plus_loss_func(q1, k2, solo_queue[1], 0.2) + mocov2plus_loss_func(q2, k1, solo_queue[0], 0.2)) / 2
-    ours = moco_loss([q1, q2], [k1, k2], solo_queue.transpose(1, 2), temperature=0.2, symmetric="mean",
-                     backend="reference")
-    torch.testing.assert_close(ours, expected)
+    queue = F.normalize(torch.randn(16, 64), dim=0)  # solo-learn's (D, K) layout of one queue
+    expected = (mocov2plus_loss_func(q1, k2, queue, 0.2) + mocov2plus_loss_func(q2, k1, queue, 0.2)) / 2
+    torch.testing.assert_close(moco_loss([q1, q2], [k1, k2], queue.T, options, symmetric="mean"), expected)
 
 
 def test_methods_at_smoothing_zero_train_like_solo_learns(image_folder):
     """Same weights, same batch: smooth_simclr / smooth_mocov2plus (symmetric mean, two crops,
-    alpha 0) log the same contrastive loss as solo-learn's simclr / mocov2plus."""
+    alpha 0) log the same contrastive loss as solo-learn's simclr / mocov2plus (whose two queues
+    are given our one queue's keys)."""
     two_crops = ["dataset=cifar_custom", "augmentations=moco_v2", "backbone.name=tiny_cnn"]
     for ours_name, solo_name, config, extra in (
         ("smooth_simclr", "simclr", "pretrain/smoke_cpu_simclr", ["method_kwargs.loss_weights=null"]),
@@ -164,15 +166,24 @@ def test_methods_at_smoothing_zero_train_like_solo_learns(image_folder):
         torch.manual_seed(0)
         reference = solo_methods.METHODS[solo_name](solo_cfg)
         ours = solo_methods.METHODS[ours_name](cfg)
-        state = {k: v for k, v in reference.state_dict().items() if k != "queue"}
-        ours.load_state_dict(state, strict=False)
+        state = {k: v for k, v in reference.state_dict().items() if not k.startswith("queue")}
+        missing, unexpected = ours.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("key_queue.") for k in missing), (missing, unexpected)
         if solo_name == "mocov2plus":
-            ours.queue.copy_(reference.queue.transpose(1, 2))
+            reference.queue.copy_(ours.key_queue.keys.T.expand_as(reference.queue))
         losses = []
         for model in (reference, ours):
             seed_everything(1)
             losses.append(logged(fit(model, cfg, steps=1), "train_nce_loss"))
         assert losses[0] == pytest.approx(losses[1], rel=1e-5), ours_name
+
+
+def test_moco_keeps_its_own_queue_and_calls_solos_training_step():
+    from solo.methods.mocov2plus import MoCoV2Plus
+
+    assert SmoothMoCoV2Plus.__mro__[1:3] != (MoCoV2Plus,)  # not a MoCoV2Plus: its queue layout is solo's
+    assert issubclass(SmoothMoCoV2Plus, solo_methods.base.BaseMomentumMethod)
+    assert issubclass(SmoothSimCLR, BaseMethod)
 
 
 # --- a training step of every method x backbone on CPU ------------------------------------------
@@ -197,17 +208,92 @@ def test_fast_dev_run_every_method_and_backbone(config, backbone, image_folder):
     assert all(decay_of[id(p)] == cfg.optimizer.weight_decay for p in dense)
 
 
-def test_moco_waits_for_a_full_queue_then_smooths(image_folder):
-    cfg = pretrain_cfg("pretrain/smoke_cpu", ["backbone.name=tiny_cnn", "method_kwargs.queue_size=8"],
+def tiny_moco(image_folder, *overrides):
+    cfg = pretrain_cfg("pretrain/smoke_cpu", ["backbone.name=tiny_cnn", "method_kwargs.queue_size=8", *overrides],
                        image_folder / "train")
-    model = solo_methods.METHODS[cfg.method](cfg)
-    assert model.symmetric is None and model.queue.shape == (1, 8, 128)
+    return cfg, solo_methods.METHODS[cfg.method](cfg)
+
+
+def test_moco_waits_for_a_full_queue_then_smooths(image_folder):
+    cfg, model = tiny_moco(image_folder)
+    assert model.moco.symmetric is None and model.key_queue.keys.shape == (8, 128)
     assert model.current_smoothing() == 0.0 and model.smoothing == pytest.approx(0.1)
     fit(model, cfg, steps=1)
-    assert not bool(model.queue_filled) and int(model.queue_ptr) == 4
+    assert not bool(model.key_queue.filled) and int(model.key_queue.ptr) == 4
     fit(model, cfg, steps=1)
-    assert bool(model.queue_filled) and model.current_smoothing() == pytest.approx(0.1)
-    assert "queue_filled" in model.state_dict()  # saved with the checkpoint
+    assert bool(model.key_queue.filled) and model.current_smoothing() == pytest.approx(0.1)
+    state = model.state_dict()
+    assert {"key_queue.keys", "key_queue.ids", "key_queue.ptr", "key_queue.filled"} <= set(state)
+    assert "queue" not in state  # solo-learn's mocov2plus buffer names are not reused
+
+
+class RecordIndexes:
+    """Wraps a method's training_step to record solo-learn's dataset indexes of every batch."""
+
+    def __init__(self, model):
+        self.seen, step = [], model.training_step
+
+        def training_step(batch, batch_idx):
+            self.seen.append(batch[0].tolist())
+            return step(batch, batch_idx)
+
+        model.training_step = training_step
+
+
+@pytest.mark.parametrize("symmetric", ["sum", "mean"])
+def test_symmetric_moco_enqueues_both_views_into_one_queue_with_their_indexes(image_folder, symmetric):
+    cfg, model = tiny_moco(image_folder, "augmentations=moco_v2", f"method_kwargs.symmetric={symmetric}",
+                           "method_kwargs.queue_size=16")
+    assert model.moco.symmetric == symmetric and model.key_queue.keys.shape == (16, 128)
+    record = RecordIndexes(model)
+    fit(model, cfg, steps=3)  # 3 steps x 2 views x 4 keys = 24 writes into 16 slots
+    queue = model.key_queue
+    assert int(queue.ptr) == 24 % 16 and bool(queue.filled)
+    ids = queue.ids.tolist()
+    step2, step3 = record.seen[1], record.seen[2]
+    assert ids[:8] == step3 + step3 and ids[8:] == step2 + step2  # key of view 1, then of view 2
+    assert not torch.allclose(queue.keys[:4], queue.keys[4:8])  # two views, two keys per image
+    assert torch.allclose(queue.keys.norm(dim=1), torch.ones(16))
+
+
+def test_moco_warns_when_the_queue_is_larger_than_the_dataset(image_folder):
+    cfg, model = tiny_moco(image_folder, "method_kwargs.queue_size=32")  # 20 images
+    with pytest.warns(UserWarning, match="queue_size=32 is larger than the training set"):
+        fit(model, cfg, steps=1)
+    cfg, model = tiny_moco(image_folder, "method_kwargs.queue_size=8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, cfg, steps=1)
+    assert not [w for w in caught if "larger than the training set" in str(w.message)]
+
+
+def test_mask_switch_reaches_the_step(image_folder, monkeypatch):
+    from smooth_infonce.integrations.solo import methods
+
+    calls = []
+    real = methods.moco_step
+    monkeypatch.setattr(methods, "moco_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    for value in (True, False):
+        cfg, model = tiny_moco(image_folder, f"method_kwargs.mask_own_queue_entries={str(value).lower()}")
+        fit(model, cfg, steps=1)
+        assert calls[-1]["mask_own"] is value and calls[-1]["ids"] is not None
+
+
+@pytest.mark.parametrize("method", ["smooth_simclr", "smooth_mocov2plus"])
+def test_methods_survive_any_batch_size(image_folder, method):
+    """few_negatives: use_all. A batch of one image (SimCLR: no negatives, loss 0 as solo-learn's
+    own) and a batch that does not divide the queue (solo-learn's mocov2plus asserts on it)."""
+    simclr = method == "smooth_simclr"
+    config = "pretrain/smoke_cpu_simclr" if simclr else "pretrain/smoke_cpu"
+    queue = [] if simclr else ["method_kwargs.queue_size=8"]
+    for batch_size in (1, 3):
+        cfg = pretrain_cfg(config, ["backbone.name=tiny_cnn", "augmentations=moco_v2", "method_kwargs.neighbors=5",
+                                    f"optimizer.batch_size={batch_size}", *queue], image_folder / "train")
+        model = solo_methods.METHODS[method](cfg)
+        nce = logged(fit(model, cfg, steps=3), "train_nce_loss")
+        assert np.isfinite(nce)
+        if simclr and batch_size == 1:
+            assert nce == pytest.approx(0.0, abs=1e-6)
 
 
 def test_min_lr_per_256_follows_the_batch(image_folder):
@@ -243,7 +329,8 @@ def test_launcher_pretrains_then_evaluates_on_cpu(tmp_path, image_folder, solo_c
     saved = sorted((checkpoints / "smooth_mocov2plus").rglob("*.ckpt"))
     assert saved, f"no checkpoint under {checkpoints}"
     state = torch.load(saved[-1], map_location="cpu", weights_only=False)["state_dict"]
-    assert bool(state["queue_filled"]) and state["queue"].shape == (1, 8, 128)
+    assert bool(state["key_queue.filled"]) and state["key_queue.keys"].shape == (8, 128)
+    assert (state["key_queue.ids"] >= 0).all()  # dataset indexes of the queued keys
 
     assert "=" in saved[-1].name  # solo-learn names checkpoints "...-ep=0.ckpt": --checkpoint quotes it
     linear = run_launcher(["linear", "--config-name", "smoke_cpu", "--checkpoint", str(saved[-1]),
@@ -252,6 +339,36 @@ def test_launcher_pretrains_then_evaluates_on_cpu(tmp_path, image_folder, solo_c
     assert linear.returncode == 0, linear.stdout[-4000:] + linear.stderr[-4000:]
 
 
+def test_resume_through_solo_learns_checkpoint_keeps_the_queue(tmp_path, image_folder, solo_clone):
+    """Epoch 1, then a second run resumed by solo-learn's own resume_from_checkpoint: the queue,
+    its indexes, pointer and fill state continue from the checkpoint (16 slots, 4 keys a step,
+    2 steps an epoch: half full after epoch 1, full after epoch 2 only if the queue was restored)."""
+    checkpoints = tmp_path / "checkpoints"
+    common = [f"data.train_path={image_folder / 'train'}", f"checkpoint.dir={checkpoints}", *TINY,
+              "backbone.name=tiny_cnn", "method_kwargs.queue_size=16", "limit_train_batches=2", "seed=3"]
+    first = run_launcher(["pretrain", "--config-name", "smoke_cpu", "max_epochs=1", *common], tmp_path, solo_clone)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    (epoch0,) = sorted(checkpoints.rglob("*ep=0.ckpt"))
+    saved = torch.load(epoch0, map_location="cpu", weights_only=False)
+    queue0 = {k: v for k, v in saved["state_dict"].items() if k.startswith("key_queue.")}
+    assert int(queue0["key_queue.ptr"]) == 8 and not bool(queue0["key_queue.filled"])
+    assert (queue0["key_queue.ids"][:8] >= 0).all() and (queue0["key_queue.ids"][8:] == -1).all()
+
+    second = run_launcher(["pretrain", "--config-name", "smoke_cpu", "max_epochs=2",
+                           f"+resume_from_checkpoint={hydra_quote(str(epoch0))}", *common], tmp_path, solo_clone)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    (epoch1,) = sorted(checkpoints.rglob("*ep=1.ckpt"))
+    resumed = torch.load(epoch1, map_location="cpu", weights_only=False)
+    queue1 = resumed["state_dict"]
+    assert resumed["global_step"] == 4 and resumed["epoch"] == 1
+    assert int(queue1["key_queue.ptr"]) == 0 and bool(queue1["key_queue.filled"])
+    # slots 0-7 are epoch 1's keys, restored from the checkpoint; epoch 2 wrote slots 8-15
+    assert torch.equal(queue1["key_queue.keys"][:8], queue0["key_queue.keys"][:8])
+    assert torch.equal(queue1["key_queue.ids"][:8], queue0["key_queue.ids"][:8])
+    assert (queue1["key_queue.ids"][8:] >= 0).all()
+
+
 def test_launcher_explains_a_wrong_solo_path(tmp_path, solo_clone):
-    result = run_launcher(["pretrain", "--config-name", "smoke_cpu", "--solo-path", str(tmp_path)], tmp_path, solo_clone)
+    args = ["pretrain", "--config-name", "smoke_cpu", "--solo-path", str(tmp_path)]
+    result = run_launcher(args, tmp_path, solo_clone)
     assert result.returncode == 2 and "pip install --no-build-isolation" in result.stderr

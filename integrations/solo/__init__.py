@@ -11,14 +11,16 @@ PyPI release). solo-learn is imported by `register` and by the launcher only.
 Command line (see README.md next to this file):
 
     smooth-infonce-solo pretrain --config-name light_moco backbone=efficientnet_b0 dataset=imagenet100
-    smooth-infonce-solo linear --config-name linear pretrained_feature_extractor=...ckpt
+    smooth-infonce-solo linear --config-name linear --checkpoint ...ckpt
+    smooth-infonce-solo configs --write     # regenerate the preset configs (see `generate`)
 """
 
 from __future__ import annotations
 
 from .backbones import SOLO_BACKBONES, solo_backbone_factory
 from .configs_index import CONFIG_PACKAGE, CONFIG_PATH, config_dir, list_configs
-from .losses import moco_loss, simclr_loss
+from .losses import KeyQueue, moco_loss, moco_step, simclr_loss
+from .options import loss_options
 from .registry import SOLO_INSTALL_HINT, SoloLearnNotFound, is_registered, register
 
 METHOD_NAMES = ("smooth_simclr", "smooth_mocov2plus")
@@ -29,11 +31,14 @@ __all__ = [
     "METHOD_NAMES",
     "SOLO_BACKBONES",
     "SOLO_INSTALL_HINT",
+    "KeyQueue",
     "SoloLearnNotFound",
     "config_dir",
     "is_registered",
     "list_configs",
+    "loss_options",
     "moco_loss",
+    "moco_step",
     "register",
     "simclr_loss",
     "solo_backbone_factory",

@@ -4,6 +4,7 @@ main_pretrain.py / main_linear.py with a shipped config and Hydra overrides.
     smooth-infonce-solo pretrain --config-name light_moco [--solo-path CLONE] [hydra overrides]
     smooth-infonce-solo linear --config-name linear --checkpoint CKPT [overrides]
     smooth-infonce-solo configs          # list the shipped configs and group options
+    smooth-infonce-solo configs --write  # regenerate the presets' configs (--check: compare only)
 
 Also ``python -m smooth_infonce.integrations.solo ...``. The clone is ``--solo-path``, else
 ``$SOLO_LEARN_PATH``, else the parent folder of the importable ``solo`` package (an editable
@@ -126,8 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"solo-learn clone (default: ${SOLO_PATH_ENV}, else the installed solo's parent)")
         if kind == "linear":
             command.add_argument("--checkpoint", default=None,
-                                 help="pretrained checkpoint; same as a quoted pretrained_feature_extractor=... override")
-    commands.add_parser("configs", help="list the shipped configs and config-group options")
+                                 help="pretrained checkpoint; same as a quoted "
+                                      "pretrained_feature_extractor=... override")
+    configs = commands.add_parser("configs", help="list the shipped configs and config-group options")
+    action = configs.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true",
+                        help="regenerate the presets' pretrain configs and augmentation groups from the presets")
+    action.add_argument("--check", action="store_true",
+                        help="exit 1 if a shipped preset config differs from what the presets generate")
     return parser
 
 
@@ -137,6 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "configs":
         if hydra_args:
             parser.error(f"unexpected arguments: {hydra_args}")
+        if args.write or args.check:
+            from .generate import run
+
+            return run(write_files=args.write)
         print_configs()
         return 0
     if getattr(args, "checkpoint", None):

@@ -1,13 +1,17 @@
 """solo-learn methods with the smoothed InfoNCE loss. Imports solo-learn: load it through
 `smooth_infonce.integrations.solo.register`, never from the package's ``__init__``.
 
-- ``smooth_simclr`` (`SmoothSimCLR`): solo-learn's SimCLR (projector, multi-crop forward,
-  online classifier) with the loss of `losses.simclr_loss`.
-- ``smooth_mocov2plus`` (`SmoothMoCoV2Plus`): solo-learn's MoCo V2+ (momentum backbone and
-  projector, 2-layer MLP head) with the loss of `losses.moco_loss`: two-crop symmetric or
-  asymmetric, and SSLight's multi-query layout when the config has small crops.
+- ``smooth_simclr`` (`SmoothSimCLR`): SimCLR on solo-learn's `BaseMethod` (solo-learn's SimCLR
+  projector, multi-crop forward, online classifier) with the loss of `losses.simclr_loss`.
+- ``smooth_mocov2plus`` (`SmoothMoCoV2Plus`): MoCo V2+ on solo-learn's `BaseMomentumMethod`
+  (momentum backbone and projector, 2-layer MLP head without BN) with one `losses.KeyQueue` and
+  `losses.moco_step`: symmetric (the authors' one shared queue) or asymmetric, and SSLight's
+  multi-query layout when the config has small crops.
 
-Both read the ``method_kwargs`` documented in `options`, and two keys solo-learn lacks:
+Both extend solo-learn through its extension points only: they subclass its base classes, call
+their ``training_step`` and add the loss on top; the MoCo queue is this package's own module
+(``key_queue``), so solo-learn's ``mocov2plus`` buffers are never redefined. The options are the
+``method_kwargs`` of `options` (one `LossOptions`), plus two keys solo-learn lacks:
 
 - ``optimizer.exclude_depthwise_wd`` (bool, default false): no weight decay on depthwise kernels
   (SSLight), on top of solo-learn's ``optimizer.exclude_bias_n_norm_wd`` (1-D parameters).
@@ -18,39 +22,68 @@ Both read the ``method_kwargs`` documented in `options`, and two keys solo-learn
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import omegaconf
 import torch
 import torch.nn.functional as F
 from solo.methods.base import BaseMethod, BaseMomentumMethod
-from solo.methods.mocov2plus import MoCoV2Plus
-from solo.methods.simclr import SimCLR
-from solo.utils.misc import gather, omegaconf_select
+from solo.utils.misc import concat_all_gather_no_grad, omegaconf_select
+from solo.utils.momentum import initialize_momentum_params
+from torch import nn
 
-from .losses import moco_loss, simclr_loss
-from .options import MOCO_DEFAULTS, SMOOTHING_DEFAULTS, loss_options, symmetric_mode
 from smooth_infonce.integrations.optim import split_no_decay
 from smooth_infonce.integrations.recipes import OptimizerSpec, view_loss_weights
+
+from .losses import KeyQueue, moco_step, simclr_loss
+from .options import METHOD_DEFAULTS, MOCO_DEFAULTS, loss_options, moco_settings, weight_pair
 
 # Marks a class as ours, so registration can tell our entries from foreign ones.
 METHOD_MARKER = "_smooth_infonce_method"
 
 
-def _write_defaults(cfg: omegaconf.DictConfig, defaults: Dict[str, Any]) -> None:
-    for key, default in defaults.items():
-        cfg.method_kwargs[key] = omegaconf_select(cfg, f"method_kwargs.{key}", default)
+def _projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """solo-learn's SimCLR / MoCo V2+ head: Linear -> ReLU -> Linear, no BatchNorm."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+
+
+def _require(cfg: omegaconf.DictConfig, *keys: str) -> None:
+    for key in keys:
+        if omegaconf.OmegaConf.is_missing(cfg, key) or omegaconf_select(cfg, key, None) is None:
+            raise ValueError(f"{key} is required")
+
+
+def train_dataset_size(trainer) -> Optional[int]:
+    """Number of training samples (all ranks together), or None when the loader has no sized
+    dataset."""
+    loader = getattr(trainer, "train_dataloader", None)
+    loaders = loader.values() if isinstance(loader, dict) else loader if isinstance(loader, (list, tuple)) else [loader]
+    sizes = []
+    for item in loaders:
+        try:
+            sizes.append(len(item.dataset))
+        except (AttributeError, TypeError):
+            return None
+    return sum(sizes) if sizes else None
 
 
 class _SmoothedLoss:
-    """Shared by both methods: config defaults, the per-epoch alpha and the recipes' no-decay
-    rules."""
+    """Shared by both methods: config defaults, the options, the per-epoch alpha and the recipes'
+    no-decay rules."""
 
     smoothing: float
 
     @staticmethod
     def _add_loss_cfg(cfg: omegaconf.DictConfig, extra_defaults: Dict[str, Any]) -> None:
-        _write_defaults(cfg, {**SMOOTHING_DEFAULTS, **extra_defaults})
+        _require(cfg, "method_kwargs.proj_output_dim", "method_kwargs.proj_hidden_dim", "method_kwargs.temperature")
+        options = loss_options(cfg.method_kwargs, cfg.max_epochs)  # fail at start-up, not at epoch 1
+        weight_pair(omegaconf_select(cfg, "method_kwargs.loss_weights", None))
+        for key, default in {**METHOD_DEFAULTS, **extra_defaults}.items():
+            if key not in cfg.method_kwargs:
+                cfg.method_kwargs[key] = default
+        if extra_defaults:
+            moco_settings(cfg.method_kwargs, options)
         cfg.optimizer.exclude_depthwise_wd = omegaconf_select(cfg, "optimizer.exclude_depthwise_wd", False)
         min_lr_per_256 = omegaconf_select(cfg, "scheduler.min_lr_per_256", None)
         if min_lr_per_256 is not None:
@@ -58,19 +91,19 @@ class _SmoothedLoss:
             # factor as there (len(devices): a list of GPU ids, or "1" on CPU)
             total_batch = cfg.optimizer.batch_size * len(cfg.devices) * omegaconf_select(cfg, "num_nodes", 1)
             cfg.scheduler.min_lr = float(min_lr_per_256) * total_batch / 256
-        loss_options(cfg.method_kwargs, cfg.max_epochs)  # fail at start-up, not at epoch 1
 
     def _init_loss(self, cfg: omegaconf.DictConfig) -> None:
         self.loss_options = loss_options(cfg.method_kwargs, cfg.max_epochs)
-        self.smoothing = self.loss_options.schedule(0)
+        self.loss_weights = weight_pair(cfg.method_kwargs.get("loss_weights"))
+        self.smoothing = self.loss_options.initial_smoothing
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        self.smoothing = self.loss_options.schedule(self.current_epoch)
+        self.smoothing = self.loss_options.smoothing_at(self.current_epoch)
 
     @property
     def learnable_params(self) -> List[Dict[str, Any]]:
-        groups = super().learnable_params
+        groups = super().learnable_params + [{"name": "projector", "params": self.projector.parameters()}]
         if not self.cfg.optimizer.exclude_depthwise_wd:
             return groups
         # solo-learn splits off the 1-D parameters itself afterwards when exclude_bias_n_norm_wd
@@ -78,62 +111,81 @@ class _SmoothedLoss:
         return split_no_decay(groups, self, rules)
 
 
-class SmoothSimCLR(_SmoothedLoss, SimCLR):
+class SmoothSimCLR(_SmoothedLoss, BaseMethod):
     """SimCLR with smoothed InfoNCE; every crop (large and small) is an anchor."""
 
     def __init__(self, cfg: omegaconf.DictConfig):
         super().__init__(cfg)
+        kwargs = cfg.method_kwargs
+        self.projector = _projector(self.features_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim)
         self._init_loss(cfg)
-        self.view_weights = view_loss_weights(
-            "simclr", self.num_large_crops, self.num_small_crops, self.loss_options.loss_weights)
+        self.view_weights = view_loss_weights("simclr", self.num_large_crops, self.num_small_crops, self.loss_weights)
 
     @staticmethod
     def add_and_assert_specific_cfg(cfg: omegaconf.DictConfig) -> omegaconf.DictConfig:
-        cfg = SimCLR.add_and_assert_specific_cfg(cfg)
+        cfg = super(SmoothSimCLR, SmoothSimCLR).add_and_assert_specific_cfg(cfg)
         _SmoothedLoss._add_loss_cfg(cfg, {})
         return cfg
 
+    def forward(self, X: torch.Tensor) -> Dict[str, Any]:
+        out = super().forward(X)
+        out["z"] = self.projector(out["feats"])
+        return out
+
+    def multicrop_forward(self, X: torch.Tensor) -> Dict[str, Any]:
+        out = super().multicrop_forward(X)
+        out["z"] = self.projector(out["feats"])
+        return out
+
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> torch.Tensor:
-        indexes = batch[0]
-        out = BaseMethod.training_step(self, batch, batch_idx)  # forwards, online classifier
-        nce_loss = simclr_loss(
-            torch.cat(out["z"]), indexes.repeat(self.num_crops),
-            temperature=self.temperature, smoothing=self.smoothing,
-            neighbors=self.loss_options.neighbors, view_weights=self.view_weights,
-            gather_distributed=True, backend=self.loss_options.backend,
-        )
+        out = super().training_step(batch, batch_idx)  # forwards every crop, online classifier
+        nce_loss = simclr_loss(torch.cat(out["z"]), batch[0], self.loss_options, smoothing=self.smoothing,
+                               view_weights=self.view_weights, gather_distributed=True)
         self.log("train_nce_loss", nce_loss, on_epoch=True, sync_dist=True)
         self.log("train_smoothing", float(self.smoothing), on_epoch=True, on_step=False)
         return nce_loss + out["loss"]
 
 
-class SmoothMoCoV2Plus(_SmoothedLoss, MoCoV2Plus):
-    """MoCo V2+ with smoothed InfoNCE, symmetric or not, with SSLight's multi-query layout.
+class SmoothMoCoV2Plus(_SmoothedLoss, BaseMomentumMethod):
+    """MoCo V2+ with smoothed InfoNCE and one queue that knows its samples.
 
-    Queue layout: ``queue`` is (directions, K, D) (solo-learn's MoCoV2Plus keeps (2, D, K)):
-    ``queue[d]`` holds past keys of global view d, the negatives of direction d. It is a buffer,
-    so it is saved in checkpoints, with ``queue_filled`` (has the queue wrapped around once?).
+    ``key_queue`` (`losses.KeyQueue`, checkpointed): K past keys with solo-learn's dataset index
+    of each key's image. Every step the loss reads it as it was before the step, then the keys
+    are enqueued: both global views' keys when symmetric (2B a step, as the light-moco authors),
+    global view 1's otherwise. With ``mask_own_queue_entries`` (default) a queue entry of the
+    query's own image is not one of its negatives.
     """
 
     def __init__(self, cfg: omegaconf.DictConfig):
         super().__init__(cfg)
-        self._init_loss(cfg)
-        self.symmetric = symmetric_mode(cfg.method_kwargs)
-        self.num_directions = 1 if self.symmetric is None else 2
+        kwargs = cfg.method_kwargs
         if self.num_large_crops != 2:
             raise ValueError(f"smooth_mocov2plus needs exactly 2 large crops, got {self.num_large_crops}")
+        self.projector = _projector(self.features_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim)
+        self.momentum_projector = _projector(self.features_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim)
+        initialize_momentum_params(self.projector, self.momentum_projector)
+        self._init_loss(cfg)
+        self.moco = moco_settings(kwargs, self.loss_options)
+        self.queue_size = int(kwargs.queue_size)
+        self.key_queue = KeyQueue(self.queue_size, kwargs.proj_output_dim)
         # per query view of one direction: the other global view, then the locals
-        self.query_view_weights = view_loss_weights("moco", 2, self.num_small_crops, self.loss_options.loss_weights)
-        queue = torch.randn(self.num_directions, self.queue_size, cfg.method_kwargs.proj_output_dim)
-        self.register_buffer("queue", F.normalize(queue, dim=-1))  # replaces solo's (2, D, K) queue
-        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.bool))
+        self.query_view_weights = view_loss_weights("moco", 2, self.num_small_crops, self.loss_weights)
 
     @staticmethod
     def add_and_assert_specific_cfg(cfg: omegaconf.DictConfig) -> omegaconf.DictConfig:
-        cfg = MoCoV2Plus.add_and_assert_specific_cfg(cfg)
+        cfg = super(SmoothMoCoV2Plus, SmoothMoCoV2Plus).add_and_assert_specific_cfg(cfg)
+        cfg.method_kwargs.queue_size = omegaconf_select(cfg, "method_kwargs.queue_size", 65536)
         _SmoothedLoss._add_loss_cfg(cfg, MOCO_DEFAULTS)
-        symmetric_mode(cfg.method_kwargs)
         return cfg
+
+    @property
+    def momentum_pairs(self) -> List[Tuple[Any, Any]]:
+        return super().momentum_pairs + [(self.projector, self.momentum_projector)]
+
+    def forward(self, X: torch.Tensor) -> Dict[str, Any]:
+        out = super().forward(X)
+        out["z"] = F.normalize(self.projector(out["feats"]), dim=-1)
+        return out
 
     def multicrop_forward(self, X: torch.Tensor) -> Dict[str, Any]:
         # small crops are SSLight's extra queries: they need the (normalised) projection too
@@ -142,36 +194,36 @@ class SmoothMoCoV2Plus(_SmoothedLoss, MoCoV2Plus):
         return out
 
     @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
-        """keys: (directions, B, D), gathered over ranks."""
-        batch = keys.shape[1]
-        if self.queue_size % batch:
-            raise ValueError(f"queue_size {self.queue_size} must be a multiple of the global batch {batch}")
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + batch] = keys.to(self.queue.dtype)
-        ptr = (ptr + batch) % self.queue_size
-        if ptr == 0:
-            self.queue_filled.fill_(True)
-        self.queue_ptr[0] = ptr
+    def momentum_forward(self, X: torch.Tensor) -> Dict[str, Any]:
+        out = super().momentum_forward(X)
+        out["z"] = F.normalize(self.momentum_projector(out["feats"]), dim=-1)
+        return out
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        size = train_dataset_size(self.trainer)
+        if size is not None and self.queue_size > size:
+            masked = ("entries of a query's own image are masked (mask_own_queue_entries), so the queue "
+                      "holds several keys of each image but never the query's own as a negative"
+                      if self.moco.mask_own_queue_entries else
+                      "every query meets its own image's earlier keys among its negatives; set "
+                      "method_kwargs.mask_own_queue_entries=true or a smaller queue_size")
+            warnings.warn(f"method_kwargs.queue_size={self.queue_size} is larger than the training set "
+                          f"({size} images): {masked}", stacklevel=2)
 
     def current_smoothing(self) -> float:
-        if self.loss_options.spec.wait_for_full_bank and not bool(self.queue_filled):
+        if self.moco.wait_for_full_bank and not bool(self.key_queue.filled):
             return 0.0
         return self.smoothing
 
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> torch.Tensor:
-        out = BaseMomentumMethod.training_step(self, batch, batch_idx)  # forwards, classifiers
-        queries, local_queries = out["z"][:2], out["z"][2:]
-        keys = out["momentum_z"]
+        out = super().training_step(batch, batch_idx)  # forwards, momentum forwards, classifiers
         smoothing = self.current_smoothing()
-        # clone: the enqueue below writes the queue in place before backward reads it
-        nce_loss = moco_loss(
-            queries, keys, self.queue.clone(), local_queries=local_queries,
-            temperature=self.temperature, smoothing=smoothing,
-            neighbors=self.loss_options.neighbors, symmetric=self.symmetric,
-            query_view_weights=self.query_view_weights, backend=self.loss_options.backend,
+        nce_loss = moco_step(
+            self.key_queue, out["z"][:2], out["momentum_z"], self.loss_options, smoothing=smoothing,
+            local_queries=out["z"][2:], symmetric=self.moco.symmetric, query_view_weights=self.query_view_weights,
+            ids=batch[0], mask_own=self.moco.mask_own_queue_entries, gather=concat_all_gather_no_grad,
         )
-        self._enqueue(torch.stack([gather(keys[d]) for d in range(self.num_directions)]))
         self.log("train_nce_loss", nce_loss, on_epoch=True, sync_dist=True)
         self.log("train_smoothing", float(smoothing), on_epoch=True, on_step=False)
         return nce_loss + out["loss"]
