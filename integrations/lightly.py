@@ -13,6 +13,7 @@ Imports in this module are absolute: ``import lightly`` is the real lightly pack
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Optional, Sequence, Union
 
@@ -32,13 +33,6 @@ from .recipes import Recipe
 
 NO_ID = -1  # a bank entry whose sample id is unknown: never masked
 
-# The keyword defaults of the loss options in the drop-in. ``few_negatives="use_all"``: a training
-# loop survives every batch lightly's NTXentLoss survives (a last batch of one image, k larger than
-# a short batch's negatives).
-_OPTION_DEFAULTS = dict(temperature=0.5, smoothing=0.0, neighbors=None, schedule=None, normalize=True,
-                        reduction="mean", backend="auto", deterministic=False, allow_tf32=None,
-                        few_negatives="use_all")
-assert set(_OPTION_DEFAULTS) == set(LossOptions.field_names())
 
 
 class SmoothNTXentLoss(NTXentLoss):
@@ -158,7 +152,7 @@ class SmoothNTXentLoss(NTXentLoss):
         else:
             if not isinstance(options, LossOptions):
                 raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
-            changed = sorted(name for name, value in given.items() if value != _OPTION_DEFAULTS[name])
+            changed = sorted(name for name, value in given.items() if value != _option_defaults()[name])
             if changed:
                 raise TypeError(f"pass options=LossOptions(...) or the option keywords, not both (got {changed})")
         # lightly's __init__ assigns self.temperature, a property over the options: set them first.
@@ -285,20 +279,17 @@ class SmoothNTXentLoss(NTXentLoss):
         """A copy of the bank (K, dim) in its own dtype and of its ids, read before any enqueue.
         The core computes mixed dtypes in float32, so an fp32 bank is never rounded to the
         queries' half precision."""
-        bank = self.memory_bank.bank.detach().clone()
-        if self.memory_bank.feature_dim_first and bank.shape[0] != self.memory_bank.size[0]:
-            bank = bank.t()  # lightly stores (K, dim); only a transposed custom bank needs this
-        return bank.to(device), self.bank_ids.clone().to(device)
+        # lightly's buffer is (K, dim) whatever feature_dim_first says (that only transposes what
+        # its forward returns)
+        return self.memory_bank.bank.detach().clone().to(device), self.bank_ids.clone().to(device)
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor, ids: Optional[Tensor]) -> None:
         """Write the keys (and their ids, -1 if unknown) at the pointer with lightly's rule: the
         keys that do not fit before the bank's end are dropped and the pointer wraps to 0. Under
         ``gather_distributed`` the keys and ids of every rank are written, in rank order."""
-        keys = keys.detach()
+        keys = keys.detach()  # ids were checked by the loss call before
         ids = torch.full((keys.shape[0],), NO_ID, dtype=torch.long, device=keys.device) if ids is None else ids
-        if ids.shape != (keys.shape[0],):
-            raise ValueError(f"ids must have shape ({keys.shape[0]},), got {tuple(ids.shape)}")
         if self.gather_distributed and lightly_dist.world_size() > 1:
             keys, ids = concat_all_gather(keys.contiguous()), concat_all_gather(ids.to(keys.device).contiguous())
         size, ptr = self.memory_bank.size[0], int(self.memory_bank.bank_ptr)
@@ -332,6 +323,14 @@ class SmoothNTXentLoss(NTXentLoss):
         bank = f", memory_bank_size={tuple(self.memory_bank.size)}" if self.has_memory_bank else ""
         return (f"temperature={o.temperature}, smoothing={self.smoothing}, neighbors={o.neighbors}"
                 f"{bank}, persistent_bank={self.persistent_bank}")
+
+
+def _option_defaults() -> dict:
+    """The drop-in's keyword defaults of the loss options (its signature is the one source).
+    ``few_negatives="use_all"``: a training loop survives every batch lightly's NTXentLoss
+    survives (a last batch of one image, k larger than a short batch's negatives)."""
+    parameters = inspect.signature(SmoothNTXentLoss.__init__).parameters
+    return {name: parameters[name].default for name in LossOptions.field_names()}
 
 
 def _option_property(name: str) -> property:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from smooth_infonce.views import Weights
 
 from .backbones import Backbone
+from .lightly import SmoothNTXentLoss
 from .recipes import CropSpec, Recipe, ViewSpec
 
 
@@ -119,7 +120,8 @@ class MoCoModel(nn.Module):
     encoder updated with `lightly.models.utils.update_momentum`.
 
     ``training_loss(views, criterion)``: the key is views[0] (global view 1) through the key
-    encoder; every other view is a query (SSLight: global view 2 plus the local crops). Call
+    encoder; every other view is a query (SSLight: global view 2 plus the local crops).
+    ``symmetric_training_loss(views, criterion)``: light-moco's symmetric loss on two views. Call
     ``update_key_encoder()`` once per step before the loss, as in MoCo.
 
     Example:
@@ -131,7 +133,8 @@ class MoCoModel(nn.Module):
         >>> criterion = SmoothNTXentLoss(0.2, memory_bank_size=(64, 16), smoothing=0.1, neighbors=3)
         >>> views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)]
         >>> model.update_key_encoder()
-        >>> loss = model.training_loss(views, criterion, weights=(0.4, 0.6))
+        >>> loss = model.training_loss(views, criterion, weights=(0.4, 0.6), ids=torch.arange(8))
+        >>> loss = model.symmetric_training_loss(views[:2], criterion, combine="sum")
     """
 
     def __init__(self, backbone: Backbone, hidden_dim: int = 2048, output_dim: int = 128,
@@ -166,15 +169,31 @@ class MoCoModel(nn.Module):
         update_momentum(self.backbone, self.backbone_momentum, m)
         update_momentum(self.projection_head, self.projection_head_momentum, m)
 
-    def training_loss(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: Weights = None) -> Tensor:
-        """MoCo loss: key = views[0], queries = views[1:], one weight per query view."""
+    def training_loss(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: Weights = None,
+                      ids: Optional[Tensor] = None) -> Tensor:
+        """MoCo loss: key = views[0], queries = views[1:], one weight per query view. ``ids`` (B,):
+        the images' sample ids (dataset indices), for `SmoothNTXentLoss` to leave a query's own
+        earlier keys out of its negatives."""
         if len(views) < 2:
             raise ValueError(f"MoCo needs at least 2 views (key, query), got {len(views)}")
         keys = self.forward_key(views[0])
         queries = encode_views(self, views[1:])
-        if weights is None:
-            return criterion(queries[0], keys, *queries[1:])
-        return criterion(queries[0], keys, *queries[1:], weights=weights)
+        extra = {} if ids is None else {"ids": ids}
+        if weights is not None:
+            extra["weights"] = weights
+        return criterion(queries[0], keys, *queries[1:], **extra)
+
+    def symmetric_training_loss(self, views: Sequence[Tensor], criterion: SmoothNTXentLoss, combine: str = "mean",
+                                ids: Optional[Tensor] = None) -> Tensor:
+        """light-moco's symmetric loss on two views: both go through the query and the key
+        encoder, and `SmoothNTXentLoss.symmetric` scores query0 against key1 and query1 against
+        key0, then enqueues both keys (``combine="sum"`` as the authors' code)."""
+        if len(views) != 2:
+            raise ValueError(f"the symmetric loss takes exactly 2 views, got {len(views)}")
+        # one encoder pass per view, as the authors' code (batch-norm statistics per view)
+        query0, query1 = self(views[0]), self(views[1])
+        key0, key1 = self.forward_key(views[0]), self.forward_key(views[1])
+        return criterion.symmetric(query0, key0, query1, key1, combine=combine, ids=ids)
 
 
 def build_model(recipe: Recipe, backbone: Optional[Backbone] = None) -> Union[MoCoModel, SimCLRModel]:

@@ -95,3 +95,47 @@ def test_encode_views_runs_once_per_resolution_group():
     outputs = encode_views(Recorder(), views)
     assert calls == [(6, 3, 8, 8), (9, 3, 4, 4)]
     assert [tuple(o.shape) for o in outputs] == [(3, 4)] * 5
+
+
+def test_lightly_moco_with_sample_ids_and_a_bank_larger_than_the_data():
+    """48 digits, a 96-key bank: every query's own two earlier keys sit in the bank. With the
+    dataset indices as ids they are left out of its negatives (fewer, and more similar than most,
+    negatives: the loss is lower than with them counted)."""
+    torch.manual_seed(0)
+    transform = build_view_transform(DIGIT_VIEWS)
+    images, _ = digit_images(48)
+    batches = [(_fixed_views(images[24 * b:24 * b + 24], transform), torch.arange(24) + 24 * b) for b in range(2)]
+    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=32, key_momentum=0.9)
+    criterion = SmoothNTXentLoss(temperature=0.2, memory_bank_size=(96, 32), smoothing=0.1, neighbors=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(12):
+        views, ids = batches[step % 2]
+        model.update_key_encoder()
+        loss = model.training_loss(views, criterion, ids=ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    assert sorted(criterion.bank_ids.tolist()) == sorted(list(range(48)) * 2)
+    views, ids = batches[0]
+    with torch.no_grad():  # no enqueue: both calls read the same bank
+        masked = model.training_loss(views, criterion, ids=ids)
+        unmasked = model.training_loss(views, criterion)
+    assert masked < unmasked, (float(masked), float(unmasked))
+
+
+def test_symmetric_training_step_enqueues_both_keys():
+    torch.manual_seed(0)
+    images, _ = digit_images(16)
+    views = _fixed_views(images, build_view_transform(DIGIT_VIEWS))
+    model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=32, output_dim=16)
+    criterion = SmoothNTXentLoss(0.1, memory_bank_size=(64, 16), smoothing=0.1, neighbors=3)
+    model.update_key_encoder()
+    loss = model.symmetric_training_loss(views, criterion, combine="sum", ids=torch.arange(16))
+    loss.backward()
+    assert torch.isfinite(loss) and int(criterion.memory_bank.bank_ptr) == 32
+    assert criterion.bank_ids[:32].tolist() == list(range(16)) * 2
+    assert model.backbone.net[0][0].weight.grad is not None
+    assert all(p.grad is None for p in model.backbone_momentum.parameters())
+    with pytest.raises(ValueError, match="exactly 2 views"):
+        model.symmetric_training_loss(views + views[:1], criterion)
