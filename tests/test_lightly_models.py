@@ -1,5 +1,5 @@
-"""lightly models, heads and transforms built from the recipes (`lightly_models`), training with the
-drop-in on real digits."""
+"""lightly models, heads, transforms and losses built from the presets (`lightly_models`,
+`lightly.build_loss`), training with the drop-in on real digits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from smooth_infonce.integrations.backbones import build_backbone
 from smooth_infonce.integrations.digits import digit_images
 from smooth_infonce.integrations.lightly import SmoothNTXentLoss
 from smooth_infonce.integrations.lightly_models import MoCoModel, SimCLRModel, build_view_transform, encode_views
-from smooth_infonce.integrations.recipes import CropSpec, ViewSpec
+from smooth_infonce.integrations.recipes import CropSpec, ViewSpec, get_preset
 
 # --- lightly models training with the drop-in on real images ----------------------------------
 
@@ -139,3 +139,48 @@ def test_symmetric_training_step_enqueues_both_keys():
     assert all(p.grad is None for p in model.backbone_momentum.parameters())
     with pytest.raises(ValueError, match="exactly 2 views"):
         model.symmetric_training_loss(views + views[:1], criterion)
+
+
+# --- presets -> lightly models, losses and transforms ------------------------------------------------
+
+@pytest.mark.parametrize("preset,backbone", [("light_moco", "mobilenetv3_large_100"),
+                                             ("light_moco", "efficientnet_b0"),
+                                             ("sslight_moco", "mobilenet_v2"),
+                                             ("sslight_moco", "resnet18")])
+def test_preset_builds_a_lightly_model_whose_head_fits(preset, backbone):
+    from smooth_infonce.integrations.lightly import build_loss
+    from smooth_infonce.integrations.lightly_models import MoCoModel, build_model
+
+    recipe = get_preset(preset, backbone__name=backbone, moco__queue_size=256)
+    model = build_model(recipe).eval()
+    assert isinstance(model, MoCoModel)
+    with torch.no_grad():
+        projections = model(torch.randn(2, 3, 64, 64))
+    assert projections.shape == (2, recipe.head.output_dim)
+    criterion = build_loss(recipe)
+    assert tuple(criterion.memory_bank.size) == (256, 128)
+    assert criterion.temperature == recipe.loss.temperature
+
+
+def test_build_loss_carries_the_schedule_and_the_neighbours():
+    from smooth_infonce.integrations.lightly import build_loss
+
+    criterion = build_loss(get_preset("light_moco", moco__queue_size=1024))
+    assert criterion.neighbors == 10
+    assert [criterion.set_epoch(e) for e in (0, 2, 3, 50)] == [0.0, 0.0, 0.1, 0.1]
+    simclr = build_loss(get_preset("light_moco", framework="simclr", loss__mode="uniform"))
+    assert not simclr.has_memory_bank and simclr.neighbors is None
+
+
+def test_sslight_view_transform_on_a_real_photo():
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from smooth_infonce.integrations.lightly_models import build_view_transform
+
+    photo = Image.fromarray(load_sample_image("china.jpg"))
+    views = build_view_transform(get_preset("sslight_moco").views)(photo)
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 128, 128)] * 6
+    assert not torch.equal(views[2], views[3])
+    baseline = build_view_transform(get_preset("sslight_baseline").views)(photo)
+    assert [tuple(v.shape[-2:]) for v in baseline] == [(224, 224)] * 2 + [(96, 96)] * 6
