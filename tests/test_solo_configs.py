@@ -560,13 +560,16 @@ def test_key_queue_is_a_ring_buffer_of_keys_and_ids():
     assert set(queue.state_dict()) == {"keys", "ids", "ptr", "filled"}
 
 
-def moco_run_oracle(batches, initial_keys, *, symmetric, mask_own, locals_weights=None, **loss):
+def moco_run_oracle(batches, initial_keys, *, symmetric, mask_own, locals_weights=None, smoothing, **loss):
     """The light-moco authors' step, in Python: the loss reads the queue as it was; then key 1
     (and key 2 when symmetric) are enqueued, slot by slot, with their ids. Row losses come from
-    the loop oracle; masked entries are left out of the query's candidates."""
+    the loop oracle; masked entries are left out of the query's candidates. ``smoothing``: one
+    alpha, or one per step."""
     queue = [(key, -1) for key in initial_keys]
     ptr, losses = 0, []
-    for q1, q2, k1, k2, local, ids in batches:
+    alphas = smoothing if isinstance(smoothing, (list, tuple)) else [smoothing] * len(batches)
+    for (q1, q2, k1, k2, local, ids), alpha in zip(batches, alphas):
+        loss["smoothing"] = alpha
         keys = torch.stack([key for key, _ in queue])
         owner = [owner_id for _, owner_id in queue]
 

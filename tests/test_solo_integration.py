@@ -256,6 +256,47 @@ def test_symmetric_moco_enqueues_both_views_into_one_queue_with_their_indexes(im
     assert torch.allclose(queue.keys.norm(dim=1), torch.ones(16))
 
 
+@pytest.mark.parametrize("symmetric", ["sum", "mean"])
+def test_symmetric_method_equals_the_authors_loop_over_steps_in_float64(image_folder, symmetric, monkeypatch):
+    """The real method in float64, 8 steps over two epochs of solo-learn's own loader (images come
+    back, so own-image entries get masked), against the loop oracle replaying the authors' step:
+    one queue read by both directions, then key 1 and key 2 enqueued with their indexes."""
+    from test_solo_configs import moco_run_oracle
+
+    from smooth_infonce.integrations.solo import methods
+
+    cfg, model = tiny_moco(image_folder, "augmentations=moco_v2", f"method_kwargs.symmetric={symmetric}",
+                           "method_kwargs.queue_size=12", "method_kwargs.backend=reference")
+    model = model.double().train()
+    initial = [row.clone() for row in model.key_queue.keys]
+    recorded, real = [], methods.moco_step
+
+    def recording_step(queue, queries, keys, options, **kw):
+        loss = real(queue, queries, keys, options, **kw)
+        recorded.append((queries, keys, kw, loss))
+        return loss
+
+    monkeypatch.setattr(methods, "moco_step", recording_step)
+    loader = train_loader(cfg)
+    batches = [batch for _ in range(2) for batch in loader][:8]
+    for step, (indexes, crops, targets) in enumerate(batches):
+        model.training_step([indexes, [x.double() for x in crops], targets], step)
+    assert [kw["smoothing"] for *_, kw, _ in recorded][:2] == [0.0, 0.0]  # wait_for_full_bank
+    assert all(kw["mask_own"] and kw["symmetric"] == symmetric for *_, kw, _ in recorded)
+    replay = [(q[0], q[1], k[0], k[1], [], kw["ids"]) for q, k, kw, _ in recorded]
+    expected, oracle_queue = moco_run_oracle(
+        replay, initial, symmetric=symmetric, mask_own=True, temperature=0.2, neighbors=3,
+        smoothing=[kw["smoothing"] for *_, kw, _ in recorded])
+    for (*_, loss), want in zip(recorded, expected):
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.key_queue.keys, torch.stack([key for key, _ in oracle_queue]), rtol=0, atol=0)
+    assert model.key_queue.ids.tolist() == [owner for _, owner in oracle_queue]
+    unmasked, _ = moco_run_oracle(replay, initial, symmetric=symmetric, mask_own=False, temperature=0.2,
+                                  neighbors=3, smoothing=[kw["smoothing"] for *_, kw, _ in recorded])
+    assert any(abs(float(a) - float(b)) > 1e-9 for a, b in zip(unmasked, expected))  # the mask mattered
+
+
 def test_moco_warns_when_the_queue_is_larger_than_the_dataset(image_folder):
     cfg, model = tiny_moco(image_folder, "method_kwargs.queue_size=32")  # 20 images
     with pytest.warns(UserWarning, match="queue_size=32 is larger than the training set"):
