@@ -154,10 +154,13 @@ class PretrainModule(L.LightningModule):
         lr = self.learning_rate()
         for group in self.optimizers().param_groups:
             group["lr"] = lr
+        weights = self.recipe.view_weights()
         if self.recipe.framework == "moco":
             self.model.update_key_encoder()
-        masking = {"ids": index} if self.mask_own_keys else {}
-        loss = self.model.training_loss(views, self.criterion, weights=self.recipe.view_weights(), **masking)
+            ids = index if self.mask_own_keys else None
+            loss = self.model.training_loss(views, self.criterion, weights=weights, ids=ids)
+        else:
+            loss = self.model.training_loss(views, self.criterion, weights=weights)
         self.log_dict({"train/loss": loss, "train/lr": lr, "train/alpha": self.criterion.effective_smoothing},
                       prog_bar=True, on_step=True, on_epoch=False, batch_size=views[0].shape[0])
         return loss
