@@ -8,7 +8,9 @@ importable solo package's parent folder (an editable install of the clone).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -407,6 +409,107 @@ def test_resume_through_solo_learns_checkpoint_keeps_the_queue(tmp_path, image_f
     assert torch.equal(queue1["key_queue.keys"][:8], queue0["key_queue.keys"][:8])
     assert torch.equal(queue1["key_queue.ids"][:8], queue0["key_queue.ids"][:8])
     assert (queue1["key_queue.ids"][8:] >= 0).all()
+
+
+KILL_AND_RESUME = """
+import json, os, signal, sys
+import torch
+from hydra import compose, initialize_config_module
+from lightning.pytorch import Callback, Trainer, seed_everything
+from omegaconf import OmegaConf
+from smooth_infonce.integrations.solo import CONFIG_PACKAGE, register
+
+register()
+from solo.args.pretrain import parse_cfg
+from solo.data.pretrain_dataloader import (FullTransformPipeline, NCropAugmentation, build_transform_pipeline,
+                                           prepare_dataloader, prepare_datasets)
+from solo.methods import METHODS
+from solo.utils.checkpointer import Checkpointer
+
+mode, train_path, ckpt_dir, log_path, resume = sys.argv[1:6]
+torch.set_num_threads(1)
+with initialize_config_module(CONFIG_PACKAGE, version_base="1.2"):
+    cfg = compose("pretrain/smoke_cpu", overrides=[
+        f"data.train_path={train_path}", "optimizer.batch_size=4", "data.num_workers=0", "backbone.name=tiny_cnn",
+        "method_kwargs.queue_size=12", "method_kwargs.symmetric=sum", "augmentations=moco_v2",
+        "method_kwargs.deterministic=true", "limit_train_batches=3", "max_epochs=3"])
+OmegaConf.set_struct(cfg, False)
+cfg = parse_cfg(cfg)
+seed_everything(cfg.seed)
+model = METHODS[cfg.method](cfg)
+transform = FullTransformPipeline([NCropAugmentation(build_transform_pipeline(cfg.data.dataset, aug), aug.num_crops)
+                                   for aug in cfg.augmentations])
+dataset = prepare_datasets(cfg.data.dataset, transform, train_data_path=cfg.data.train_path,
+                           data_format=cfg.data.format, no_labels=cfg.data.no_labels)
+loader = prepare_dataloader(dataset, batch_size=cfg.optimizer.batch_size, num_workers=0)
+
+
+class EpochSeed(Callback):  # the data order and augmentations of an epoch depend on the epoch only
+    def on_train_epoch_start(self, trainer, module):
+        seed_everything(100 + trainer.current_epoch)
+
+
+class LogLosses(Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\\n")
+
+
+class KillAfterFirstCheckpoint(Callback):
+    def on_train_epoch_end(self, trainer, module):
+        if mode == "killed" and trainer.current_epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+checkpointer = Checkpointer(cfg, logdir=ckpt_dir, frequency=1)
+trainer = Trainer(accelerator="cpu", devices=1, max_epochs=cfg.max_epochs, limit_train_batches=3, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  deterministic=True, callbacks=[checkpointer, EpochSeed(), LogLosses(), KillAfterFirstCheckpoint()])
+trainer.fit(model, loader, ckpt_path=resume if resume != "-" else None)
+"""
+
+
+def test_kill_and_resume_through_solo_learns_checkpoint_continues_exactly(tmp_path, image_folder):
+    """Three epochs uninterrupted vs. SIGKILL right after the epoch-2 checkpoint (solo-learn's
+    Checkpointer) and a resume from it in a new process (Lightning's ckpt_path, as main_pretrain.py):
+    the losses of epoch 3 and the final weights, momentum encoder and queue (keys, indexes, pointer)
+    agree to 1e-6. Data order and augmentations are seeded per epoch (solo-learn's checkpoints hold
+    no RNG state)."""
+    script = tmp_path / "run.py"
+    script.write_text(KILL_AND_RESUME)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+    def run(mode, resume="-"):
+        log, ckpts = tmp_path / f"{mode}.jsonl", tmp_path / mode
+        result = subprocess.run([sys.executable, str(script), mode, str(image_folder / "train"), str(ckpts), str(log),
+                                 resume], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        losses = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return result, losses, ckpts
+
+    full, full_losses, full_dir = run("full")
+    assert full.returncode == 0, full.stderr[-4000:]
+    killed, killed_losses, killed_dir = run("killed")
+    assert killed.returncode == -signal.SIGKILL and len(killed_losses) == 6, killed.stderr[-4000:]
+    (after_two,) = killed_dir.rglob("*ep=1.ckpt")
+    resumed, resumed_losses, _ = run("resumed", resume=str(after_two))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    assert [e["step"] for e in full_losses] == list(range(1, 10))
+    assert [e["step"] for e in resumed_losses] == [7, 8, 9]
+    assert killed_losses == full_losses[:6]
+    for got, want in zip(resumed_losses, full_losses[6:]):
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+    (full_end,) = full_dir.rglob("*ep=2.ckpt")
+    (resumed_end,) = (tmp_path / "resumed").rglob("*ep=2.ckpt")
+    full_state = torch.load(full_end, map_location="cpu", weights_only=False)["state_dict"]
+    resumed_state = torch.load(resumed_end, map_location="cpu", weights_only=False)["state_dict"]
+    assert set(full_state) == set(resumed_state)
+    for key, value in full_state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(resumed_state[key], value), key
+    assert int(full_state["key_queue.ptr"]) == 9 * 8 % 12 and (full_state["key_queue.ids"] >= 0).all()
 
 
 def test_launcher_explains_a_wrong_solo_path(tmp_path, solo_clone):
