@@ -652,3 +652,29 @@ def test_symmetric_differs_from_two_calls_and_needs_a_bank():
         one.symmetric(query0, key0, query1, key1, combine="max")
     with pytest.raises(ValueError, match="memory bank"):
         SmoothNTXentLoss(0.2).symmetric(query0, key0, query1, key1)
+
+
+# --- the fused kernel behind the drop-in ----------------------------------------------------------
+
+@pytest.mark.parametrize("with_ids", [False])
+def test_triton_backend_equals_the_reference_mixed_dtypes_and_symmetric(with_ids):
+    """bfloat16 queries and keys against the float32 bank, the symmetric form (and own-image
+    masking): the Triton kernel (the interpreter on a CPU-only machine) gives the reference's values."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        loss = SmoothNTXentLoss(0.1, memory_bank_size=(32, 16), smoothing=0.2, neighbors=3, wait_for_full_bank=False,
+                                backend=backend).to(device)
+        loss.bank_ids.copy_(torch.arange(32) % 12)
+        generator = torch.Generator().manual_seed(1)
+        query = torch.randn(6, 16, generator=generator).bfloat16().to(device).requires_grad_()
+        key = torch.randn(6, 16, generator=generator).bfloat16().to(device)
+        ids = torch.arange(6, device=device) if with_ids else None
+        value = loss(query, key, ids=ids)
+        (grad,) = torch.autograd.grad(value, query)
+        symmetric = loss.symmetric(query, key, query * 1, key.flip(0), combine="sum", ids=ids)
+        assert loss.memory_bank.bank.dtype == torch.float32
+        results[backend] = (value.detach(), grad.float(), symmetric.detach(), loss.memory_bank.bank, loss.bank_ids)
+    for got, expected in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
