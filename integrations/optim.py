@@ -2,7 +2,7 @@
 
 Toolkit-free, shared by the lightly and solo-learn integrations.
 
-Parameter-group rules (SSLight, recipes.md), switched by `OptimizerSpec`:
+Parameter-group rules (SSLight's code), switched by `OptimizerSpec`:
 
 - ``exclude_bias_norm``: 1-D parameters (biases, norm scales / shifts) get no weight decay and no
   LARS adaptation;
