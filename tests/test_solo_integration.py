@@ -229,6 +229,22 @@ def test_moco_waits_for_a_full_queue_then_smooths(image_folder):
     assert "queue" not in state  # solo-learn's mocov2plus buffer names are not reused
 
 
+def test_checkpoint_of_the_earlier_queue_layout_loads(image_folder):
+    cfg, model = tiny_moco(image_folder)
+    state = dict(model.state_dict())
+    keys = F.normalize(torch.randn(8, 128), dim=1)
+    for name in ("keys", "ids", "ptr", "filled"):
+        del state[f"key_queue.{name}"]
+    state.update(queue=keys[None], queue_ptr=torch.tensor([4]), queue_filled=torch.tensor(True))
+    checkpoint = {"state_dict": state}
+    with pytest.warns(UserWarning, match="earlier smooth_mocov2plus"):
+        model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    queue = model.key_queue
+    assert torch.equal(queue.keys, keys) and int(queue.ptr) == 4 and bool(queue.filled)
+    assert (queue.ids == -1).all()
+
+
 class RecordIndexes:
     """Wraps a method's training_step to record solo-learn's dataset indexes of every batch."""
 

@@ -211,6 +211,26 @@ class SmoothMoCoV2Plus(_SmoothedLoss, BaseMomentumMethod):
             warnings.warn(f"method_kwargs.queue_size={self.queue_size} is larger than the training set "
                           f"({size} images): {masked}", stacklevel=2)
 
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Resume from a checkpoint of an earlier version of this method (``queue`` (V, K, D),
+        ``queue_ptr``, ``queue_filled``): its queue of global view 1's keys becomes ``key_queue``
+        with unknown indexes (never masked); the queue counts as filled only if it was."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if "key_queue.keys" in state or "queue" not in state:
+            return
+        old = state.pop("queue")
+        ptr, filled = state.pop("queue_ptr", None), state.pop("queue_filled", None)
+        if old.dim() != 3 or old.shape[1:] != self.key_queue.keys.shape:
+            raise ValueError(f"checkpoint queue of shape {tuple(old.shape)} does not fit key_queue "
+                             f"{tuple(self.key_queue.keys.shape)} (a solo-learn mocov2plus checkpoint?)")
+        state["key_queue.keys"] = old[0].clone()
+        state["key_queue.ids"] = torch.full_like(self.key_queue.ids, -1)
+        state["key_queue.ptr"] = (torch.zeros((), dtype=torch.long) if ptr is None else ptr.reshape(()).long())
+        state["key_queue.filled"] = (torch.zeros((), dtype=torch.bool) if filled is None else filled.reshape(()).bool())
+        warnings.warn("checkpoint of an earlier smooth_mocov2plus: its queue was loaded without the images' "
+                      "indexes (no own-image masking until those entries are replaced)", stacklevel=2)
+
     def current_smoothing(self) -> float:
         if self.moco.wait_for_full_bank and not bool(self.key_queue.filled):
             return 0.0
