@@ -13,15 +13,18 @@ where that fits in memory.
 
 CPU (no CUDA): the reference op against lightly's NTXentLoss and a plain cross-entropy
 formulation at SSL sizes (2 x 256 and 2 x 1024 views, D = 128, fp32), fwd+bwd. Time: median of
-repeated runs in one process, the providers interleaved round-robin. Memory: peak resident-set growth (VmHWM - VmRSS) of one fwd+bwd in a
-fresh subprocess whose inputs and imports are already in place, with glibc told to mmap every
-block >= 64 KiB (MALLOC_MMAP_THRESHOLD_), so that resident memory follows the live tensors.
+repeated runs in one process, the providers interleaved round-robin. Memory: peak resident-set
+growth (VmHWM - VmRSS) of one fwd+bwd in a fresh subprocess whose inputs and imports are already in
+place, with glibc told to mmap every block >= 64 KiB (MALLOC_MMAP_THRESHOLD_), so that resident
+memory follows the live tensors.
 
-Writes benchmarks/results/<device-slug>.json and .png (cpu-<cpu-slug>.* on CPU).
+Writes <out>.json and <out>.png. Without --out, a run never touches the committed results: it goes
+to benchmarks/runs/<device-slug>-<date-time>.* (git-ignored); pass --out
+benchmarks/results/<name> to record a run.
 
-    python benchmarks/kernel_throughput.py                  # GPU if present, else CPU mode
-    python benchmarks/kernel_throughput.py --quick          # fewer runs, for a smoke test
-    python benchmarks/kernel_throughput.py --shapes S1,S3 --providers triton-uniform,reference-fp32
+    .venv/bin/python benchmarks/kernel_throughput.py          # GPU if present, else CPU mode
+    .venv/bin/python benchmarks/kernel_throughput.py --quick  # 10 timed runs per number (GPU), 3 (CPU)
+    .venv/bin/python benchmarks/kernel_throughput.py --shapes S1,S3 --providers triton-uniform,reference-fp32
 """
 
 from __future__ import annotations
@@ -50,7 +53,13 @@ from smooth_infonce.ops.reference import reference_row_losses  # noqa: E402
 TEMPERATURE = 0.1
 SMOOTHING = 0.1
 NEIGHBORS = 10
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results"  # committed runs (only with --out)
+RUNS = ROOT / "benchmarks" / "runs"  # default output folder, git-ignored
+GPU_RUNS, GPU_QUICK_RUNS, CPU_RUNS, CPU_QUICK_RUNS = 55, 10, 15, 3
+
+
+def default_stem(device_slug: str) -> Path:
+    return RUNS / f"{device_slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def slug(text: str) -> str:
@@ -219,7 +228,7 @@ def cpu_name() -> str:
 def run_cpu(args):
     shapes = args.shapes or list(CPU_SHAPES)
     providers = args.providers or CPU_PROVIDERS
-    repeats = 3 if args.quick else 15
+    repeats = CPU_QUICK_RUNS if args.quick else CPU_RUNS
     results = []
     for shape in shapes:
         layout, n, m, d = CPU_SHAPES[shape]
@@ -252,13 +261,13 @@ def run_cpu(args):
         load_average_at_end=os.getloadavg(),  # other work on the machine inflates absolute times
         torch=torch.__version__, lightly=_version("lightly"),
         settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS, dtype="float32",
-                      timing=f"median of {repeats} fwd+bwd runs after one warm-up, one process, providers "
-                             "interleaved round-robin",
-                      memory="peak RSS growth (VmHWM after clear_refs, minus VmRSS) of one fwd+bwd in a fresh subprocess, "
-                             "MALLOC_MMAP_THRESHOLD_=65536"),
+                      timing=f"median of {repeats} fwd+bwd runs after one warm-up, one process, "
+                             "providers interleaved round-robin",
+                      memory="peak RSS growth (VmHWM after clear_refs, minus VmRSS) of one fwd+bwd in a fresh "
+                             "subprocess, MALLOC_MMAP_THRESHOLD_=65536"),
         results=results,
     )
-    stem = args.out or RESULTS / f"cpu-{slug(name)}"
+    stem = args.out or default_stem(f"cpu-{slug(name)}")
     write(report, Path(stem), plot_cpu)
 
 
@@ -302,7 +311,9 @@ def gpu_loss_fn(provider, problem):
 
         p = problem.cast(torch.float32 if provider == "triton-fp32" else torch.bfloat16)
         k = NEIGHBORS if provider == "triton-neighbors" else None
-        return (lambda: p.row_losses(triton_row_losses, smoothing=SMOOTHING, neighbors=k).mean()), p
+        # triton-fp32 measures the exact path: IEEE fp32 dots whatever torch's TF32 setting is
+        return (lambda: p.row_losses(triton_row_losses, smoothing=SMOOTHING, neighbors=k,
+                                     allow_tf32=False).mean()), p
     if provider == "reference-fp32":
         p = problem.cast(torch.float32)
         return (lambda: p.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=None).mean()), p
@@ -333,7 +344,7 @@ def gpu_loss_fn(provider, problem):
         try:
             from inf_cl import cal_inf_loss
         except ImportError:
-            raise Skip("inf_cl not importable (pip install inf-cl==1.2.1)")
+            raise Skip("inf_cl not importable (pip install inf-cl==1.2.1)") from None
         if problem.n != problem.m or layout == "moco":
             raise Skip("Inf-CL needs a square problem (one direction, labels = arange)")
         p = problem.cast(torch.float32)
@@ -343,7 +354,7 @@ def gpu_loss_fn(provider, problem):
         try:
             from memeff import MemoryEfficientCLIPLoss
         except ImportError:
-            raise Skip("memeff not importable (pip install memeff==0.3.1)")
+            raise Skip("memeff not importable (pip install memeff==0.3.1)") from None
         if problem.n != problem.m or layout == "moco":
             raise Skip("memeff is CLIP-style: a square problem")
         p = problem.cast(torch.float32)
@@ -358,7 +369,7 @@ class Skip(Exception):
 
 
 def bench_ms(fn, quick):
-    """Median ms over >= 50 runs (>= 10 with --quick); do_bench flushes L2 before each run."""
+    """Median ms over >= 55 runs (>= 10 with --quick); do_bench flushes L2 before each run."""
     import triton
 
     fn()
@@ -367,7 +378,7 @@ def bench_ms(fn, quick):
     fn()
     torch.cuda.synchronize()
     estimate = 1e3 * (time.perf_counter() - start)
-    runs = 10 if quick else 55
+    runs = GPU_QUICK_RUNS if quick else GPU_RUNS
     rep = max(100.0, runs * estimate)
     return triton.testing.do_bench(fn, warmup=max(25.0, 3 * estimate), rep=rep, return_mode="median"), max(
         runs, int(rep / max(estimate, 1e-3)))
@@ -427,6 +438,13 @@ def ceiling(provider, problem, quick):
                 op_tflops=(4 + 10) * n * m * d / ms / 1e9, note="attention flops: 4NMD fwd + 10NMD bwd")
 
 
+DEADLINE = None  # time.monotonic() after which providers are skipped (--budget)
+
+
+def out_of_time() -> bool:
+    return DEADLINE is not None and time.monotonic() > DEADLINE
+
+
 def run_gpu_shape(shape, providers, quick):
     layout, n, m, d = GPU_SHAPES[shape]
     problem = Problem(layout, n, m, d, torch.bfloat16, "cuda")
@@ -435,6 +453,8 @@ def run_gpu_shape(shape, providers, quick):
     for provider in providers:
         row = dict(shape=shape, provider=provider, layout=layout, N=n, M=m, D=d)
         try:
+            if out_of_time():
+                raise Skip("time budget (--budget) spent")
             if provider in ("gemm-bf16", "sdpa-bf16"):
                 row.update(ceiling(provider, problem, quick))
                 row["status"] = "ok"
@@ -447,7 +467,7 @@ def run_gpu_shape(shape, providers, quick):
             fn, p = gpu_loss_fn(provider, problem)
             row["dtype"] = str(p.anchors.dtype).replace("torch.", "")
 
-            def step():
+            def step(fn=fn, p=p):
                 return torch.autograd.grad(fn(), p.leaves)
 
             if provider == "reference-compiled":
@@ -495,6 +515,9 @@ def run_s6(quick):
     for d in (64, 96, 384, 768):
         for tau in ((0.01, 1.0) if quick else (0.01, 0.1, 1.0)):
             for k in (None, NEIGHBORS):
+                if out_of_time():
+                    print(f"S6: time budget spent, D={d} tau={tau} k={k} not checked", flush=True)
+                    continue
                 base = Problem("twotower", 1000, 3001, d, torch.float64, "cuda", seed=d)
                 ref = base.cast(torch.float64)
                 ref_loss = reference_row_losses(ref.anchors, ref.candidates, None, ref.pairs, temperature=tau,
@@ -546,8 +569,8 @@ def run_gpu(args):
         driver=driver, cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__,
         lightly=_version("lightly"), inf_cl=_version("inf_cl"), memeff=_version("memeff"),
         settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS,
-                      timing="triton.testing.do_bench median, >= 50 runs after warm-up (10 with --quick); "
-                             "L2 flushed before each run (cold L2); bwd = fwd+bwd - fwd",
+                      timing=f"triton.testing.do_bench median, >= {GPU_QUICK_RUNS if args.quick else GPU_RUNS} "
+                             "runs after warm-up; L2 flushed before each run (cold L2); bwd = fwd+bwd - fwd",
                       memory="torch.cuda.max_memory_allocated during one fwd+bwd minus allocated before",
                       useful_flops="8NMD (4NMD for the frozen MoCo queue, S3), charged to every provider",
                       inputs="triton-uniform / -neighbors: bf16; triton-fp32: fp32 IEEE dots; reference, "
@@ -557,8 +580,47 @@ def run_gpu(args):
                                 "losses on the same-sized square problem; at S1/S2 they do not mask self"),
         results=results, correctness_s6=s6,
     )
-    stem = args.out or RESULTS / slug(props.name)
+    stem = args.out or default_stem(slug(props.name))
     write(report, Path(stem), plot_gpu)
+    print(summary(report))
+
+
+PEERS = ["reference-fp32", "reference-bf16-autocast", "reference-compiled", "lightly-ntxent", "infcl", "memeff"]
+
+
+def summary(report) -> str:
+    """Per shape and kernel provider: fwd+bwd time, time ratio of each peer that ran (> 1: the
+    peer is slower), fraction of the same-run bf16 GEMM rate, peak extra memory; S6 gate results."""
+    lines = [f"{report['gpu']}, torch {report['torch']}, triton {report['triton']}, {report['date']}",
+             f"{'shape':5s} {'provider':17s} {'fwd+bwd ms':>10s} {'% of bf16 GEMM':>14s} {'peak MiB':>9s}  "
+             "peer time / this time"]
+    for shape in GPU_SHAPES:
+        rows = {r["provider"]: r for r in report["results"] if r["shape"] == shape}
+        for name, row in rows.items():
+            if not name.startswith("triton") or row.get("status") != "ok":
+                if name.startswith("triton") and row.get("status") != "ok":
+                    lines.append(f"{shape:5s} {name:17s} {row.get('status')}: {row.get('note', '')}")
+                continue
+            peers = []
+            for peer in PEERS:
+                other = rows.get(peer)
+                if other is None:
+                    continue
+                if other.get("status") == "ok":
+                    peers.append(f"{peer} {other['fwdbwd_ms'] / row['fwdbwd_ms']:.2f}x")
+                else:
+                    peers.append(f"{peer} {other.get('status')}")
+            fraction = row.get("fraction_of_gemm_ceiling")
+            lines.append(f"{shape:5s} {name:17s} {row['fwdbwd_ms']:10.3f} "
+                         f"{'-' if fraction is None else f'{100 * fraction:.1f}':>14s} "
+                         f"{row.get('peak_extra_mib', float('nan')):9.1f}  {', '.join(peers) or '-'}")
+    s6 = report.get("correctness_s6") or []
+    if s6:
+        failed = [r for r in s6 if not r["pass"]]
+        lines.append(f"S6 correctness: {len(s6) - len(failed)}/{len(s6)} within the gates"
+                     + "".join(f"\n  FAIL D={r['D']} tau={r['temperature']} k={r['neighbors']} {r['dtype']}: "
+                               f"loss {r['loss_rel_err']:.2e}, grad {r['grad_rel_err']:.2e}" for r in failed))
+    return "\n".join(lines)
 
 
 def plot_gpu(report, path):
@@ -617,10 +679,23 @@ def main(argv=None):
     parser.add_argument("--shapes", type=lambda s: s.split(","), help="comma list (GPU: S0..S4,S6; CPU: %s)"
                         % ",".join(CPU_SHAPES))
     parser.add_argument("--providers", type=lambda s: s.split(","), help="comma list (default: all)")
-    parser.add_argument("--out", help="output path without suffix (default: benchmarks/results/<device>)")
-    parser.add_argument("--quick", action="store_true", help="fewer runs (smoke test)")
+    parser.add_argument("--out", help="output path without suffix, e.g. benchmarks/results/<device> to record a "
+                        "run (default: benchmarks/runs/<device>-<date-time>, git-ignored: committed results are "
+                        "never overwritten)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: {GPU_QUICK_RUNS} timed runs per number on GPU (default >= {GPU_RUNS}), "
+                        f"{CPU_QUICK_RUNS} on CPU (default {CPU_RUNS})")
+    parser.add_argument("--summary", metavar="JSON", help="print the summary table of an earlier GPU run and exit")
     parser.add_argument("--cpu", action="store_true", help="CPU mode even if CUDA is available")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: providers not started by then are recorded as skipped (GPU mode)")
     args = parser.parse_args(argv)
+    if args.budget is not None:
+        global DEADLINE
+        DEADLINE = time.monotonic() + args.budget
+    if args.summary:
+        print(summary(json.loads(Path(args.summary).read_text())))
+        return
     if torch.cuda.is_available() and not args.cpu:
         run_gpu(args)
     else:

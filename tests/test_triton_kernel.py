@@ -24,8 +24,15 @@ from hypothesis import strategies as st  # noqa: E402
 pytest.importorskip("triton")
 
 from smooth_infonce.layout import make_pairs  # noqa: E402
+from smooth_infonce.ops import row_target_weights  # noqa: E402
 from smooth_infonce.ops.reference import reference_row_losses  # noqa: E402
-from smooth_infonce.ops.triton import INTERPRET, nearest_negatives, triton_row_losses  # noqa: E402
+from smooth_infonce.ops.triton import (  # noqa: E402
+    INTERPRET,
+    RowLossInputs,
+    nearest_negatives,
+    resolve_allow_tf32,
+    triton_row_losses,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
@@ -83,6 +90,15 @@ def make_problem(layout, n, m, dim, dtype, seed, grads=(True, True, True), class
         keys = F.normalize(anchors + 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
         candidates = unit(m, dim, gen)
         pairs = make_pairs(n, m, has_positive_key=True)
+    elif layout == "moco_ids":  # MoCo with sample ids: a queue entry of the row's own sample is not in V(i)
+        anchors = unit(n, dim, gen)
+        keys = F.normalize(anchors + 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
+        candidates = unit(m, dim, gen)
+        anchor_ids = torch.randperm(n + m, generator=gen)[:n]
+        candidate_ids = torch.where(torch.rand(m, generator=gen) < 0.5,  # earlier views of these samples
+                                    anchor_ids[torch.randint(0, n, (m,), generator=gen)], -1)
+        pairs = make_pairs(n, m, anchor_ids=anchor_ids, candidate_ids=candidate_ids, has_positive_key=True,
+                           ids_exclude=True)
     elif layout == "twotower":  # row i's positive is column i; extra candidates are negatives
         m = max(m, n)
         anchors, candidates = unit(n, dim, gen), unit(m, dim, gen)
@@ -149,11 +165,14 @@ def assert_matches_reference(prob, temperature, smoothing, neighbors, dtype, det
 
 # --- values and gradients against the reference, every layout --------------------------------
 
-layouts = st.sampled_from(["inbatch", "supervised", "moco", "twotower"])
+layouts = st.sampled_from(["inbatch", "supervised", "moco", "moco_ids", "twotower"])
+
+
+FULL_PRECISION_DTYPES = st.sampled_from([torch.float64, torch.float32, torch.float16])
 
 
 @st.composite
-def problems(draw, dtypes=st.sampled_from([torch.float64, torch.float32, torch.float16])):
+def problems(draw, dtypes=FULL_PRECISION_DTYPES):
     layout = draw(layouts)
     dtype = draw(dtypes)
     spec = dict(
@@ -219,6 +238,124 @@ def test_small_temperature_does_not_overflow():
     assert_matches_reference(prob, 0.01, 0.2, 3, torch.float32)
     got, _ = run(triton_row_losses, prob, temperature=0.001, smoothing=0.2, neighbors=None)
     assert torch.isfinite(got).all()
+
+
+# --- per-row target weights: too few negatives, own-sample exclusion ---------------------------
+
+SMOOTHING_MODES = [(0.0, None), (0.3, None), (0.3, 2), (0.3, 10)]  # alpha 0, uniform, k <= / > |Neg(i)|
+
+
+def moco_with_own_samples(queue_ids, n=6, dim=17, seed=0):
+    """MoCo with sample ids 0..n-1 and a queue (leaf, with gradient) whose entry j holds sample
+    queue_ids[j] (-1: unknown): entries of row i's own sample are not in V(i)."""
+    gen = torch.Generator().manual_seed(seed)
+    anchors = unit(n, dim, gen).requires_grad_()
+    keys = F.normalize(anchors.detach() + 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64),
+                       dim=1).requires_grad_()
+    queue = unit(len(queue_ids), dim, gen).requires_grad_()
+    ids, queue_ids = torch.arange(n), torch.tensor(queue_ids)
+    pairs = make_pairs(n, len(queue_ids), anchor_ids=ids, candidate_ids=queue_ids, has_positive_key=True,
+                       ids_exclude=True)
+    return anchors, keys, queue, ids, queue_ids, pairs
+
+
+@pytest.mark.parametrize("smoothing,neighbors", SMOOTHING_MODES)
+@pytest.mark.parametrize("queue_ids", [
+    [0, 3, -1, 1, 1, 5, 2, -1, 3, 3, 4, 0],  # 0-2 own entries per row; k = 10 exceeds |Neg(i)|
+    [0, 0, 0, 0, 0],  # row 0: every queue entry is its own, no negatives at all
+], ids=["mixed", "row_without_negatives"])
+def test_moco_own_samples_masked_equals_deleted(smoothing, neighbors, queue_ids):
+    """Masking row i's own queue entries (ids_exclude) gives exactly the loss and gradients of
+    deleting them from row i's queue, in every smoothing mode, and matches the reference."""
+    anchors, keys, queue, ids, queue_ids, pairs = moco_with_own_samples(queue_ids)
+    options = dict(temperature=0.2, smoothing=smoothing, neighbors=neighbors)
+    g = 0.5 + torch.arange(len(ids), dtype=torch.float64) / len(ids)
+    leaves = (anchors, keys, queue)
+
+    masked = triton_row_losses(anchors, queue, keys, pairs, **options)
+    masked_grads = torch.autograd.grad((masked * g).sum(), leaves)
+
+    deleted = []
+    for i in range(len(ids)):
+        keep = queue_ids != ids[i]
+        one = make_pairs(1, int(keep.sum()), has_positive_key=True)
+        deleted.append(triton_row_losses(anchors[i:i + 1], queue[keep], keys[i:i + 1], one, **options))
+    deleted = torch.cat(deleted)
+    deleted_grads = torch.autograd.grad((deleted * g).sum(), leaves)
+    torch.testing.assert_close(masked, deleted, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(masked_grads, deleted_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+    reference = reference_row_losses(anchors, queue, keys, pairs, **options)
+    reference_grads = torch.autograd.grad((reference * g).sum(), leaves)
+    torch.testing.assert_close(masked, reference, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(masked_grads, reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    if (queue_ids == 0).all():  # row 0 without negatives: alpha_0 = 0, only the key is valid: loss 0
+        torch.testing.assert_close(masked[0], masked.new_zeros(()), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("smoothing,neighbors", SMOOTHING_MODES)
+def test_rows_with_few_or_no_negatives_match_reference(smoothing, neighbors):
+    """Rows with fewer negatives than k (S(i) = all of them) and rows with none (alpha_i = 0: the
+    mass stays on the positives), in-batch with label ids and two-tower."""
+    gen = torch.Generator().manual_seed(1)
+
+    def inbatch(labels):
+        x = unit(len(labels), 17, gen).requires_grad_()
+        pairs = make_pairs(len(labels), len(labels), anchor_ids=labels, candidate_ids=labels, self_offset=0)
+        return Problem(x, x, None, pairs, True, 0.5 + torch.rand(len(labels), generator=gen, dtype=torch.float64))
+
+    few = inbatch(torch.tensor([0, 0, 1, 0, 0, 0, 0, 1, 0, 0]))  # label 0 rows: 2 negatives
+    none = inbatch(torch.zeros(6, dtype=torch.long))  # one label: no row has a negative
+    # two-tower: row 0 has three positives and one negative, row 1 one positive and three negatives
+    twotower = Problem(unit(2, 17, gen).requires_grad_(), unit(4, 17, gen).requires_grad_(), None,
+                       make_pairs(2, 4, anchor_ids=torch.tensor([0, 1]), candidate_ids=torch.tensor([0, 0, 0, 1])),
+                       False, torch.ones(2, dtype=torch.float64))
+    for prob in (few, none, twotower):
+        for deterministic in (False, True):
+            assert_matches_reference(prob, 0.2, smoothing, neighbors, torch.float64, deterministic)
+    if smoothing == 0:
+        return
+    # no negatives: exactly plain InfoNCE; too few: the same loss as k = |Neg(i)|
+    plain, _ = run(triton_row_losses, none, temperature=0.2, smoothing=0.0, neighbors=None)
+    got, _ = run(triton_row_losses, none, temperature=0.2, smoothing=smoothing, neighbors=neighbors)
+    torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
+    if neighbors == 10:
+        all_negatives, _ = run(triton_row_losses, few, temperature=0.2, smoothing=smoothing, neighbors=None)
+        got, _ = run(triton_row_losses, few, temperature=0.2, smoothing=smoothing, neighbors=neighbors)
+        torch.testing.assert_close(got, all_negatives, rtol=1e-12, atol=1e-12)
+
+
+def test_allow_tf32_follows_torch(monkeypatch):
+    """allow_tf32=None takes torch's fp32 matmul setting; True / False override it; the resolved
+    precision reaches the kernels (fp32 inputs only)."""
+    import smooth_infonce.ops.triton as host
+
+    precision, flag = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    seen = []
+    real = host._forward_statistics
+    monkeypatch.setattr(host, "_forward_statistics", lambda p: seen.append(p.precision) or real(p))
+    prob = make_problem("twotower", 8, 8, 17, torch.float32, seed=0)
+    try:
+        for setting, expected in (("highest", False), ("high", True), ("medium", True)):
+            torch.set_float32_matmul_precision(setting)
+            assert resolve_allow_tf32(None) is expected
+            assert torch.backends.cuda.matmul.allow_tf32 is expected
+            assert resolve_allow_tf32(True) is True and resolve_allow_tf32(False) is False
+            seen.clear()
+            run(triton_row_losses, prob, temperature=0.2, smoothing=0.1, neighbors=None)
+            run(triton_row_losses, prob, temperature=0.2, smoothing=0.1, neighbors=None, allow_tf32=False)
+            run(triton_row_losses, prob, temperature=0.2, smoothing=0.1, neighbors=None, allow_tf32=True)
+            assert seen == ["tf32" if expected else "ieee", "ieee", "tf32"]
+        torch.set_float32_matmul_precision("high")
+        seen.clear()
+        run(triton_row_losses, make_problem("twotower", 8, 8, 17, torch.float16, seed=0), temperature=0.2,
+            smoothing=0.1, neighbors=None)
+        assert seen == ["ieee"]  # fp16 operands: the precision setting does not apply
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32 = flag
 
 
 # --- determinism, gradcheck -------------------------------------------------------------------
@@ -302,13 +439,15 @@ def test_top_k_matches_brute_force(n, m, dim, k, self_excluded, seed):
 
 # --- torch.compile / custom-op registration ----------------------------------------------------
 
-def test_custom_op_registration_opcheck():
-    prob = make_problem("moco", 20, 40, 17, torch.float32, seed=1)
+@pytest.mark.parametrize("layout", ["moco", "moco_ids"])
+def test_custom_op_registration_opcheck(layout):
+    prob = make_problem(layout, 20, 40, 17, torch.float32, seed=1)
     p = prob.pairs
     for neighbors in (None, 2):
-        args = (prob.anchors, prob.candidates, prob.keys, p.anchor_ids, p.candidate_ids, p.self_offset,
-                p.num_positives, p.num_negatives, 0.2, 0.3, neighbors, False, False)
-        torch.library.opcheck(torch.ops.smooth_infonce.triton_row_losses.default, args)
+        w_pos, w_smooth = row_target_weights(p, 0.3, neighbors, torch.float32)
+        args = RowLossInputs(prob.anchors, prob.candidates, prob.keys, p.anchor_ids, p.candidate_ids, w_pos,
+                             w_smooth, p.self_offset, p.ids_exclude, 0.2, neighbors or 0, False, False)
+        torch.library.opcheck(torch.ops.smooth_infonce.triton_row_losses.default, tuple(args))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -463,5 +602,5 @@ def _to_cuda(prob):
         anchors.shape[0], candidates.shape[0],
         anchor_ids=None if p.anchor_ids is None else p.anchor_ids.cuda(),
         candidate_ids=None if p.candidate_ids is None else p.candidate_ids.cuda(),
-        self_offset=p.self_offset, has_positive_key=p.has_positive_key, device="cuda")
+        self_offset=p.self_offset, has_positive_key=p.has_positive_key, ids_exclude=p.ids_exclude, device="cuda")
     return Problem(anchors, candidates, move(prob.keys), pairs, prob.same, prob.row_grad.cuda())

@@ -2,14 +2,17 @@
 
 Notation: s_ij = <a_i, c_j> (the similarity), z_ij = s_ij / tau (the logit), V(i) the valid columns
 of row i, P(i) its positives, Neg(i) = V(i) minus P(i). The host passes two per-row target weights
+(`smooth_infonce.ops.row_target_weights`)
 
-    w_pos[i] = (1 - alpha) / |P(i)|
-    w_neg[i] = alpha / |Neg(i)|   (uniform smoothing; 0 in neighbour mode, whose alpha / k targets
-                                   on k columns per row are added by the host: an O(N k D) gather)
+    w_pos[i] = (1 - alpha_i) / |P(i)|
+    w_neg[i] = alpha_i / |Neg(i)|   (uniform smoothing; 0 in neighbour mode, whose targets w_smooth[i]
+                                     on the k selected columns are added by the host: an O(N k D) gather)
 
 so that the in-kernel target is y_ij = w_pos[i] on P(i), w_neg[i] on Neg(i), 0 off V(i). That makes
 uniform smoothing free: the target is two selects per element, and the cross term sum_j y_ij s_ij
-is accumulated in the same pass as the log-sum-exp.
+is accumulated in the same pass as the log-sum-exp. Which pairs are valid and positive (`_tile_targets`):
+column i + self_offset is not in V(i) (HAS_SELF, in-batch); with ids (HAS_IDS) an equal id marks a
+positive, or with IDS_EXCLUDE (MoCo queue with sample ids) a column outside V(i): the row's own sample.
 
 Nothing N x M is ever stored. Each program holds a block of rows (or of columns) in registers and
 streams tiles of the other side, recomputing the similarity tile with tl.dot:
@@ -25,9 +28,11 @@ streams tiles of the other side, recomputing the similarity tile with tl.dot:
   FlashAttention-2's dQ), else the host runs `anchor_grad_kernel` too (deterministic).
 
 p_ij = exp(z_ij - LSE_i) comes from the saved per-row LSE. The feature dimension D is zero-padded to
-BLOCK_D (a power of two >= 16); when all of D fits one block (ONE_D_BLOCK) the held block is loaded
-once, else the similarity is accumulated over D blocks and the gradient kernels write one D block
-each (grid axis 2). Dots accumulate in ACC_DTYPE (fp32, fp64 for fp64 inputs); logits, softmax and
+a power of two >= 16. With ONE_D_BLOCK all of D is one block: the held block is loaded once and the
+similarity tile is one dot. Otherwise the similarity is accumulated over D in chunks of BLOCK_K
+features (nothing held), and the gradient kernels write output blocks of BLOCK_D features, one per
+program along grid axis 2 (the tile register budget, not the math, decides between the two: see the
+host's TILE_TABLE). Dots accumulate in ACC_DTYPE (fp32, fp64 for fp64 inputs); logits, softmax and
 statistics are ACC_DTYPE too. UPCAST (bf16 under the Triton interpreter only) widens loaded tiles to
 fp32, because the interpreter's bf16 dot is wrong.
 """
@@ -69,17 +74,17 @@ def _grad_dot(acc, dlogits, rows, INPUT_DTYPE: tl.constexpr, SPLIT: tl.constexpr
 
 @triton.jit
 def _similarities(x_held, x_ptr, x_stride, x_rows, n_x, y_held, y_ptr, y_stride, y_rows, n_y, D,
-                  BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_K: tl.constexpr,
                   ONE_D_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                   ACC_DTYPE: tl.constexpr):
     """The BLOCK_X x BLOCK_Y tile <x_r, y_c>. With ONE_D_BLOCK the two operand tiles are already
-    loaded (x_held, y_held); else they are streamed over D blocks."""
+    loaded (x_held, y_held); else they are streamed over D in chunks of BLOCK_K features."""
     if ONE_D_BLOCK:
         sims = tl.dot(x_held, tl.trans(y_held), input_precision=PRECISION, out_dtype=ACC_DTYPE)
     else:
         sims = tl.zeros((BLOCK_X, BLOCK_Y), dtype=ACC_DTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_K):
+            dims = d0 + tl.arange(0, BLOCK_K)
             x = _load_rows(x_ptr, x_stride, x_rows, n_x, dims, D, UPCAST)
             y = _load_rows(y_ptr, y_stride, y_rows, n_y, dims, D, UPCAST)
             sims = tl.dot(x, tl.trans(y), sims, input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -88,13 +93,15 @@ def _similarities(x_held, x_ptr, x_stride, x_rows, n_x, y_held, y_ptr, y_stride,
 
 @triton.jit
 def _tile_targets(rows, cols, row_ids, col_ids, w_pos, w_neg, N, M, self_offset,
-                  HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr):
+                  HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr, IDS_EXCLUDE: tl.constexpr):
     """(valid, negative, y) of a tile. Arguments are broadcastable row / column tensors, so one
     helper serves the row-major tiles and the transposed tiles of the candidate kernel."""
     valid = (rows < N) & (cols < M)
     if HAS_SELF:  # the anchor itself (in-batch layout) is not a candidate
         valid = valid & (cols != rows + self_offset)
-    if HAS_IDS:
+    if HAS_IDS and IDS_EXCLUDE:  # equal ids = the row's own sample (MoCo queue): not in V(i)
+        valid = valid & (col_ids != row_ids)
+    if HAS_IDS and not IDS_EXCLUDE:  # equal ids = a positive
         positive = valid & (col_ids == row_ids)
         negative = valid & (col_ids != row_ids)
         targets = tl.where(positive, w_pos, tl.where(valid, w_neg, 0.0))
@@ -143,8 +150,8 @@ def forward_kernel(
     A, C, anchor_ids, candidate_ids, w_pos_ptr, w_neg_ptr, inv_tau_ptr,
     split_max, split_sumexp, split_cross, split_top_sims, split_top_cols,
     N, M, D, stride_a, stride_c, self_offset, tiles_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr, IDS_EXCLUDE: tl.constexpr,
     NEIGHBORS: tl.constexpr, NEIGHBORS_PAD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -188,10 +195,10 @@ def forward_kernel(
             c_held = _load_rows(C, stride_c, cols, M, tl.arange(0, BLOCK_D), D, UPCAST)
         # 1) similarity tile s = A_blk C_tile^T, and its masks / targets
         sims = _similarities(a_held, A, stride_a, rows, N, c_held, C, stride_c, cols, M, D,
-                             BLOCK_N, BLOCK_M, BLOCK_D, ONE_D_BLOCK, UPCAST, PRECISION, ACC_DTYPE)
+                             BLOCK_N, BLOCK_M, BLOCK_K, ONE_D_BLOCK, UPCAST, PRECISION, ACC_DTYPE)
         valid, negative, targets = _tile_targets(
             rows[:, None], cols[None, :], row_ids[:, None], col_ids[None, :],
-            w_pos[:, None], w_neg[:, None], N, M, self_offset, HAS_IDS, HAS_SELF)
+            w_pos[:, None], w_neg[:, None], N, M, self_offset, HAS_IDS, HAS_SELF, IDS_EXCLUDE)
         # 2) online log-sum-exp of z = s / tau over V(i)
         logits = tl.where(valid, sims * inv_tau, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -220,8 +227,9 @@ def anchor_grad_kernel(
     A, C, anchor_ids, candidate_ids, w_pos_ptr, w_neg_ptr, inv_tau_ptr, lse_ptr, grad_ptr,
     split_grad,
     N, M, D, stride_a, stride_c, self_offset, tiles_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr, GRAD_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr, IDS_EXCLUDE: tl.constexpr,
+    GRAD_SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row_block = tl.program_id(0)
@@ -255,10 +263,10 @@ def anchor_grad_kernel(
             c_held = _load_rows(C, stride_c, cols, M, tl.arange(0, BLOCK_D), D, UPCAST)
         # recompute the similarity tile, then dl/dz = g (p - y)
         sims = _similarities(a_held, A, stride_a, rows, N, c_held, C, stride_c, cols, M, D,
-                             BLOCK_N, BLOCK_M, BLOCK_D, ONE_D_BLOCK, UPCAST, PRECISION, ACC_DTYPE)
+                             BLOCK_N, BLOCK_M, BLOCK_K, ONE_D_BLOCK, UPCAST, PRECISION, ACC_DTYPE)
         valid, negative, targets = _tile_targets(
             rows[:, None], cols[None, :], row_ids[:, None], col_ids[None, :],
-            w_pos[:, None], w_neg[:, None], N, M, self_offset, HAS_IDS, HAS_SELF)
+            w_pos[:, None], w_neg[:, None], N, M, self_offset, HAS_IDS, HAS_SELF, IDS_EXCLUDE)
         dlogits = _logit_grads(sims, valid, targets, lse[:, None], grad[:, None], inv_tau)
         # dA_blk += dlogits C_tile (this program's D block)
         c_out = c_held
@@ -275,8 +283,8 @@ def candidate_grad_kernel(
     A, C, anchor_ids, candidate_ids, w_pos_ptr, w_neg_ptr, inv_tau_ptr, lse_ptr, grad_ptr,
     split_grad, anchor_grad,
     N, M, D, stride_a, stride_c, self_offset, tiles_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr, IDS_EXCLUDE: tl.constexpr,
     ATOMIC_ANCHOR_GRAD: tl.constexpr, GRAD_SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -316,10 +324,10 @@ def candidate_grad_kernel(
             a_held = _load_rows(A, stride_a, rows, N, tl.arange(0, BLOCK_D), D, UPCAST)
         # the transposed tile: s^T = C_blk A_tile^T, rows of the tile are candidates
         sims_t = _similarities(c_held, C, stride_c, cols, M, a_held, A, stride_a, rows, N, D,
-                               BLOCK_M, BLOCK_N, BLOCK_D, ONE_D_BLOCK, UPCAST, PRECISION, ACC_DTYPE)
+                               BLOCK_M, BLOCK_N, BLOCK_K, ONE_D_BLOCK, UPCAST, PRECISION, ACC_DTYPE)
         valid, negative, targets = _tile_targets(
             rows[None, :], cols[:, None], row_ids[None, :], col_ids[:, None],
-            w_pos[None, :], w_neg[None, :], N, M, self_offset, HAS_IDS, HAS_SELF)
+            w_pos[None, :], w_neg[None, :], N, M, self_offset, HAS_IDS, HAS_SELF, IDS_EXCLUDE)
         dlogits_t = _logit_grads(sims_t, valid, targets, lse[None, :], grad[None, :], inv_tau)
         # dC_blk += dlogits^T A_tile
         a_out = a_held

@@ -1,15 +1,17 @@
 """The fused Triton backend: smoothed InfoNCE row losses without any N x M tensor.
 
     triton_row_losses(anchors, candidates, positive_keys, pairs, *, temperature, smoothing,
-                      neighbors, deterministic=False, allow_tf32=False) -> Tensor (N,)
+                      neighbors, deterministic=False, allow_tf32=None) -> Tensor (N,)
 
 Exactly the semantics of `reference.reference_row_losses` (loss.md):
 
     z_ij = <a_i, c_j> / tau,   l_i = LSE_{j in V(i)} z_ij - sum_j y_ij z_ij,   dl_i/dz_ij = p_ij - y_ij
-    y_ij = (1 - alpha) / |P(i)| on P(i);  alpha / |S(i)| on S(i);  0 elsewhere
+    y_ij = w_pos[i] on P(i);  w_smooth[i] on S(i);  0 elsewhere
 
-with S(i) = Neg(i) (``neighbors=None``, uniform) or the ``neighbors`` negatives of largest
-similarity <a_i, c_j> (ties to the lower candidate index, selected without gradient).
+with the per-row weights of `smooth_infonce.ops.row_target_weights` (shared with the reference) and
+S(i) = Neg(i) (``neighbors=None``, uniform) or the ``neighbors`` negatives of largest similarity
+<a_i, c_j> (ties to the lower candidate index, selected without gradient; all of Neg(i) when it has
+fewer).
 
 Who does what (the kernels and their math: `smooth_infonce/ops/kernels.py`):
 
@@ -19,8 +21,8 @@ Who does what (the kernels and their math: `smooth_infonce/ops/kernels.py`):
   recomputing the similarity tiles from the saved LSE.
 - torch, O(N k D) or O(N D): the MoCo positive-key column z_i0 = <a_i, k_i> / tau (it joins the
   log-sum-exp, the cross term and the gradients outside the hot loop), and the neighbour targets
-  alpha / k (a gather of k candidate rows per anchor, `embedding_bag`; for dC the transposed gather,
-  built by a stable sort: deterministic, no atomics).
+  w_smooth[i] on the k selected columns (a gather of k candidate rows per anchor, `embedding_bag`;
+  for dC the transposed gather, built by a stable sort: deterministic, no atomics).
 
 Backward modes. ``deterministic=False`` (default): when both anchors and candidates need gradients,
 one kernel over candidate blocks recomputes each tile once and forms dC in registers and dA with
@@ -30,9 +32,17 @@ partial sum is reduced in a fixed order: results are bitwise reproducible. A fro
 (MoCo queue) never needs atomics.
 
 Precision: dots accumulate in fp32 (fp64 for fp64 inputs); logits, softmax and statistics are fp32
-(fp64). fp32 inputs use exact IEEE fp32 dots by default (about 1e-6 relative to an fp64 reference);
-``allow_tf32=True`` uses TF32 tensor cores (about 1e-3). fp16 / bf16 inputs use tensor cores; the
-gradient's dl/dz tile is rounded to the input dtype before its dot, as FlashAttention does.
+(fp64). For fp32 inputs ``allow_tf32=None`` (default) follows torch's own switch for fp32 matmuls,
+``torch.backends.cuda.matmul.allow_tf32`` (``torch.set_float32_matmul_precision("high")`` turns it
+on), so the loss gets the precision the eager loss would get: exact IEEE fp32 dots by default (about
+1e-6 relative to an fp64 reference, no tensor cores), TF32 tensor cores (about 1e-3) when torch
+allows them; True / False override it (`resolve_allow_tf32`). fp16 / bf16 inputs always use tensor
+cores; the gradient's dl/dz tile is rounded to the input dtype before its dot, as FlashAttention
+does (split into two bf16 terms for bf16).
+
+Tile sizes come from one table per (GPU architecture, dot kind, D range), `TILE_TABLE`, chosen so
+that every launch compiles for sm_90 and sm_80 without register spills (checked offline with the
+ptxas of the triton wheel: `benchmarks/compile_report.py`, and `tests/test_compile_report.py`).
 
 Registered as the custom ops ``torch.ops.smooth_infonce.triton_row_losses`` (+ ``_backward``) with
 fake (meta) kernels and an autograd formula, so torch.compile treats the loss as one opaque node.
@@ -40,16 +50,17 @@ Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_I
 before this module is imported; slow, for tests).
 """
 
+import inspect
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..layout import Pairs
-from . import compute_dtype
+from . import compute_dtype, row_target_weights
 
 try:
     import triton
@@ -65,12 +76,49 @@ except ImportError as _err:  # re-raised with a clear message; `functional.trito
 # Read at kernel-decoration time by Triton, so it is fixed for the life of this module.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["triton_row_losses", "nearest_negatives", "INTERPRET"]
+__all__ = ["triton_row_losses", "nearest_negatives", "resolve_allow_tf32", "TILE_TABLE", "INTERPRET"]
+
+
+def resolve_allow_tf32(allow_tf32: Optional[bool]) -> bool:
+    """TF32 dots for fp32 inputs? ``None`` follows torch's fp32 matmul setting
+    (``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.get_float32_matmul_precision() !=
+    "highest"``), so the loss is as precise as an eager ``a @ c.T`` would be; True / False force it."""
+    if allow_tf32 is None:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return bool(allow_tf32)
 
 
 # --------------------------------------------------------------------------------------------
-# Tile sizes and work splitting
+# The device, tile sizes and work splitting
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the launches are planned for."""
+
+    arch: Optional[int]  # CUDA compute capability as 10 * major + minor (90 = H100); None = interpreter
+    sm_count: int  # streaming multiprocessors (the interpreter pretends 4)
+
+
+_TARGETS: Dict[int, Target] = {}
+
+
+def _target(device: torch.device) -> Target:
+    """The target of tensors on `device`: the Triton interpreter for CPU tensors when it is on,
+    the GPU's architecture and SM count for CUDA tensors. (benchmarks/compile_report.py replaces
+    this function to plan launches for a GPU that is not there.)"""
+    if INTERPRET:
+        return Target(None, 4)
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"triton backend: the tensors are on {device}; the kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before importing smooth_infonce, to run them slowly on CPU)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TARGETS:
+        props = torch.cuda.get_device_properties(index)
+        _TARGETS[index] = Target(10 * props.major + props.minor, props.multi_processor_count)
+    return _TARGETS[index]
 
 
 @dataclass(frozen=True)
@@ -79,65 +127,124 @@ class Tiles:
 
     rows: int  # BLOCK_N: anchors per tile
     cols: int  # BLOCK_M: candidates per tile
-    d: int  # BLOCK_D: features per block (all of D when one_d_block)
-    one_d_block: bool  # all of D (zero-padded) fits one block, held in registers
+    d: int  # BLOCK_D: features per gradient output block (grid axis 2 of the gradient kernels)
+    k: int  # BLOCK_K: features per step of the similarity dot when D is streamed
+    one_d_block: bool  # all of D (zero-padded) is one block, held in registers: BLOCK_D = BLOCK_K = D
     num_warps: int
     num_stages: int
+
+
+def _t(rows, cols, warps, stages, chunk=None, out=None):
+    """A table entry. chunk = None: all of D is held in registers (one dot per tile); else the
+    similarity is accumulated over D in chunks of `chunk` features, and the gradient kernels write
+    output blocks of `out` features (None: all of D; fewer means one more recompute per block)."""
+    return dict(rows=rows, cols=cols, warps=warps, stages=stages, chunk=chunk, out=out)
+
+
+# TILE_TABLE[(arch family, dot kind, D range)] = {kernel: _t(BLOCK_N, BLOCK_M, warps, stages, chunk, out)}
+#
+#   arch family: "sm90" (Hopper and newer: wgmma), "sm80" (Ampere / Ada: mma.sync);
+#   dot kind:    "16bit" (fp16 / bf16 inputs), "tf32" (fp32 inputs, TF32 allowed), "ieee" (fp32
+#                inputs, exact fp32 dots on the FMA units), "fp64";
+#   D range:     the entry serves padded D (D rounded up to a power of two >= 16) up to this value;
+#   kernels:     "forward", "anchor_grad" (dA, deterministic backward), "candidate_grad" (dC, and
+#                dA with atomics in the default backward).
+#
+# How they were chosen: no GPU has measured them yet, so nothing is autotuned. Each entry started
+# from the tile an H100 FlashAttention-style kernel would use (128 x 64 forward, 64 x 64 backward,
+# operands held in registers) and was shrunk (rows first, then pipeline stages, then holding D ->
+# streaming it) until ptxas (the one in the triton wheel; triton 3.8 and 3.6) reported zero spills
+# for every launch of the issue-8 grid (D in {17, 64, 100, 128, 256}; fp16, bf16, fp32-TF32,
+# fp32-IEEE; alpha = 0, uniform, k in {1, 5, 10, 32}; both backward kinds; in-batch 8192, MoCo
+# 256 x 65536 with and without ids, two-tower) with every tensor-core dot compiled to wgmma
+# (sm_90) or mma (sm_80) and shared memory within the limit: where zero spills needed it, the
+# smaller tile was taken. IEEE fp32 dots run on the FMA units, whose Triton lowering keeps a whole
+# K slice of both operands in registers per thread: they always stream D in chunks of 16 or 32.
+# benchmarks/compile_report.py shows every launch (committed: benchmarks/results/compile_*).
+TILE_TABLE: Dict[Tuple[str, str, int], Dict[str, dict]] = {}
+_KERNEL_NAMES = ("forward", "anchor_grad", "candidate_grad")
+
+
+def _fill_table():
+    for arch in ("sm90", "sm80"):
+        # fp16 / bf16: tensor cores, 2-byte operands. The default backward's kernel (dC + atomic dA)
+        # holds two accumulators: 32 anchor rows per step. D = 256: the held operands and the
+        # accumulators no longer fit the registers, so D is streamed and the gradients are
+        # written in two 128-wide blocks (the similarity tile is recomputed once more).
+        # sm_80 forward: 128 rows left no register headroom for the k = 32 running top-k (244-254).
+        for d_max in (64, 128):
+            TILE_TABLE[arch, "16bit", d_max] = dict(
+                forward=_t(128 if arch == "sm90" else 64, 64, 8, 3), anchor_grad=_t(64, 64, 8, 2),
+                candidate_grad=_t(32, 64, 8, 2))
+        TILE_TABLE[arch, "16bit", 256] = dict(
+            forward=_t(64, 64, 8, 2), anchor_grad=_t(64, 64, 8, 1, chunk=64, out=128),
+            candidate_grad=_t(64, 64, 8, 1, chunk=64, out=128))
+        TILE_TABLE[arch, "16bit", 1 << 30] = dict(
+            forward=_t(64, 64, 8, 2, chunk=64), anchor_grad=_t(64, 64, 8, 1, chunk=64, out=128),
+            candidate_grad=_t(64, 64, 8, 1, chunk=64, out=128))
+        # fp32 inputs with TF32 tensor cores, 4-byte operands: half the tile of 16-bit
+        for d_max in (64, 128):
+            TILE_TABLE[arch, "tf32", d_max] = dict(
+                forward=_t(64, 64, 8, 2), anchor_grad=_t(64, 32, 8, 1), candidate_grad=_t(32, 64, 8, 1))
+        TILE_TABLE[arch, "tf32", 1 << 30] = dict(
+            forward=_t(64, 64, 8, 2, chunk=64), anchor_grad=_t(64, 32, 8, 1, chunk=64, out=64),
+            candidate_grad=_t(32, 64, 8, 1, chunk=64, out=64))
+        # fp32 inputs with IEEE dots (FMA units): D always streamed, 16 features per step
+        TILE_TABLE[arch, "ieee", 1 << 30] = dict(
+            forward=_t(64, 64, 8, 2, chunk=16), anchor_grad=_t(64, 32, 8, 1, chunk=16, out=64),
+            candidate_grad=_t(32, 64, 8, 1, chunk=16, out=64))
+        # fp64 (not a GPU-speed path; outside the compile grid): small tiles
+        TILE_TABLE[arch, "fp64", 64] = {name: _t(32, 32, 4, 1) for name in _KERNEL_NAMES}
+        TILE_TABLE[arch, "fp64", 1 << 30] = {name: _t(32, 32, 4, 1, chunk=32, out=32) for name in _KERNEL_NAMES}
+
+
+_fill_table()
 
 
 def _next_power_of_two(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def choose_tiles(kernel: str, dim: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> Tiles:
-    """Block sizes for `kernel` in {"forward", "anchor_grad", "candidate_grad"}.
+def _dot_kind(dtype: torch.dtype, precision: str) -> str:
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return precision  # "tf32" or "ieee"
+    return "16bit"
 
-    GPU sizes are chosen for an H100 by reasoning (smem: operand tiles x stages <= ~200 KB;
-    registers: the held block plus the fp32 accumulator); they are not autotuned. Every tl.dot
-    dimension is a power of two >= 16. Under the interpreter, small tiles and a low one-block limit
-    make the tests exercise ragged edges, several tiles and the multi-block D path cheaply.
-    """
+
+def choose_tiles(kernel: str, dim: int, dtype: torch.dtype, precision: str = "ieee",
+                 arch: Optional[int] = None) -> Tiles:
+    """Block sizes of `kernel` ("forward", "anchor_grad", "candidate_grad") for D = `dim` features
+    of `dtype` on `arch` (None: the interpreter), from `TILE_TABLE`.
+
+    Under the interpreter, small tiles make the tests exercise ragged edges, several tiles and
+    splits cheaply, and the three D paths: D <= 32 held in one block, D <= 64 streamed in chunks
+    into one output block, larger D streamed into several output blocks. Every tl.dot dimension is
+    a power of two >= 16."""
     padded = max(16, _next_power_of_two(dim))
-    if interpret:
-        one = padded <= 64
-        return Tiles(32, 32, padded if one else 32, one, 4, 1)
-    size = torch.empty((), dtype=dtype).element_size()
-    one_block_limit, chunk = {2: (256, 128), 4: (128, 64), 8: (64, 32)}[size]
-    one = padded <= one_block_limit
-    block_d = padded if one else chunk
-    if size == 8:  # fp64: no fast tensor-core path, keep tiles small
-        return Tiles(32, 32, block_d, one, 4, 1)
-    wide = block_d > 128 or size == 4
-    if kernel == "forward":
-        if size == 2 and not wide:
-            return Tiles(128, 64, block_d, one, 8, 3)
-        return Tiles(64, 64, block_d, one, 8 if one else 4, 2)
-    if kernel == "anchor_grad":
-        return Tiles(64, 32 if wide else 64, block_d, one, 8, 2 if not wide else 1)
-    return Tiles(32 if wide else 64, 64, block_d, one, 8, 2 if not wide else 1)
+    if arch is None:
+        if padded <= 32:
+            return Tiles(32, 32, padded, padded, True, 4, 1)
+        return Tiles(32, 32, padded if padded <= 64 else 32, 32, False, 4, 1)
+    family = "sm90" if arch >= 90 else "sm80"
+    kind = _dot_kind(dtype, precision)
+    d_max = min(key[2] for key in TILE_TABLE if key[:2] == (family, kind) and key[2] >= padded)
+    e = TILE_TABLE[family, kind, d_max][kernel]
+    if e["chunk"] is None:
+        return Tiles(e["rows"], e["cols"], padded, padded, True, e["warps"], e["stages"])
+    out = min(padded, e["out"] or padded)
+    return Tiles(e["rows"], e["cols"], out, min(padded, e["chunk"]), False, e["warps"], e["stages"])
 
 
-_SM_COUNT = {}
-
-
-def _target_programs(device: torch.device) -> int:
-    """Enough programs to fill the GPU: two per SM. Under the interpreter a small number, so that
-    the split path (and its merge) is exercised by small test problems."""
-    if device.type != "cuda":
-        return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 2 * _SM_COUNT[index]
-
-
-def _split(blocks: int, tiles: int, device: torch.device) -> Tuple[int, int]:
+def _split(blocks: int, tiles: int, target: Target) -> Tuple[int, int]:
     """(splits, tiles per split) of the inner loop: when there are too few blocks to fill the GPU
-    (MoCo: few anchors, a long queue), the inner dimension is cut into contiguous splits whose
-    partial results the host merges (as flash-decoding does)."""
+    (two programs per SM; MoCo: few anchors, a long queue), the inner dimension is cut into
+    contiguous splits whose partial results the host merges (as flash-decoding does)."""
     if tiles == 0:
         return 1, 0
-    splits = max(1, min(tiles, -(-_target_programs(device) // max(blocks, 1))))
+    programs = 2 * target.sm_count
+    splits = max(1, min(tiles, -(-programs // max(blocks, 1))))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
 
@@ -149,11 +256,6 @@ def _split(blocks: int, tiles: int, device: torch.device) -> Tuple[int, int]:
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _effective_neighbors(neighbors: Optional[int], smoothing: float) -> int:
-    """k of the top-k search; 0 when there is nothing to search (uniform mode, or alpha = 0)."""
-    return int(neighbors) if neighbors is not None and smoothing > 0 else 0
-
-
 @dataclass
 class _Problem:
     a: Tensor  # (N, D) anchors, contiguous, kernel dtype
@@ -162,14 +264,17 @@ class _Problem:
     anchor_ids: Optional[Tensor]
     candidate_ids: Optional[Tensor]
     self_offset: Optional[int]
+    ids_exclude: bool  # equal ids: not a candidate (instead of a positive)
     acc: torch.dtype
-    w_pos: Tensor  # (N,) (1 - alpha) / |P(i)|
-    w_neg: Tensor  # (N,) alpha / |Neg(i)| (uniform) or 0 (neighbour mode)
+    w_pos: Tensor  # (N,) y on each positive
+    w_neg: Tensor  # (N,) y on each negative in the kernels: w_smooth (uniform) or 0 (neighbours)
+    w_smooth: Tensor  # (N,) y on each member of S(i)
     inv_tau: float
     inv_tau_tensor: Tensor  # (1,) acc dtype: the exact 1/tau for the kernels (a float arg is fp32)
     neighbors: int  # k of the top-k search, 0 if none
-    smoothing: float
+    deterministic: bool  # no atomics in the backward
     precision: str  # tl.dot input_precision for fp32 operands
+    target: Target
     upcast: bool  # bf16 under the interpreter: compute on fp32 copies of the tiles
 
     @property
@@ -177,10 +282,14 @@ class _Problem:
         return dict(
             HAS_IDS=self.anchor_ids is not None and self.candidate_ids is not None,
             HAS_SELF=self.self_offset is not None,
+            IDS_EXCLUDE=self.ids_exclude,
             UPCAST=self.upcast,
             PRECISION=self.precision,
             ACC_DTYPE=tl.float64 if self.acc == torch.float64 else tl.float32,
         )
+
+    def tiles(self, kernel: str) -> Tiles:
+        return choose_tiles(kernel, self.a.shape[1], self.a.dtype, self.precision, self.target.arch)
 
     def ids(self) -> Tuple[Tensor, Tensor]:
         """Id pointers for the kernels (a placeholder tensor when there are none)."""
@@ -192,40 +301,39 @@ class _Problem:
         return x.to(self.acc)
 
 
-def _prepare(anchors, candidates, positive_keys, anchor_ids, candidate_ids, self_offset,
-             num_positives, num_negatives, temperature, smoothing, neighbors, allow_tf32) -> _Problem:
+def _prepare(anchors: Tensor, candidates: Tensor, positive_keys: Optional[Tensor],
+             anchor_ids: Optional[Tensor], candidate_ids: Optional[Tensor],
+             w_pos: Optional[Tensor], w_smooth: Optional[Tensor], self_offset: Optional[int],
+             ids_exclude: bool, temperature: Optional[float], neighbors: int, deterministic: bool,
+             allow_tf32: bool) -> _Problem:
+    """The kernels' view of the inputs (the fields of `RowLossInputs`). Without targets and
+    temperature (`nearest_negatives`: the search alone) the row statistics the forward kernel also
+    forms are not used, so the targets are 0 and the logits unscaled."""
     for name, t in (("anchors", anchors), ("candidates", candidates), ("positive_keys", positive_keys)):
-        if t is None:
-            continue
-        if t.dtype not in _KERNEL_DTYPES:
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"triton backend: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.device.type != "cuda" and not INTERPRET:
-            raise RuntimeError(
-                f"triton backend: {name} is on {t.device}; the kernels need CUDA tensors "
-                "(or TRITON_INTERPRET=1 set before importing smooth_infonce, to run them slowly on CPU)")
+    target = _target(anchors.device)
     acc = compute_dtype(anchors, candidates, positive_keys)
     a, c = anchors, candidates
     if a.dtype != c.dtype or (acc == torch.float64 and a.dtype != torch.float64):
         a, c = a.to(acc), c.to(acc)  # mixed inputs: compute in the accumulation dtype
     a, c = a.contiguous(), c.contiguous()
-    k = _effective_neighbors(neighbors, smoothing)
-    w_pos = (1.0 - smoothing) / num_positives.clamp_min(1).to(acc)
-    if neighbors is None:
-        w_neg = smoothing / num_negatives.clamp_min(1).to(acc)
-    else:
-        w_neg = torch.zeros_like(w_pos)
+    if w_pos is None or w_smooth is None:
+        w_pos = w_smooth = torch.zeros(a.shape[0], dtype=acc, device=a.device)
+    w_pos, w_smooth = w_pos.to(acc).contiguous(), w_smooth.to(acc).contiguous()
+    inv_tau = 1.0 if temperature is None else 1.0 / temperature
     return _Problem(
         a=a, c=c,
         keys=None if positive_keys is None else positive_keys.to(acc),
         anchor_ids=None if anchor_ids is None else anchor_ids.contiguous(),
         candidate_ids=None if candidate_ids is None else candidate_ids.contiguous(),
-        self_offset=self_offset, acc=acc,
-        w_pos=w_pos.contiguous(), w_neg=w_neg.contiguous(),
-        inv_tau=1.0 / temperature,
-        inv_tau_tensor=torch.full((1,), 1.0 / temperature, dtype=acc, device=a.device),
-        neighbors=k, smoothing=smoothing,
+        self_offset=self_offset, ids_exclude=bool(ids_exclude), acc=acc,
+        w_pos=w_pos, w_neg=torch.zeros_like(w_smooth) if neighbors else w_smooth, w_smooth=w_smooth,
+        inv_tau=inv_tau, inv_tau_tensor=torch.full((1,), inv_tau, dtype=acc, device=a.device),
+        neighbors=int(neighbors), deterministic=bool(deterministic),
         precision="tf32" if allow_tf32 and a.dtype == torch.float32 else "ieee",
-        upcast=INTERPRET and a.dtype == torch.bfloat16,
+        target=target,
+        upcast=target.arch is None and a.dtype == torch.bfloat16,
     )
 
 
@@ -252,6 +360,8 @@ def _row_dot(x: Tensor, y: Tensor) -> Tensor:
 
 def _neighbor_sum(c_wide: Tensor, top_cols: Tensor) -> Tensor:
     """sum_t c_{top_cols[i, t]} per row (N, D); empty slots (index -1) count 0."""
+    if c_wide.shape[0] == 0:  # no candidates: every slot is empty
+        return c_wide.new_zeros((top_cols.shape[0], c_wide.shape[1]))
     present = (top_cols >= 0).to(c_wide.dtype)
     return F.embedding_bag(top_cols.clamp_min(0), c_wide, mode="sum", per_sample_weights=present)
 
@@ -262,6 +372,8 @@ def _neighbor_scatter(a_wide: Tensor, top_cols: Tensor, row_coef: Tensor, num_ca
     The (row, column) pairs are sorted by column (stable: rows ascending) and summed per column by
     `embedding_bag` with offsets: a fixed summation order, no atomics (deterministic on CUDA)."""
     k = top_cols.shape[1]
+    if num_candidates == 0:
+        return a_wide.new_zeros((0, a_wide.shape[1]))
     flat = top_cols.reshape(-1)
     columns, order = torch.sort(flat.clamp_min(0), stable=True)
     rows = torch.div(order, k, rounding_mode="floor")
@@ -293,9 +405,9 @@ def _forward_statistics(p: _Problem) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the forward kernel. Returns the per-split (max, sum exp, cross term) (S, N) folded
     into (log-sum-exp parts (S, N), cross (N,)), and the top-k (sims, cols) of each split."""
     (n, dim), m, device = p.a.shape, p.c.shape[0], p.a.device
-    tiles = choose_tiles("forward", dim, p.a.dtype)
+    tiles = p.tiles("forward")
     row_blocks, col_tiles = triton.cdiv(n, tiles.rows), triton.cdiv(m, tiles.cols)
-    splits, per_split = _split(row_blocks, col_tiles, device)
+    splits, per_split = _split(row_blocks, col_tiles, p.target)
     split_max = torch.empty((splits, n), dtype=p.acc, device=device)
     split_sumexp = torch.empty_like(split_max)
     split_cross = torch.empty_like(split_max)
@@ -308,7 +420,8 @@ def _forward_statistics(p: _Problem) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
             p.a, p.c, anchor_ids, candidate_ids, p.w_pos, p.w_neg, p.inv_tau_tensor,
             split_max, split_sumexp, split_cross, split_top_sims, split_top_cols,
             n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split,
-            BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, ONE_D_BLOCK=tiles.one_d_block,
+            BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
+            ONE_D_BLOCK=tiles.one_d_block,
             NEIGHBORS=k, NEIGHBORS_PAD=max(2, _next_power_of_two(k)), **p.kernel_flags,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
@@ -329,14 +442,14 @@ def _forward(p: _Problem) -> Tuple[Tensor, Tensor, Tensor]:
     if key_logits is not None:
         losses = losses - p.w_pos * key_logits
     top_cols = torch.empty((n, 0), dtype=torch.long, device=p.a.device)
-    if p.neighbors:  # neighbour targets alpha / k on the k selected columns
+    if p.neighbors:  # neighbour targets w_smooth[i] on the (up to) k selected columns
         _, top_cols = _merge_top_k(split_top_sims, split_top_cols, p.neighbors)
         neighbor_sims = _row_dot(p.wide(p.a), _neighbor_sum(p.wide(p.c), top_cols))
-        losses = losses - (p.smoothing / p.neighbors * p.inv_tau) * neighbor_sims
+        losses = losses - p.w_smooth * p.inv_tau * neighbor_sims
     return losses, lse, top_cols
 
 
-def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor, deterministic: bool,
+def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor,
               need_anchor_grad: bool, need_candidate_grad: bool, need_key_grad: bool):
     (n, dim), m, device = p.a.shape, p.c.shape[0], p.a.device
     grad = grad.to(p.acc).contiguous()
@@ -347,37 +460,43 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor, determin
     # large batch); the kernel results are multiplied back by scale.
     scale = torch.exp2(torch.ceil(torch.log2(grad.abs().amax().clamp_min(1e-30)))) if n else grad.new_ones(())
     common = (p.a, p.c, anchor_ids, candidate_ids, p.w_pos, p.w_neg, p.inv_tau_tensor, lse, grad / scale)
+    grad_split = p.a.dtype == torch.bfloat16  # dl/dz as hi + lo bf16 terms (kernels._grad_dot)
     da = dc = dk = None
 
-    if need_candidate_grad:  # kernel over candidate blocks; dA fused in with atomics unless deterministic
-        tiles = choose_tiles("candidate_grad", dim, p.a.dtype)
+    if need_candidate_grad and m == 0:
+        dc = torch.zeros((0, dim), dtype=p.acc, device=device)
+    if need_candidate_grad and m > 0:  # kernel over candidate blocks; dA fused in with atomics unless deterministic
+        tiles = p.tiles("candidate_grad")
         col_blocks, row_tiles = triton.cdiv(m, tiles.cols), triton.cdiv(n, tiles.rows)
-        splits, per_split = _split(col_blocks, row_tiles, device)
-        atomic = need_anchor_grad and not deterministic
+        splits, per_split = _split(col_blocks, row_tiles, p.target)
+        atomic = need_anchor_grad and not p.deterministic
         split_grad = torch.empty((splits, m, dim), dtype=p.acc, device=device)
         da = torch.zeros((n, dim), dtype=p.acc, device=device) if atomic else None
         with _device_guard(p.a):
             _kernels.candidate_grad_kernel[(col_blocks, splits, triton.cdiv(dim, tiles.d))](
                 *common, split_grad, da if atomic else split_grad,
                 n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split,
-                BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, ONE_D_BLOCK=tiles.one_d_block,
-                ATOMIC_ANCHOR_GRAD=atomic, GRAD_SPLIT=p.a.dtype == torch.bfloat16, **p.kernel_flags,
+                BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
+                ONE_D_BLOCK=tiles.one_d_block,
+                ATOMIC_ANCHOR_GRAD=atomic, GRAD_SPLIT=grad_split, **p.kernel_flags,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )
         dc = (split_grad[0] if splits == 1 else split_grad.sum(0)) * scale
         da = None if da is None else da * scale
 
     if need_anchor_grad and da is None:  # kernel over anchor blocks, no atomics
-        tiles = choose_tiles("anchor_grad", dim, p.a.dtype)
+        tiles = p.tiles("anchor_grad")
         row_blocks, col_tiles = triton.cdiv(n, tiles.rows), triton.cdiv(m, tiles.cols)
-        splits, per_split = _split(row_blocks, col_tiles, device)
+        splits, per_split = _split(row_blocks, col_tiles, p.target)
         split_grad = torch.empty((splits, n, dim), dtype=p.acc, device=device)
         with _device_guard(p.a):
             _kernels.anchor_grad_kernel[(row_blocks, splits, triton.cdiv(dim, tiles.d))](
                 *common, split_grad,
                 n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split,
-                BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, ONE_D_BLOCK=tiles.one_d_block,
-                GRAD_SPLIT=p.a.dtype == torch.bfloat16, **p.kernel_flags, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
+                ONE_D_BLOCK=tiles.one_d_block,
+                GRAD_SPLIT=grad_split, **p.kernel_flags,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )
         da = (split_grad[0] if splits == 1 else split_grad.sum(0)) * scale
 
@@ -391,7 +510,7 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor, determin
             dk = dkey[:, None] * a_wide * p.inv_tau
 
     if p.neighbors and (need_anchor_grad or need_candidate_grad):  # the -y part on the k neighbours
-        coef = grad * (p.smoothing / p.neighbors * p.inv_tau)
+        coef = grad * p.w_smooth * p.inv_tau
         if need_anchor_grad:
             da = da - coef[:, None] * _neighbor_sum(p.wide(p.c), top_cols)
         if need_candidate_grad:
@@ -404,94 +523,126 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor, determin
 # --------------------------------------------------------------------------------------------
 
 
+class RowLossInputs(NamedTuple):
+    """The arguments of the custom op ``smooth_infonce::triton_row_losses``, in order. The op's
+    schema, its fake kernel, the autograd context and the backward op are all derived from this
+    one definition."""
+
+    anchors: Tensor
+    candidates: Tensor
+    positive_keys: Optional[Tensor]
+    anchor_ids: Optional[Tensor]
+    candidate_ids: Optional[Tensor]
+    w_pos: Tensor  # (N,) target on each positive (`row_target_weights`)
+    w_smooth: Tensor  # (N,) target on each member of the smoothing set
+    self_offset: Optional[int]
+    ids_exclude: bool
+    temperature: float
+    neighbors: int  # k of the neighbour search; 0: uniform smoothing (or alpha = 0)
+    deterministic: bool
+    allow_tf32: bool  # resolved (`resolve_allow_tf32`)
+
+
+class BackwardRequest(NamedTuple):
+    """The backward op's arguments before the forward's (`RowLossInputs`)."""
+
+    grad: Tensor  # (N,) upstream gradient of the row losses
+    log_normalizers: Tensor  # (N,) the forward's row log-sum-exp
+    neighbor_cols: Tensor  # (N, k) the forward's neighbour columns
+    need_anchor_grad: bool
+    need_candidate_grad: bool
+    need_key_grad: bool
+
+
+_TENSOR_FIELDS = tuple(name for name, kind in RowLossInputs.__annotations__.items()
+                       if kind in (Tensor, Optional[Tensor]))
+_OPTION_FIELDS = tuple(name for name in RowLossInputs._fields if name not in _TENSOR_FIELDS)
+
+
+def _with_signature(*structures, returns):
+    """Give an ``fn(*args)`` the typed signature of the structures' fields (custom_op reads the
+    op schema from it)."""
+    def wrap(fn):
+        fn.__signature__ = inspect.Signature(
+            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind)
+             for s in structures for name, kind in s.__annotations__.items()],
+            return_annotation=returns)
+        return fn
+    return wrap
+
+
+_THREE_TENSORS = Tuple[Tensor, Tensor, Tensor]
+
+
 @torch.library.custom_op("smooth_infonce::triton_row_losses", mutates_args=())
-def _row_losses_op(
-    anchors: Tensor, candidates: Tensor, positive_keys: Optional[Tensor],
-    anchor_ids: Optional[Tensor], candidate_ids: Optional[Tensor], self_offset: Optional[int],
-    num_positives: Tensor, num_negatives: Tensor,
-    temperature: float, smoothing: float, neighbors: Optional[int],
-    deterministic: bool, allow_tf32: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+@_with_signature(RowLossInputs, returns=_THREE_TENSORS)
+def _row_losses_op(*args):
     """(row losses (N,), row log-sum-exp (N,), neighbour columns (N, k) int64)."""
-    n = anchors.shape[0]
-    p = _prepare(anchors, candidates, positive_keys, anchor_ids, candidate_ids, self_offset,
-                 num_positives, num_negatives, temperature, smoothing, neighbors, allow_tf32)
-    if n == 0:
-        empty = anchors.new_empty((0,), dtype=p.acc)
-        return empty, empty.clone(), anchors.new_empty((0, p.neighbors), dtype=torch.long)
+    x = RowLossInputs(*args)
+    p = _prepare(**x._asdict())
+    if x.anchors.shape[0] == 0:
+        empty = x.anchors.new_empty((0,), dtype=p.acc)
+        return empty, empty.clone(), x.anchors.new_empty((0, p.neighbors), dtype=torch.long)
     return _forward(p)
 
 
 @_row_losses_op.register_fake
-def _row_losses_fake(anchors, candidates, positive_keys, anchor_ids, candidate_ids, self_offset,
-                     num_positives, num_negatives, temperature, smoothing, neighbors,
-                     deterministic, allow_tf32):
-    n, acc = anchors.shape[0], compute_dtype(anchors, candidates, positive_keys)
-    k = _effective_neighbors(neighbors, smoothing)
-    return (anchors.new_empty((n,), dtype=acc), anchors.new_empty((n,), dtype=acc),
-            anchors.new_empty((n, k), dtype=torch.long))
+def _row_losses_fake(*args):
+    x = RowLossInputs(*args)
+    n, acc = x.anchors.shape[0], compute_dtype(x.anchors, x.candidates, x.positive_keys)
+    return (x.anchors.new_empty((n,), dtype=acc), x.anchors.new_empty((n,), dtype=acc),
+            x.anchors.new_empty((n, x.neighbors), dtype=torch.long))
 
 
 @torch.library.custom_op("smooth_infonce::triton_row_losses_backward", mutates_args=())
-def _row_losses_backward_op(
-    grad: Tensor, anchors: Tensor, candidates: Tensor, positive_keys: Optional[Tensor],
-    anchor_ids: Optional[Tensor], candidate_ids: Optional[Tensor], self_offset: Optional[int],
-    num_positives: Tensor, num_negatives: Tensor, log_normalizers: Tensor, neighbor_cols: Tensor,
-    temperature: float, smoothing: float, neighbors: Optional[int],
-    deterministic: bool, allow_tf32: bool,
-    need_anchor_grad: bool, need_candidate_grad: bool, need_key_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+@_with_signature(BackwardRequest, RowLossInputs, returns=_THREE_TENSORS)
+def _row_losses_backward_op(*args):
     """(dA, dC, dK) in the inputs' dtypes; an empty tensor for a gradient not asked for."""
-    p = _prepare(anchors, candidates, positive_keys, anchor_ids, candidate_ids, self_offset,
-                 num_positives, num_negatives, temperature, smoothing, neighbors, allow_tf32)
+    r, x = BackwardRequest(*args[:len(BackwardRequest._fields)]), RowLossInputs(*args[len(BackwardRequest._fields):])
+    p = _prepare(**x._asdict())
     da = dc = dk = None
-    if anchors.shape[0] > 0:
-        da, dc, dk = _backward(p, grad, log_normalizers, neighbor_cols, deterministic,
-                               need_anchor_grad, need_candidate_grad, need_key_grad)
-    if need_candidate_grad and dc is None:
-        dc = torch.zeros(candidates.shape, dtype=p.acc, device=candidates.device)
+    if x.anchors.shape[0] > 0:
+        da, dc, dk = _backward(p, r.grad, r.log_normalizers, r.neighbor_cols,
+                               r.need_anchor_grad, r.need_candidate_grad, r.need_key_grad)
+    if r.need_candidate_grad and dc is None:
+        dc = torch.zeros(x.candidates.shape, dtype=p.acc, device=x.candidates.device)
 
     def out(g, like, needed):
         if not needed:
             return like.new_empty((0,))
         return torch.zeros_like(like) if g is None else g.to(like.dtype)
 
-    return (out(da, anchors, need_anchor_grad), out(dc, candidates, need_candidate_grad),
-            out(dk, positive_keys if positive_keys is not None else anchors, need_key_grad))
+    keys = x.positive_keys if x.positive_keys is not None else x.anchors
+    return (out(da, x.anchors, r.need_anchor_grad), out(dc, x.candidates, r.need_candidate_grad),
+            out(dk, keys, r.need_key_grad))
 
 
 @_row_losses_backward_op.register_fake
-def _row_losses_backward_fake(grad, anchors, candidates, positive_keys, anchor_ids, candidate_ids,
-                              self_offset, num_positives, num_negatives, log_normalizers,
-                              neighbor_cols, temperature, smoothing, neighbors, deterministic,
-                              allow_tf32, need_anchor_grad, need_candidate_grad, need_key_grad):
-    keys = positive_keys if positive_keys is not None else anchors
+def _row_losses_backward_fake(*args):
+    r, x = BackwardRequest(*args[:len(BackwardRequest._fields)]), RowLossInputs(*args[len(BackwardRequest._fields):])
+    keys = x.positive_keys if x.positive_keys is not None else x.anchors
     return tuple(torch.empty_like(t) if needed else t.new_empty((0,))
-                 for t, needed in ((anchors, need_anchor_grad), (candidates, need_candidate_grad),
-                                   (keys, need_key_grad)))
+                 for t, needed in ((x.anchors, r.need_anchor_grad), (x.candidates, r.need_candidate_grad),
+                                   (keys, r.need_key_grad)))
 
 
 def _setup_context(ctx, inputs, output):
-    (anchors, candidates, positive_keys, anchor_ids, candidate_ids, self_offset, num_positives,
-     num_negatives, temperature, smoothing, neighbors, deterministic, allow_tf32) = inputs
+    x = RowLossInputs(*inputs)
     _, lse, neighbor_cols = output
-    ctx.save_for_backward(anchors, candidates, positive_keys, anchor_ids, candidate_ids,
-                          num_positives, num_negatives, lse, neighbor_cols)
-    ctx.options = (self_offset, temperature, smoothing, neighbors, deterministic, allow_tf32)
+    ctx.save_for_backward(*(getattr(x, name) for name in _TENSOR_FIELDS), lse, neighbor_cols)
+    ctx.options = {name: getattr(x, name) for name in _OPTION_FIELDS}
     ctx.mark_non_differentiable(lse, neighbor_cols)
 
 
 def _backward_formula(ctx, grad_losses, _grad_lse, _grad_cols):
-    (anchors, candidates, positive_keys, anchor_ids, candidate_ids, num_positives, num_negatives,
-     lse, neighbor_cols) = ctx.saved_tensors
-    self_offset, temperature, smoothing, neighbors, deterministic, allow_tf32 = ctx.options
-    need_a, need_c, need_k = ctx.needs_input_grad[:3]
-    need_k = need_k and positive_keys is not None
-    da, dc, dk = torch.ops.smooth_infonce.triton_row_losses_backward(
-        grad_losses, anchors, candidates, positive_keys, anchor_ids, candidate_ids, self_offset,
-        num_positives, num_negatives, lse, neighbor_cols, temperature, smoothing, neighbors,
-        deterministic, allow_tf32, need_a, need_c, need_k)
-    return (da if need_a else None, dc if need_c else None, dk if need_k else None) + (None,) * 10
+    *tensors, lse, neighbor_cols = ctx.saved_tensors
+    x = RowLossInputs(**dict(zip(_TENSOR_FIELDS, tensors)), **ctx.options)
+    need_a, need_c, need_k = ctx.needs_input_grad[:3]  # anchors, candidates, positive_keys
+    need_k = need_k and x.positive_keys is not None
+    request = BackwardRequest(grad_losses, lse, neighbor_cols, need_a, need_c, need_k)
+    da, dc, dk = torch.ops.smooth_infonce.triton_row_losses_backward(*request, *x)
+    grads = (da if need_a else None, dc if need_c else None, dk if need_k else None)
+    return grads + (None,) * (len(RowLossInputs._fields) - len(grads))
 
 
 _row_losses_op.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -512,7 +663,7 @@ def triton_row_losses(
     smoothing: float,
     neighbors: Optional[int],
     deterministic: bool = False,
-    allow_tf32: bool = False,
+    allow_tf32: Optional[bool] = None,
 ) -> Tensor:
     """Per-row smoothed InfoNCE losses (N,), float32 (float64 for float64 inputs), by the fused
     Triton kernels. Same arguments and values as `reference_row_losses`; differentiable w.r.t.
@@ -521,30 +672,38 @@ def triton_row_losses(
     Args:
         deterministic: no atomics in the backward; bitwise reproducible gradients (one more
             recompute of the similarity tiles when anchors and candidates both need gradients).
-        allow_tf32: TF32 tensor-core dots for float32 inputs (default: exact IEEE fp32 dots).
+        allow_tf32: TF32 tensor-core dots for float32 inputs. None (default) follows torch's
+            ``torch.backends.cuda.matmul.allow_tf32`` (off unless
+            ``torch.set_float32_matmul_precision("high")``); True / False force it.
 
-    Rows with fewer than ``neighbors`` negatives are rejected by the public API
-    (`smooth_infonce(validate=True)`); this op does not synchronise to check, and such a row
-    gets its available negatives at alpha / k each.
+    Rows with fewer than ``neighbors`` negatives smooth onto all of them and rows without
+    negatives keep all the mass on their positives (`row_target_weights`); the public API rejects
+    both unless told otherwise (`smooth_infonce(validate=True)`).
     """
     if (positive_keys is not None) != pairs.has_positive_key:
         raise ValueError("positive_keys must be given exactly when pairs.has_positive_key")
     if neighbors is not None and neighbors < 1:
         raise ValueError(f"neighbors must be None or >= 1, got {neighbors}")
-    losses, _, _ = torch.ops.smooth_infonce.triton_row_losses(
-        anchors, candidates, positive_keys, pairs.anchor_ids, pairs.candidate_ids, pairs.self_offset,
-        pairs.num_positives, pairs.num_negatives, float(temperature), float(smoothing),
-        None if neighbors is None else int(neighbors), bool(deterministic), bool(allow_tf32))
+    acc = compute_dtype(anchors, candidates, positive_keys)
+    w_pos, w_smooth = row_target_weights(pairs, float(smoothing), neighbors, acc)
+    search = int(neighbors) if neighbors is not None and smoothing > 0 else 0  # nothing to search at alpha 0
+    inputs = RowLossInputs(
+        anchors, candidates, positive_keys, pairs.anchor_ids, pairs.candidate_ids,
+        w_pos.to(anchors.device), w_smooth.to(anchors.device), pairs.self_offset, bool(pairs.ids_exclude),
+        float(temperature), search, bool(deterministic), resolve_allow_tf32(allow_tf32))
+    losses, _, _ = torch.ops.smooth_infonce.triton_row_losses(*inputs)
     return losses
 
 
 @torch.no_grad()
 def nearest_negatives(anchors: Tensor, candidates: Tensor, pairs: Pairs, neighbors: int,
-                      *, allow_tf32: bool = False) -> Tuple[Tensor, Tensor]:
+                      *, allow_tf32: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
     """The kernel's neighbour search alone: for each row the ``neighbors`` negatives of largest
     similarity <a_i, c_j>, best first, ties to the lower index. Returns (similarities, columns),
-    both (N, k)."""
-    p = _prepare(anchors, candidates, None, pairs.anchor_ids, pairs.candidate_ids, pairs.self_offset,
-                 pairs.num_positives, pairs.num_negatives, 1.0, 0.5, neighbors, allow_tf32)
+    both (N, k); a row with fewer negatives has empty slots (similarity -inf, column < 0) last."""
+    p = _prepare(anchors=anchors, candidates=candidates, positive_keys=None, anchor_ids=pairs.anchor_ids,
+                 candidate_ids=pairs.candidate_ids, w_pos=None, w_smooth=None, self_offset=pairs.self_offset,
+                 ids_exclude=pairs.ids_exclude, temperature=None, neighbors=int(neighbors), deterministic=True,
+                 allow_tf32=resolve_allow_tf32(allow_tf32))
     _, _, split_sims, split_cols = _forward_statistics(p)
     return _merge_top_k(split_sims, split_cols, p.neighbors, ordered=True)

@@ -1,0 +1,523 @@
+"""Offline compile report of the fused kernels: every launch the host code makes, compiled for real
+GPU targets with the ptxas inside the triton wheel. No GPU needed.
+
+    .venv/bin/python benchmarks/compile_report.py --arch 90 80 --out DIR     # the issue-8 grid
+    .venv/bin/python benchmarks/compile_report.py --arch 90 --set representative --out DIR
+    .venv/bin/python benchmarks/compile_report.py --arch 90 80 --capture-only --out DIR
+    /path/to/other-triton/python benchmarks/compile_report.py --replay DIR --arch 90 80 --out DIR2
+
+Writes DIR/compile_sm<arch>.json (a list of records, one per (configuration, launch): kernel,
+layout, N, M, D, dtype, allow_tf32, mode, k, deterministic, ok, error, n_regs, n_spills,
+shared_bytes, mma, and the tiles / warps / stages / grid / compile time), DIR/compile_sm<arch>.md
+(readable tables) and DIR/launches_sm<arch>.json (the captured launches, for --replay).
+
+Where the launches come from: the real host code. For each configuration the public
+`smooth_infonce.ops.triton.triton_row_losses` runs forward and backward on zero-filled CPU tensors
+of the real shapes, with two substitutions: `_target` (what the launches are planned for) returns
+the GPU being compiled for (arch, SM count), and the kernel module is a recorder that writes down
+each launch (kernel, grid, arguments) instead of running it. Tile choice, work splitting, flags and
+every argument are therefore the host's own.
+
+How a launch is compiled: its arguments are rebuilt as light stand-ins (a tensor becomes an object
+with the same dtype and pointer alignment), bound by Triton's own binder (the same specialisation a
+GPU run computes: pointer alignment, integers divisible by 16 or equal to 1), packed by
+`JITFunction._pack_args` and compiled by `triton.compile(ASTSource(...), target=GPUTarget("cuda",
+arch, 32))`. ptxas's `-v` log gives registers and the stack frame (n_spills = stack bytes / 4, the
+number Triton reports as `n_spills` on a GPU); shared memory is Triton's `metadata.shared`; the MMA
+kind is read from the PTX (`wgmma.mma_async` / `mma.sync` / neither = FMA), and every dot of the
+TTGIR is checked for a tensor-core layout. The compile step needs only triton (and numpy), so a
+capture made here can be compiled by another triton version (`--replay`), e.g. triton 3.6, the
+version torch 2.11 brings. Unset TRITON_INTERPRET: this compiles for real GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS_FILE = ROOT / "smooth_infonce" / "ops" / "kernels.py"
+RUNS = ROOT / "benchmarks" / "runs"  # git-ignored
+
+SM_COUNT = {90: 132, 80: 108}  # H100 / H200 SXM, A100 SXM: what the host's work splitting sees
+SMEM_LIMIT = {90: 232448, 80: 166912}  # max dynamic shared memory per block (227 KiB, 163 KiB)
+
+# The issue-8 grid (see `configurations`)
+DIMS = (17, 64, 100, 128, 256)
+DTYPES = {  # name: (torch dtype, allow_tf32)
+    "fp16": ("float16", None), "bf16": ("bfloat16", None),
+    "fp32-tf32": ("float32", True), "fp32": ("float32", False),
+}
+MODES = {  # name: (smoothing, neighbors)
+    "alpha0": (0.0, None), "uniform": (0.1, None),
+    "k1": (0.1, 1), "k5": (0.1, 5), "k10": (0.1, 10), "k32": (0.1, 32),
+}
+LAYOUTS = {  # name: (N, M)
+    "inbatch": (8192, 8192),  # SimCLR 2 x 4096 views, self excluded, ids
+    "moco": (256, 65536),  # queue frozen, positive key column
+    "moco_ids": (256, 65536),  # the same with sample ids: a row's own sample leaves the queue
+    "twotower": (8192, 8192),  # CLIP-style one direction, both sides need gradients
+}
+# The compile test's set (tests/test_compile_report.py): bf16 forward and both backward kinds at
+# D 128 and 256, the fp32 default at D 128, MoCo bf16, neighbours k = 10.
+REPRESENTATIVE = (
+    [("inbatch", d, "bf16", mode, det) for d in (128, 256) for mode in ("uniform", "k10") for det in (False, True)]
+    + [("inbatch", 128, "fp32", "uniform", det) for det in (False, True)]
+    + [("moco", 128, "bf16", mode, False) for mode in ("uniform", "k10")]
+    + [("moco_ids", 128, "bf16", "k10", False)]
+)
+
+
+def configurations(which: str):
+    """(layout, D, dtype, mode, deterministic) tuples."""
+    if which == "representative":
+        return list(REPRESENTATIVE)
+    return [(layout, d, dtype, mode, det) for layout in LAYOUTS for d in DIMS for dtype in DTYPES
+            for mode in MODES for det in (False, True)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Capture: run the real host code with a recorder instead of the kernels (needs torch)
+# ------------------------------------------------------------------------------------------------
+
+
+def _describe(value):
+    """A JSON form of one kernel argument that keeps what Triton specialises on."""
+    import torch
+    import triton.language as tl
+
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).replace("torch.", ""), "aligned16": value.data_ptr() % 16 == 0}
+    if isinstance(value, tl.dtype):
+        return {"tl_dtype": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot describe a kernel argument of type {type(value)}")
+
+
+def capture(arch: int, configs) -> list:
+    """Launches of every configuration, planned for `arch`: a list of
+    {"config": {...}, "kernel", "grid", "args", "kwargs"}."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import smooth_infonce.ops.triton as host
+    from smooth_infonce.layout import make_pairs
+
+    assert not host.INTERPRET, "TRITON_INTERPRET must be unset"
+    recorded = []
+
+    class Recorder:
+        """Stands for one @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch
+        and fills the outputs the host reads back (zeros; top-k columns -1 = empty slots)."""
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names = [p.name for p in self.fn.params]
+                for name, value in zip(names, args):
+                    if isinstance(value, torch.Tensor) and (name.startswith("split_") or name == "anchor_grad"):
+                        value.fill_(-1 if name == "split_top_cols" else 0)
+                recorded.append(dict(kernel=self.fn.__name__, grid=list(grid),
+                                     args=[_describe(a) for a in args],
+                                     kwargs={k: _describe(v) for k, v in kwargs.items()}))
+            return launch
+
+    class Kernels:
+        forward_kernel = Recorder(host._kernels.forward_kernel)
+        anchor_grad_kernel = Recorder(host._kernels.anchor_grad_kernel)
+        candidate_grad_kernel = Recorder(host._kernels.candidate_grad_kernel)
+
+    saved = host._kernels, host._target
+    host._kernels, host._target = Kernels, (lambda device: host.Target(arch, SM_COUNT[arch]))
+    launches = []
+    try:
+        for layout, d, dtype_name, mode, det in configs:
+            n, m = LAYOUTS[layout]
+            dtype, allow_tf32 = DTYPES[dtype_name]
+            dtype = getattr(torch, dtype)
+            smoothing, k = MODES[mode]
+            anchors = torch.zeros(n, d, dtype=dtype, requires_grad=True)
+            keys = None
+            if layout == "inbatch":
+                candidates, ids = anchors, torch.arange(n // 2).repeat(2)
+                pairs = make_pairs(n, n, anchor_ids=ids, candidate_ids=ids, self_offset=0)
+            elif layout == "twotower":
+                candidates = torch.zeros(m, d, dtype=dtype, requires_grad=True)
+                pairs = make_pairs(n, m, anchor_ids=torch.arange(n), candidate_ids=torch.arange(m))
+            else:  # MoCo: queue and keys frozen (momentum encoder)
+                candidates, keys = torch.zeros(m, d, dtype=dtype), torch.zeros(n, d, dtype=dtype)
+                ids = {}
+                if layout == "moco_ids":
+                    ids = dict(anchor_ids=torch.arange(n), candidate_ids=torch.arange(m) % (4 * n) - 1,
+                               ids_exclude=True)
+                pairs = make_pairs(n, m, has_positive_key=True, **ids)
+            del recorded[:]
+            losses = host.triton_row_losses(anchors, candidates, keys, pairs, temperature=0.1, smoothing=smoothing,
+                                            neighbors=k, deterministic=det, allow_tf32=allow_tf32)
+            leaves = [anchors] + ([candidates] if candidates is not anchors and candidates.requires_grad else [])
+            torch.autograd.grad(losses.sum(), leaves)
+            config = dict(layout=layout, N=n, M=m, D=d, dtype=dtype_name.split("-")[0],
+                          allow_tf32=dtype_name == "fp32-tf32", mode=mode, k=k or 0, deterministic=det)
+            launches += [dict(config=config, **launch) for launch in recorded]
+    finally:
+        host._kernels, host._target = saved
+    return launches
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile (needs only triton): rebuild the arguments, bind, pack, compile
+# ------------------------------------------------------------------------------------------------
+
+
+class _Dtype:
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return "torch." + self.name
+
+
+_DTYPES = {}  # one object per dtype name, alive for the whole run: Triton caches by the dtype object
+
+
+class _TensorStandIn:
+    """What Triton's binder reads from a tensor argument: its dtype and data pointer."""
+
+    def __init__(self, dtype, aligned16):
+        self.dtype = _DTYPES.setdefault(dtype, _Dtype(dtype))
+        self._ptr = 1 << 20 if aligned16 else (1 << 20) + 8
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def _rebuild(value):
+    import triton.language as tl
+
+    if isinstance(value, dict) and "tensor" in value:
+        return _TensorStandIn(value["tensor"], value["aligned16"])
+    if isinstance(value, dict) and "tl_dtype" in value:
+        return {tl.float32.name: tl.float32, tl.float64.name: tl.float64}[value["tl_dtype"]]
+    return value
+
+
+_KERNEL_MODULE = None
+
+
+def _kernel(name):
+    """The @triton.jit function `name` of smooth_infonce/ops/kernels.py, loaded without the package
+    (which needs torch)."""
+    global _KERNEL_MODULE
+    if _KERNEL_MODULE is None:
+        spec = importlib.util.spec_from_file_location("smooth_infonce_kernels", KERNELS_FILE)
+        _KERNEL_MODULE = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_KERNEL_MODULE)
+    return getattr(_KERNEL_MODULE, name)
+
+
+def _bind(launch, arch):
+    """(fn, backend, bound args, specialization, options) as JITFunction.run computes them."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _kernel(launch["kernel"])
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    args = [_rebuild(a) for a in launch["args"]]
+    kwargs = {k: _rebuild(v) for k, v in launch["kwargs"].items()}
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, _ = binder(*args, **kwargs)
+    return fn, backend, bound, specialization, kwargs
+
+
+def compile_key(launch, arch) -> str:
+    """Launches with equal keys compile to the same binary."""
+    fn, _, _, specialization, kwargs = _bind(launch, arch)
+    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    return json.dumps([launch["kernel"], arch, [[str(x) for x in s] for s in specialization],
+                       sorted(options.items())])
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("compile took longer than --timeout")
+
+
+def compile_one(job):
+    """Compile one launch for one arch; returns the measurements (or the error)."""
+    key, launch, arch, timeout = job
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by the NVIDIA backend
+    knobs.compilation.always_compile = True
+    out = dict(key=key, ok=False, error=None)
+    log = io.StringIO()
+    start = time.time()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        fn, backend, bound, specialization, kwargs = _bind(launch, arch)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
+                                                              backend.parse_options(kwargs))
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+        out.update(ok=True, **_measure(compiled, log.getvalue()))
+    except Exception as err:  # noqa: BLE001 - a failed compile is a result
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the root cause last
+            cause = cause.__cause__ or cause.__context__
+        out["error"] = (f"{type(err).__name__}: {err}"[:3000]
+                        + ("" if cause is err else f"\ncaused by {type(cause).__name__}: {cause}"[:1000]))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    out["compile_s"] = round(time.time() - start, 2)
+    return out
+
+
+def _measure(compiled, ptxas_log):
+    md = compiled.metadata
+    res = dict(num_warps=md.num_warps, num_stages=md.num_stages, shared_bytes=md.shared)
+    found = re.search(r"Used (\d+) registers", ptxas_log)
+    res["n_regs"] = int(found.group(1)) if found else None
+    found = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+    stack, stores, loads = (int(x) for x in found.groups()) if found else (None, None, None)
+    res.update(stack_bytes=stack, spill_store_bytes=stores, spill_load_bytes=loads)
+    # Triton's n_spills on a GPU is the function's local memory (the ptxas stack frame) / 4
+    res["n_spills"] = None if stack is None else stack // 4
+    ptx, ttgir = compiled.asm.get("ptx", ""), compiled.asm.get("ttgir", "")
+    res["mma"] = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
+    # every dot of the TTGIR: a tensor-core one (warp_group_dot, or a dot into an #mma layout) or not
+    dots = [line for line in ttgir.splitlines() if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line)]
+    res["dots"] = len(dots)
+    res["dots_fma"] = sum(1 for line in dots if "warp_group_dot" not in line and
+                          not re.search(r"-> tensor<[^>]*#mma", line))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver and report
+# ------------------------------------------------------------------------------------------------
+
+
+def expects_tensor_cores(record) -> bool:
+    return record["dtype"] in ("fp16", "bf16") or (record["dtype"] == "fp32" and record["allow_tf32"])
+
+
+def problems_of(record, arch) -> list:
+    """What is wrong with one record against the static bars of benchmarks.md / issue 8."""
+    if not record["ok"]:
+        return ["FAIL"]
+    bad = []
+    if record["n_spills"] is None or record["n_spills"] > 0 or record.get("spill_store_bytes"):
+        bad.append("spills")
+    if expects_tensor_cores(record) and (record["mma"] != ("wgmma" if arch >= 90 else "mma")
+                                         or record.get("dots_fma")):
+        bad.append("no tensor cores")
+    if record["shared_bytes"] > SMEM_LIMIT[arch]:
+        bad.append("shared memory")
+    return bad
+
+
+def run_arch(arch, launches, jobs, timeout, out_dir: Path):
+    import triton
+
+    keys = [compile_key(launch, arch) for launch in launches]
+    unique = {}
+    for key, launch in zip(keys, launches):
+        unique.setdefault(key, launch)
+    print(f"sm_{arch}: {len(launches)} launches, {len(unique)} distinct kernels to compile "
+          f"(triton {triton.__version__}, {jobs} jobs)", flush=True)
+    results = {}
+    start = time.time()
+    todo = [(key, launch, arch, timeout) for key, launch in unique.items()]
+    if jobs > 1:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(jobs, maxtasksperchild=16) as pool:
+            stream = pool.imap_unordered(compile_one, todo)
+            for i, res in enumerate(stream):
+                results[res["key"]] = res
+                _progress(arch, i, len(todo), start, unique[res["key"]], res)
+    else:
+        for i, job in enumerate(todo):
+            res = compile_one(job)
+            results[res["key"]] = res
+            _progress(arch, i, len(todo), start, unique[res["key"]], res)
+    records = []
+    for key, launch in zip(keys, launches):
+        res = results[key]
+        kw = launch["kwargs"]
+        record = dict(launch["config"], kernel=launch["kernel"], arch=arch, triton=triton.__version__,
+                      **{name: res.get(name) for name in ("ok", "error", "n_regs", "n_spills", "shared_bytes", "mma",
+                                                          "stack_bytes", "spill_store_bytes", "spill_load_bytes",
+                                                          "dots", "dots_fma", "compile_s")},
+                      block_n=kw.get("BLOCK_N"), block_m=kw.get("BLOCK_M"), block_d=kw.get("BLOCK_D"),
+                      block_k=kw.get("BLOCK_K"),
+                      one_d_block=kw.get("ONE_D_BLOCK"), num_warps=kw.get("num_warps"),
+                      num_stages=kw.get("num_stages"), atomic_anchor_grad=kw.get("ATOMIC_ANCHOR_GRAD"),
+                      grid=launch["grid"])
+        record["problems"] = problems_of(record, arch)
+        records.append(record)
+    (out_dir / f"compile_sm{arch}.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    (out_dir / f"compile_sm{arch}.md").write_text(markdown(arch, records, len(unique), time.time() - start))
+    bad = [r for r in records if r["problems"]]
+    print(f"sm_{arch}: {len(records)} launches, {len(unique)} kernels, {len(bad)} launches with problems; "
+          f"wrote {out_dir / f'compile_sm{arch}.json'} and .md ({time.time() - start:.0f} s)", flush=True)
+    return records
+
+
+def _progress(arch, i, total, start, launch, res):
+    c = launch["config"]
+    what = f"{launch['kernel']} {c['layout']} D{c['D']} {c['dtype']}{'-tf32' if c['allow_tf32'] else ''} {c['mode']}"
+    status = (f"regs {res['n_regs']} spills {res['n_spills']} smem {res['shared_bytes']} {res['mma']}"
+              if res["ok"] else res["error"].splitlines()[0][:160])
+    print(f"[sm_{arch} {i + 1}/{total} {time.time() - start:.0f}s] {what}: {status} ({res['compile_s']} s)",
+          flush=True)
+
+
+def _role(r):
+    if r["kernel"] == "forward_kernel":
+        return f"fwd k={r['k']}" if r["k"] else "fwd"
+    if r["kernel"] == "anchor_grad_kernel":
+        return "dA"
+    return "dC+dA atomic" if r["atomic_anchor_grad"] else "dC"
+
+
+ROLES = ["fwd", "fwd k=1", "fwd k=5", "fwd k=10", "fwd k=32", "dC+dA atomic", "dC", "dA"]
+
+
+def markdown(arch, records, n_kernels, seconds) -> str:
+    ver = records[0]["triton"] if records else "?"
+    bad = [r for r in records if r["problems"]]
+    configs = {(r["layout"], r["D"], r["dtype"], r["allow_tf32"], r["mode"], r["deterministic"]) for r in records}
+    lines = [
+        f"# Offline compile report: sm_{arch}, triton {ver}",
+        "",
+        f"{len(records)} launches ({len(configs)} configurations), {n_kernels} distinct kernels, "
+        f"compiled in {seconds:.0f} s. "
+        f"Compiled: {sum(r['ok'] for r in records)}/{len(records)}; with spills: "
+        f"{sum('spills' in r['problems'] for r in records)}; missing tensor cores: "
+        f"{sum('no tensor cores' in r['problems'] for r in records)}; over the shared-memory limit "
+        f"({SMEM_LIMIT[arch]} B): {sum('shared memory' in r['problems'] for r in records)}.",
+        f"Max registers {max((r['n_regs'] or 0) for r in records) if records else '-'}, "
+        f"max shared memory {max((r['shared_bytes'] or 0) for r in records) if records else '-'} B.",
+        "",
+        "Cell: registers / n_spills (ptxas stack bytes / 4) / shared KiB / MMA kind, over every launch of that",
+        "role (the worst one when they differ); `!` marks a problem. fwd = forward (k = neighbours), dC+dA atomic =",
+        "the default backward, dC and dA = the deterministic one (a frozen MoCo queue needs dA only).",
+        "Tiles: BLOCK_N x BLOCK_M x D held in registers, or `D/K->B`: D streamed in chunks of K features into",
+        "gradient output blocks of B features (w = warps, s = pipeline stages).",
+        "",
+        "| layout | D | dtype | " + " | ".join(ROLES) + " | tiles (fwd; dC; dA) |",
+        "|---|---|---|" + "---|" * len(ROLES) + "---|",
+    ]
+    groups = {}
+    for r in records:
+        dt = r["dtype"] + ("-tf32" if r["allow_tf32"] else ("-ieee" if r["dtype"] == "fp32" else ""))
+        groups.setdefault((r["layout"], r["D"], dt), []).append(r)
+    for (layout, d, dt), rows in sorted(groups.items(), key=lambda x: (list(LAYOUTS).index(x[0][0]) if x[0][0] in
+                                                                       LAYOUTS else 9, x[0][1], x[0][2])):
+        cells = []
+        for role in ROLES:
+            these = [r for r in rows if _role(r) == role]
+            if not these:
+                cells.append("-")
+                continue
+            worst = max(these, key=lambda r: (bool(r["problems"]), r["n_spills"] or 0, r["n_regs"] or 0))
+            if not worst["ok"]:
+                cells.append("FAIL!")
+                continue
+            cells.append(f"{worst['n_regs']}/{worst['n_spills']}/{worst['shared_bytes'] // 1024}/{worst['mma']}"
+                         + ("!" if worst["problems"] else ""))
+        tiles = []
+        for kernel in ("forward_kernel", "candidate_grad_kernel", "anchor_grad_kernel"):
+            r = next((r for r in rows if r["kernel"] == kernel), None)
+            tiles.append("-" if r is None else f"{r['block_n']}x{r['block_m']}"
+                         + (f"x{r['block_d']}" if r["one_d_block"] else
+                            f" D/{r['block_k']}" + ("" if kernel == "forward_kernel" else f"->{r['block_d']}"))
+                         + f" w{r['num_warps']}s{r['num_stages']}")
+        lines.append(f"| {layout} | {d} | {dt} | " + " | ".join(cells) + " | " + "; ".join(tiles) + " |")
+    if bad:
+        lines += ["", "## Problems", ""]
+        seen = set()
+        for r in bad:
+            what = (r["kernel"], r["layout"], r["D"], r["dtype"], r["allow_tf32"], r["k"], r["atomic_anchor_grad"])
+            if what in seen:
+                continue
+            seen.add(what)
+            lines.append(f"- {r['kernel']} {r['layout']} D={r['D']} {r['dtype']} tf32={r['allow_tf32']} "
+                         f"k={r['k']}: {', '.join(r['problems'])}"
+                         + (f" ({r['error'].splitlines()[0][:300]})" if r["error"] else
+                            f" (regs {r['n_regs']}, n_spills {r['n_spills']}, mma {r['mma']}, "
+                            f"fma dots {r['dots_fma']})"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_COUNT))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/runs/compile-triton<version>-<time>, git-ignored)")
+    parser.add_argument("--set", dest="which", choices=("grid", "representative"), default="grid",
+                        help="grid: issue 8's full grid (default); representative: the compile test's set")
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per kernel compile")
+    parser.add_argument("--capture-only", action="store_true", help="only write launches_sm<arch>.json")
+    parser.add_argument("--replay", type=Path, default=None,
+                        help="folder with launches_sm<arch>.json from an earlier capture (no torch needed)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("unset TRITON_INTERPRET: this compiles for real GPUs")
+    import triton
+
+    out = args.out or RUNS / f"compile-triton{triton.__version__}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    cache = tempfile.mkdtemp(prefix="compile_report_cache_")
+    os.environ["TRITON_CACHE_DIR"] = cache  # the workers inherit it; nothing lands in ~/.triton
+    failed = 0
+    try:
+        for arch in args.arch:
+            if args.replay:
+                launches = json.loads((args.replay / f"launches_sm{arch}.json").read_text())
+            else:
+                start = time.time()
+                launches = capture(arch, configurations(args.which))
+                (out / f"launches_sm{arch}.json").write_text(json.dumps(launches) + "\n")
+                print(f"sm_{arch}: captured {len(launches)} launches of "
+                      f"{len(Counter(json.dumps(x['config']) for x in launches))} configurations "
+                      f"in {time.time() - start:.0f} s", flush=True)
+            if args.capture_only:
+                continue
+            records = run_arch(arch, launches, args.jobs, args.timeout, out)
+            failed += sum(1 for r in records if r["problems"])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
