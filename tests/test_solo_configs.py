@@ -54,6 +54,7 @@ from smooth_infonce.integrations.solo.options import (
     loss_options_to_yaml,
     moco_settings,
     symmetric_mode,
+    validate_flag,
 )
 from smooth_infonce.integrations.solo.registry import SOLO_INSTALL_HINT, SoloLearnNotFound, register
 
@@ -376,6 +377,9 @@ def test_moco_settings_and_symmetric_spellings():
         moco_settings({"mask_own_queue_entries": "yes"}, options)
     with pytest.raises(ValueError, match="reduction"):
         moco_settings({"symmetric": "sum"}, options.replace(reduction="sum"))
+    assert validate_flag({}) is True and validate_flag({"validate": False}) is False
+    with pytest.raises(TypeError, match="validate"):
+        validate_flag({"validate": "no"})
 
 
 # --- backbones ---------------------------------------------------------------------------------

@@ -333,9 +333,11 @@ def test_mask_switch_reaches_the_step(image_folder, monkeypatch):
     real = methods.moco_step
     monkeypatch.setattr(methods, "moco_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     for value in (True, False):
-        cfg, model = tiny_moco(image_folder, f"method_kwargs.mask_own_queue_entries={str(value).lower()}")
+        cfg, model = tiny_moco(image_folder, f"method_kwargs.mask_own_queue_entries={str(value).lower()}",
+                               f"method_kwargs.validate={str(value).lower()}")
         fit(model, cfg, steps=1)
         assert calls[-1]["mask_own"] is value and calls[-1]["ids"] is not None
+        assert calls[-1]["validate"] is value
 
 
 @pytest.mark.parametrize("method", ["smooth_simclr", "smooth_mocov2plus"])

@@ -37,7 +37,7 @@ from smooth_infonce.integrations.optim import split_no_decay
 from smooth_infonce.integrations.recipes import OptimizerSpec, view_loss_weights
 
 from .losses import KeyQueue, moco_step, simclr_loss
-from .options import METHOD_DEFAULTS, MOCO_DEFAULTS, loss_options, moco_settings, weight_pair
+from .options import METHOD_DEFAULTS, MOCO_DEFAULTS, loss_options, moco_settings, validate_flag, weight_pair
 
 # Marks a class as ours, so registration can tell our entries from foreign ones.
 METHOD_MARKER = "_smooth_infonce_method"
@@ -79,6 +79,7 @@ class _SmoothedLoss:
         _require(cfg, "method_kwargs.proj_output_dim", "method_kwargs.proj_hidden_dim", "method_kwargs.temperature")
         options = loss_options(cfg.method_kwargs, cfg.max_epochs)  # fail at start-up, not at epoch 1
         weight_pair(omegaconf_select(cfg, "method_kwargs.loss_weights", None))
+        validate_flag(cfg.method_kwargs)
         for key, default in {**METHOD_DEFAULTS, **extra_defaults}.items():
             if key not in cfg.method_kwargs:
                 cfg.method_kwargs[key] = default
@@ -95,6 +96,7 @@ class _SmoothedLoss:
     def _init_loss(self, cfg: omegaconf.DictConfig) -> None:
         self.loss_options = loss_options(cfg.method_kwargs, cfg.max_epochs)
         self.loss_weights = weight_pair(cfg.method_kwargs.get("loss_weights"))
+        self.validate = validate_flag(cfg.method_kwargs)
         self.smoothing = self.loss_options.initial_smoothing
 
     def on_train_epoch_start(self) -> None:
@@ -140,7 +142,7 @@ class SmoothSimCLR(_SmoothedLoss, BaseMethod):
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> torch.Tensor:
         out = super().training_step(batch, batch_idx)  # forwards every crop, online classifier
         nce_loss = simclr_loss(torch.cat(out["z"]), batch[0], self.loss_options, smoothing=self.smoothing,
-                               view_weights=self.view_weights, gather_distributed=True)
+                               view_weights=self.view_weights, gather_distributed=True, validate=self.validate)
         self.log("train_nce_loss", nce_loss, on_epoch=True, sync_dist=True)
         self.log("train_smoothing", float(self.smoothing), on_epoch=True, on_step=False)
         return nce_loss + out["loss"]
@@ -243,6 +245,7 @@ class SmoothMoCoV2Plus(_SmoothedLoss, BaseMomentumMethod):
             self.key_queue, out["z"][:2], out["momentum_z"], self.loss_options, smoothing=smoothing,
             local_queries=out["z"][2:], symmetric=self.moco.symmetric, query_view_weights=self.query_view_weights,
             ids=batch[0], mask_own=self.moco.mask_own_queue_entries, gather=concat_all_gather_no_grad,
+            validate=self.validate,
         )
         self.log("train_nce_loss", nce_loss, on_epoch=True, sync_dist=True)
         self.log("train_smoothing", float(smoothing), on_epoch=True, on_step=False)

@@ -21,7 +21,9 @@ key                    meaning (`LossOptions` has the details)
                        a row without negatives gives solo-learn's value) or ``raise``
 =====================  ===================================================================
 
-Besides these: ``loss_weights`` (null or [global, local] view weights, SSLight), and for
+Besides these: ``loss_weights`` (null or [global, local] view weights, SSLight), ``validate``
+(default true: the core's value checks, non-finite embeddings and the like, each step; they
+synchronise with the device, false skips them on a hot GPU path), and for
 ``smooth_mocov2plus`` ``symmetric`` (null | ``mean`` | ``sum``), ``wait_for_full_bank`` (alpha 0
 until the queue was filled once) and ``mask_own_queue_entries`` (queue entries of the query's own
 image are not its negatives; default true), plus solo-learn's ``proj_hidden_dim``,
@@ -46,7 +48,7 @@ LOSS_DEFAULTS: Dict[str, Any] = {
     **{f.name: f.default for f in dataclasses.fields(LossOptions)},
     "few_negatives": "use_all",
 }
-METHOD_DEFAULTS: Dict[str, Any] = {**LOSS_DEFAULTS, "loss_weights": None}
+METHOD_DEFAULTS: Dict[str, Any] = {**LOSS_DEFAULTS, "loss_weights": None, "validate": True}
 MOCO_DEFAULTS: Dict[str, Any] = {"symmetric": "mean", "wait_for_full_bank": True, "mask_own_queue_entries": True}
 RENAMED_KEYS = {
     "smoothing_mode": "neighbors (null = uniform)",
@@ -152,6 +154,13 @@ def symmetric_mode(method_kwargs: Mapping[str, Any]) -> Optional[str]:
         value = None
     if value not in SYMMETRIC:
         raise ValueError(f"method_kwargs.symmetric must be null, 'mean' or 'sum', got {value!r}")
+    return value
+
+
+def validate_flag(method_kwargs: Mapping[str, Any]) -> bool:
+    value = with_defaults(method_kwargs, METHOD_DEFAULTS)["validate"]
+    if not isinstance(value, bool):
+        raise TypeError(f"method_kwargs.validate must be true or false, got {value!r}")
     return value
 
 
