@@ -233,7 +233,7 @@ def test_config_matches_the_shared_preset(preset_name):
     ramp = loss.smoothing_schedule(recipe.epochs)
     assert [options.smoothing_at(e) for e in range(recipe.epochs + 2)] == [ramp(e) for e in range(recipe.epochs + 2)]
     assert kwargs.wait_for_full_bank == loss.wait_for_full_bank and kwargs.mask_own_queue_entries is True
-    assert symmetric_mode(kwargs) is None  # the presets' MoCo is asymmetric: key = global view 1
+    assert symmetric_mode(kwargs) == getattr(recipe.moco, "symmetric", None)  # so far: key = global view 1
     # MoCo
     assert kwargs.queue_size == recipe.moco.queue_size
     assert cfg.momentum.base_tau == cfg.momentum.final_tau == recipe.moco.key_momentum
