@@ -656,7 +656,7 @@ def test_symmetric_differs_from_two_calls_and_needs_a_bank():
 
 # --- the fused kernel behind the drop-in ----------------------------------------------------------
 
-@pytest.mark.parametrize("with_ids", [False])
+@pytest.mark.parametrize("with_ids", [False, True])
 def test_triton_backend_equals_the_reference_mixed_dtypes_and_symmetric(with_ids):
     """bfloat16 queries and keys against the float32 bank, the symmetric form (and own-image
     masking): the Triton kernel (the interpreter on a CPU-only machine) gives the reference's values."""
