@@ -139,7 +139,7 @@ class MoCoModel(nn.Module):
 
     def __init__(self, backbone: Backbone, hidden_dim: int = 2048, output_dim: int = 128,
                  num_layers: int = 2, batch_norm: bool = False, key_momentum: float = 0.999,
-                 shuffle_bn: bool = True) -> None:
+                 shuffle_bn: bool = True, symmetric: Optional[str] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projection_head = MoCoProjectionHead(backbone.num_features, hidden_dim, output_dim,
@@ -150,6 +150,7 @@ class MoCoModel(nn.Module):
         deactivate_requires_grad(self.projection_head_momentum)
         self.key_momentum = key_momentum
         self.shuffle_bn = shuffle_bn
+        self.symmetric = symmetric  # None, or "sum" / "mean": training_loss is the symmetric loss
 
     def forward(self, images: Tensor) -> Tensor:
         return self.projection_head(self.backbone(images))
@@ -173,7 +174,11 @@ class MoCoModel(nn.Module):
                       ids: Optional[Tensor] = None) -> Tensor:
         """MoCo loss: key = views[0], queries = views[1:], one weight per query view. ``ids`` (B,):
         the images' sample ids (dataset indices), for `SmoothNTXentLoss` to leave a query's own
-        earlier keys out of its negatives."""
+        earlier keys out of its negatives. With ``symmetric`` set: `symmetric_training_loss`."""
+        if self.symmetric is not None:
+            if weights is not None:
+                raise ValueError("the symmetric loss weighs its two directions by combine; pass weights=None")
+            return self.symmetric_training_loss(views, criterion, combine=self.symmetric, ids=ids)
         if len(views) < 2:
             raise ValueError(f"MoCo needs at least 2 views (key, query), got {len(views)}")
         keys = self.forward_key(views[0])
@@ -202,5 +207,6 @@ def build_model(recipe: Recipe, backbone: Optional[Backbone] = None) -> Union[Mo
     head = recipe.head
     if recipe.framework == "moco":
         return MoCoModel(backbone, head.hidden_dim, head.output_dim, head.num_layers, head.batch_norm,
-                         key_momentum=recipe.moco.key_momentum, shuffle_bn=recipe.moco.shuffle_bn)
+                         key_momentum=recipe.moco.key_momentum, shuffle_bn=recipe.moco.shuffle_bn,
+                         symmetric=recipe.moco.symmetric)
     return SimCLRModel(backbone, head.hidden_dim, head.output_dim, head.num_layers, head.batch_norm)

@@ -42,7 +42,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from smooth_infonce.options import LossOptions
+from smooth_infonce.options import SYMMETRIC, LossOptions
 from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_choice
 
@@ -173,15 +173,21 @@ class MoCoSpec:
         key_momentum: EMA factor of the key encoder (constant over the run).
         shuffle_bn: shuffle the key batch across GPUs before the key encoder (no effect on one
             device, where batch-norm statistics do not depend on the order).
+        symmetric: None: the key is global view 1 and every other view queries it (MoCo v2,
+            SSLight); ``"sum"`` or ``"mean"``: light-moco's symmetric loss on the two global views,
+            each view's query against the other's key, both against the queue as it was before the
+            step, the two directions summed (the authors' code) or averaged, both keys enqueued.
     """
 
     queue_size: int = 65536
     key_momentum: float = 0.999
     shuffle_bn: bool = True
+    symmetric: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.queue_size >= 1, f"queue_size must be >= 1, got {self.queue_size}")
         _check(0.0 <= self.key_momentum <= 1.0, f"key_momentum must be in [0, 1], got {self.key_momentum}")
+        check_choice("symmetric", self.symmetric, SYMMETRIC)
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,9 @@ class Recipe:
         _check(self.framework in FRAMEWORKS, f"framework must be one of {FRAMEWORKS}, got {self.framework!r}")
         _check(self.epochs >= 1 and self.batch_size >= 1,
                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.framework == "moco" and self.moco.symmetric is not None:
+            _check(self.views.num_views == 2, "moco.symmetric needs exactly two views (two global crops, no "
+                                              f"local crops), got {self.views.num_views}")
 
     def view_weights(self) -> Optional[Tuple[float, ...]]:
         """The ``weights=`` argument of the loss for this recipe's views (see `view_loss_weights`)."""

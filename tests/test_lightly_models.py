@@ -10,8 +10,14 @@ import torch
 
 from smooth_infonce.integrations.backbones import build_backbone
 from smooth_infonce.integrations.digits import digit_images
-from smooth_infonce.integrations.lightly import SmoothNTXentLoss
-from smooth_infonce.integrations.lightly_models import MoCoModel, SimCLRModel, build_view_transform, encode_views
+from smooth_infonce.integrations.lightly import SmoothNTXentLoss, build_loss
+from smooth_infonce.integrations.lightly_models import (
+    MoCoModel,
+    SimCLRModel,
+    build_model,
+    build_view_transform,
+    encode_views,
+)
 from smooth_infonce.integrations.recipes import CropSpec, ViewSpec, get_preset
 
 # --- lightly models training with the drop-in on real images ----------------------------------
@@ -184,3 +190,26 @@ def test_sslight_view_transform_on_a_real_photo():
     assert not torch.equal(views[2], views[3])
     baseline = build_view_transform(get_preset("sslight_baseline").views)(photo)
     assert [tuple(v.shape[-2:]) for v in baseline] == [(224, 224)] * 2 + [(96, 96)] * 6
+
+
+def test_a_symmetric_preset_trains_with_the_symmetric_loss():
+    recipe = get_preset("light_moco", backbone__name="tiny_cnn", backbone__kwargs={"width": 8},
+                        head__hidden_dim=32, head__output_dim=16, moco__queue_size=64, moco__symmetric="sum")
+    images, _ = digit_images(8)
+    views = _fixed_views(images, build_view_transform(DIGIT_VIEWS))
+    losses = []
+    for symmetric_call in (False, True):
+        torch.manual_seed(0)
+        model, criterion = build_model(recipe), build_loss(recipe)
+        assert model.symmetric == "sum"
+        model.update_key_encoder()
+        if symmetric_call:
+            losses.append(model.symmetric_training_loss(views, criterion, combine="sum", ids=torch.arange(8)))
+        else:
+            losses.append(model.training_loss(views, criterion, recipe.view_weights(), ids=torch.arange(8)))
+        assert int(criterion.memory_bank.bank_ptr) == 16  # both keys enqueued
+    torch.testing.assert_close(losses[0], losses[1])
+    with pytest.raises(ValueError, match="two views"):
+        get_preset("sslight_moco", moco__symmetric="sum")
+    with pytest.raises(ValueError, match="symmetric"):
+        get_preset("light_moco", moco__symmetric="both")
