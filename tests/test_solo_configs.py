@@ -233,7 +233,7 @@ def test_config_matches_the_shared_preset(preset_name):
     ramp = loss.smoothing_schedule(recipe.epochs)
     assert [options.smoothing_at(e) for e in range(recipe.epochs + 2)] == [ramp(e) for e in range(recipe.epochs + 2)]
     assert kwargs.wait_for_full_bank == loss.wait_for_full_bank and kwargs.mask_own_queue_entries is True
-    assert symmetric_mode(kwargs) == getattr(recipe.moco, "symmetric", None)  # so far: key = global view 1
+    assert symmetric_mode(kwargs) == recipe.moco.symmetric
     # MoCo
     assert kwargs.queue_size == recipe.moco.queue_size
     assert cfg.momentum.base_tau == cfg.momentum.final_tau == recipe.moco.key_momentum
@@ -314,6 +314,9 @@ def test_generated_config_follows_a_changed_preset(monkeypatch):
     assert config["method_kwargs"]["smoothing"] == 0.3 and config["method_kwargs"]["neighbors"] is None
     assert config["method_kwargs"]["queue_size"] == 4096
     assert "pretrain/light_moco.yaml" in generate.stale_files()
+    symmetric = get_preset("light_moco", moco__symmetric="sum")
+    monkeypatch.setattr(generate, "get_preset", lambda name: symmetric if name == "light_moco" else get_preset(name))
+    assert generate.pretrain_config("light_moco")["method_kwargs"]["symmetric"] == "sum"
 
 
 # --- options -----------------------------------------------------------------------------------

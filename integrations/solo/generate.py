@@ -113,9 +113,8 @@ def method_kwargs(recipe: Recipe) -> Dict[str, Any]:
     kwargs["validate"] = METHOD_DEFAULTS["validate"]
     if recipe.framework == "moco":
         kwargs["queue_size"] = recipe.moco.queue_size
-        # the presets' MoCo so far: asymmetric (key = global view 1, the other views query it); a
-        # preset that gains MoCoSpec.symmetric ("sum": the light-moco authors' loss) renders it
-        kwargs["symmetric"] = getattr(recipe.moco, "symmetric", None)
+        # None: key = global view 1, the other views query it; "sum": the light-moco authors' loss
+        kwargs["symmetric"] = recipe.moco.symmetric
         kwargs["wait_for_full_bank"] = recipe.loss.wait_for_full_bank
         kwargs["mask_own_queue_entries"] = MOCO_DEFAULTS["mask_own_queue_entries"]
     return kwargs
