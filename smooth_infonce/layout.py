@@ -17,6 +17,7 @@ N x M mask, so the kernel path never builds one.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -199,9 +200,14 @@ def check_counts(pairs: Pairs, neighbors: Optional[int], few_negatives: str) -> 
             f"{no_positive.numel()} anchor row(s) have no positive (first: row {int(no_positive[0])}); "
             "every row needs another view / a matching id"
         )
-    if few_negatives != "raise":
-        return
     fewest = int(pairs.num_negatives.min())
+    if few_negatives == "use_all":
+        if fewest == 0 or (neighbors is not None and neighbors > fewest):
+            # shown once per process by Python's default warning filter: a short last batch is normal
+            warnings.warn(f"a row has only {fewest} negatives (neighbors={neighbors}); few_negatives='use_all' "
+                          "smooths onto all of them, and a row without negatives is plain InfoNCE (loss 0 with "
+                          "one valid column)", RuntimeWarning, stacklevel=2)
+        return
     if fewest == 0:
         raise ValueError("a row has no negatives (batch of one instance?): InfoNCE needs at least one negative "
                          "per row; few_negatives='use_all' makes such a row plain InfoNCE (loss 0), as lightly does")

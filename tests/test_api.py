@@ -216,7 +216,8 @@ def test_a_batch_of_one_raises_by_default_and_is_plain_infonce_with_use_all():
     with pytest.raises(ValueError, match="few_negatives='use_all'"):
         SmoothInfoNCELoss(0.2, 0.1, 5)(out0, out1)
     for neighbors in (None, 5):
-        loss = SmoothInfoNCELoss(0.2, 0.1, neighbors, few_negatives="use_all")(out0, out1)
+        with pytest.warns(RuntimeWarning, match="only 0 negatives"):
+            loss = SmoothInfoNCELoss(0.2, 0.1, neighbors, few_negatives="use_all")(out0, out1)
         torch.testing.assert_close(loss, NTXentLoss(temperature=0.2)(out0, out1))
         assert float(loss) == 0.0
         grads = torch.autograd.grad(loss, (out0, out1))
