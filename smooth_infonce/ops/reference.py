@@ -95,7 +95,7 @@ class _PositivePart(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, c, key_logits, w_pos, pairs: Pairs, temperature: float, neighbors: Optional[int]):
-        logits = exclude_invalid_(torch.mm(a, c.T).div_(temperature), pairs)  # z_ij, -inf off V(i)
+        logits = exclude_invalid_(torch.mm(a / temperature, c.T), pairs)  # z_ij, -inf off V(i)
         positive = positive_mask(pairs, c.shape[0])  # P(i) among the candidates, or None
         positive_logits = 0.0 if positive is None else torch.where(positive, logits, 0.0).sum(dim=1)
         if key_logits is not None:
