@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightly.loss import NTXentLoss
 
-from oracles import label_oracle, loop_oracle, moco_oracle, nt_xent_oracle, two_tower_oracle, unit
 from smooth_infonce import SmoothInfoNCELoss, make_pairs, reference_row_losses, smooth_infonce
 from smooth_infonce.layout import NO_ID, dense_masks
 from smooth_infonce.ops.reference import nearest_negatives, positive_mask, smoothed_targets
+
+from oracles import label_oracle, loop_oracle, moco_oracle, nt_xent_oracle, two_tower_oracle, unit
 
 temperatures = st.floats(0.01, 1.0)
 alphas = st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.9])

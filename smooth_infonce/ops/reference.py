@@ -32,8 +32,9 @@ How it is computed, exactly, in two parts of l_i (each step below is one line of
 
 fwd + bwd holds the logits (turned into p - y in place) and one more N x M tensor at a time (plus
 an N x M bool mask of the positives when the layout has ids, and with neighbours the selection's
-two bool masks). It reads nothing back from the device. `smoothed_targets` builds the dense targets y, the written-out
-form of the same rule, for tests. Use the Triton backend for anything large.
+two bool masks). It reads nothing back from the device. `smoothed_targets` builds the dense
+targets y, the written-out form of the same rule, for tests. Use the Triton backend for anything
+large.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def positive_mask(pairs: Pairs, num_candidates: int) -> Optional[Tensor]:
 
 
 @torch.no_grad()
-def nearest_negatives(logits: Tensor, positive: Optional[Tensor], num_negatives: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def nearest_negatives(logits: Tensor, positive: Optional[Tensor], num_negatives: Tensor,
+                      k: int) -> tuple[Tensor, Tensor]:
     """S(i) for neighbour smoothing: the columns (N, k) of the min(k, |Neg(i)|) negatives with the
     largest logits (the order of the similarities), ties to the lower column, and which of the k
     slots hold one (N, k) bool (a row with fewer negatives smooths onto all of them).
@@ -169,7 +171,7 @@ def nearest_negatives(logits: Tensor, positive: Optional[Tensor], num_negatives:
     above, below = scores > kth, scores < kth
     rank = scores if positive is not None else torch.empty_like(scores)  # reuse the masked copy
     rank.copy_(torch.arange(m, 0, -1, device=scores.device, dtype=scores.dtype).expand(n, m))  # M - j
-    rank.masked_fill_(below, -1.0).masked_fill_(above, 2.0 * m)  # above t_i, then ties by column
+    rank.masked_fill_(below, -1.0).masked_fill_(above, 2.0 * m)  # above t_i, then ties by column (exact: M < 2^24)
     columns = rank.topk(slots, dim=1).indices  # best first: the real negatives take the first slots
     if slots < k:  # fewer candidates than k: empty slots
         columns = torch.cat([columns, columns.new_zeros(n, k - slots)], dim=1)
