@@ -60,6 +60,7 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 # Chosen values for what the papers and their public code leave unknown; justified where they are used.
 DEFAULT_SMOOTHING = 0.1
 DEFAULT_NEIGHBORS = 10
+LIGHT_MOCO_WARMUP_EPOCHS = 3  # the authors' `--warm`: lr warm-up and alpha = 0 together
 
 
 def _pair(name: str, value: Any) -> Tuple[float, float]:
@@ -494,15 +495,17 @@ def light_moco() -> Recipe:
     - k = 10: the neighbours should be likely same-class images. A 65536-key queue holds about
       65 images per ImageNet class, so the 10 most similar negatives are mostly same-class ones
       once the features are meaningful, while k stays far below 65.
-    - schedule: alpha = 0 for the first 3 epochs, then constant. The authors' scripts mention 3
-      warm-up epochs (whether for lr or alpha is not known); the recipe's lr schedule is a plain
-      cosine, so the warm-up is applied to alpha, where it keeps early, meaningless neighbours
-      out of the targets. ``wait_for_full_bank`` also holds alpha at 0 until the queue is full.
+    - warm-up: 3 epochs, as in the authors' scripts, where one flag (``--warm``) drives both: the
+      learning rate warms up linearly (then the cosine schedule) and alpha is held at 0 for those
+      epochs, so early, meaningless neighbours stay out of the targets. ``wait_for_full_bank``
+      also holds alpha at 0 until the queue is full.
     """
-    return moco_v2_baseline().override(
+    base = moco_v2_baseline()
+    return base.override(
         name="light_moco",
         loss=LossSpec(temperature=0.07, smoothing=DEFAULT_SMOOTHING, mode="neighbors",
-                      neighbors=DEFAULT_NEIGHBORS, schedule="warmup", warmup_epochs=3),
+                      neighbors=DEFAULT_NEIGHBORS, schedule="warmup", warmup_epochs=LIGHT_MOCO_WARMUP_EPOCHS),
+        optimizer=dataclasses.replace(base.optimizer, warmup_epochs=LIGHT_MOCO_WARMUP_EPOCHS),
         description="light-moco: MoCo v2, tau 0.07, smoothed InfoNCE on the 10 nearest negatives",
     )
 

@@ -142,3 +142,18 @@ def test_view_loss_weights_for_both_layouts():
     assert get_preset("sslight_baseline").view_weights() is None
     with pytest.raises(ValueError):
         query_view_weights(1, 6, (0.4, 0.6))
+
+
+def test_light_moco_warms_alpha_and_lr_together_as_the_authors_warm_flag():
+    """The authors' `--warm` epochs: lr warms up linearly and alpha is 0; a loss built from the
+    preset starts at its schedule's epoch-0 value."""
+    recipe = get_preset("light_moco")
+    options = recipe.loss.to_options(recipe.epochs)
+    assert [options.smoothing_at(e) for e in range(5)] == [0.0, 0.0, 0.0, 0.1, 0.1]
+    assert options.initial_smoothing == 0.0
+    steps, batch = 100, 256
+    lrs = [recipe.optimizer.learning_rate(s, steps_per_epoch=steps, epochs=recipe.epochs, batch_size=batch)
+           for s in range(0, 4 * steps, steps // 2)]
+    peak = recipe.optimizer.scaled_lr(batch)
+    assert lrs[:6] == sorted(lrs[:6]) and lrs[0] < peak / 10 and lrs[5] < peak  # rising through epoch 2
+    assert lrs[6] == pytest.approx(peak, rel=1e-3)  # epoch 3: the cosine starts at the peak
