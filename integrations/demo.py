@@ -1,10 +1,13 @@
 """The main job: pre-train a lightweight network with lightly + smooth-infonce on real images that
 ship with the install, and compare plain InfoNCE with smoothed InfoNCE on frozen features.
 
-    python -m smooth_infonce.integrations.demo                # digits, SimCLR, ~2-3 min on 2 CPU cores
-    python -m smooth_infonce.integrations.demo --epochs 100 --framework moco --seeds 0 1 2
-    python -m smooth_infonce.integrations.demo --data /path/to/image_folder --image-size 64 \\
-        --backbone mobilenetv3_large_100 --device cuda
+    smooth-infonce-demo                                   # digits, SimCLR, ~2-3 min on 2 CPU cores
+    smooth-infonce-demo --compare masking --seeds 0 1 2   # MoCo: own-image keys masked in the queue
+    smooth-infonce-demo --epochs 100 --framework moco --seeds 0 1 2
+    smooth-infonce-demo --data /path/to/image_folder --image-size 64 \\
+        --backbone mobilenetv3_large_100 --accelerator gpu --devices 2 --strategy ddp
+
+(``python -m smooth_infonce.integrations.demo`` is the same command.)
 
 Data: scikit-learn's ``load_digits`` (1797 real 8 x 8 handwritten digits, 10 classes; no
 download), upsampled to ``--image-size`` px and split 75 / 25 (stratified) into a pre-training /
@@ -12,15 +15,22 @@ memory split and a held-out test split. ``--data`` takes a torchvision ImageFold
 
 The recipe is ``light_moco`` scaled down to the data (`demo_recipe`): tiny CNN, small head, short
 queue, faster key momentum, higher lr; SimCLR by default (in-batch negatives learn fastest in a
-20-epoch CPU run), MoCo with ``--framework moco``. Runs (same seed, same initialisation, same batches):
+20-epoch CPU run), MoCo with ``--framework moco``. Every run trains through the Lightning module
+(`smooth_infonce.integrations.lightning.PretrainModule` on Lightning's ``Trainer``;
+``--accelerator / --devices / --strategy`` go to the Trainer). Runs (same seed, same
+initialisation, same views in the same batches):
 
 - ``plain``: InfoNCE (alpha = 0);
 - ``uniform``: alpha spread over all negatives;
 - ``neighbors``: alpha on the k most similar negatives (light-moco's strategy);
+- ``plain-masked``, ``uniform-masked``, ``neighbors-masked`` (MoCo): the same losses with a
+  query's own image left out of its negatives (the queue stores each key's dataset index).
 
-plus two reference rows that need no training: the randomly initialised network and the raw
-pixels. Evaluation on frozen backbone features: weighted kNN top-1 (lightly's ``knn_predict``,
-the training split as memory) and a linear probe (logistic regression) on the test split.
+``--compare smoothing`` (the default) trains plain, uniform and neighbors; ``--compare masking``
+trains MoCo's plain, plain-masked and neighbors-masked. Two reference rows need no training: the
+randomly initialised network and the raw pixels. Evaluation on frozen backbone features: weighted
+kNN top-1 (lightly's ``knn_predict``, the training split as memory) and a linear probe (logistic
+regression) on the test split.
 
 Outputs in ``--out``: ``results.md`` / ``results.csv`` / ``results.json`` (the table and every
 run's history) and ``curves.png`` (training loss and kNN top-1 per epoch).
@@ -31,8 +41,8 @@ two different ones per image. On a 2-core CPU the PIL augmentations cost more th
 network, so this makes the comparison affordable and identical in data for every run.
 ``--view-cache 0`` augments on the fly (the default for ``--data``).
 
-Code: the images in `smooth_infonce.integrations.digits`, the training loop in
-`smooth_infonce.integrations.pretraining`, kNN and linear probe in
+Code: the images in `smooth_infonce.integrations.digits`, the Trainer call and the training-curve
+callback in `smooth_infonce.integrations.pretraining`, kNN and linear probe in
 `smooth_infonce.integrations.evaluation`; this module holds the run configuration, the report and
 the command line.
 """
@@ -41,25 +51,55 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
+import math
+import os
 import random
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import Dataset
 
-from .digits import digits_views, load_digits_images, load_image_folder, split_indices
+from .digits import NUM_DIGITS, digits_views, load_digits_images, load_image_folder, split_indices
 from .evaluation import EvalData, eval_transform
-from .pretraining import CachedViews, OnTheFlyViews, RunResult, build_view_cache, pretrain, seed_everything
+from .pretraining import CachedViews, RunResult, build_view_cache, pretrain, seed_everything
 from .recipes import CropSpec, Recipe, ViewSpec, get_preset
 
-RUNS = ("plain", "uniform", "neighbors")
+# The [demo] extra, checked without importing it (Lightning and lightly load when training starts,
+# after the first status line).
+_MISSING = [name for name in ("lightly", "lightning", "sklearn", "tqdm", "matplotlib", "torchvision")
+            if importlib.util.find_spec(name) is None]
+if _MISSING:
+    raise ImportError(f"smooth-infonce-demo needs the demo extra: pip install 'smooth-infonce[demo]' "
+                      f"(missing: {', '.join(_MISSING)})")
+
+
+class RunSpec(NamedTuple):
+    """One training run of a comparison: its loss and whether own queue keys are masked."""
+
+    smoothing: bool
+    mode: str  # "uniform" | "neighbors" (ignored without smoothing)
+    masked: bool
+
+
+RUN_SPECS: Dict[str, RunSpec] = {
+    "plain": RunSpec(False, "neighbors", False),
+    "uniform": RunSpec(True, "uniform", False),
+    "neighbors": RunSpec(True, "neighbors", False),
+    "plain-masked": RunSpec(False, "neighbors", True),
+    "uniform-masked": RunSpec(True, "uniform", True),
+    "neighbors-masked": RunSpec(True, "neighbors", True),
+}
+RUNS = ("plain", "uniform", "neighbors")  # --compare smoothing (the default)
+MASKING_RUNS = ("plain", "plain-masked", "neighbors-masked")  # --compare masking (MoCo)
+COMPARISONS = {"smoothing": RUNS, "masking": MASKING_RUNS}
 DEFAULT_LR_PER_256 = {"simclr": 0.6, "moco": 0.12}
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
 
 @dataclass
@@ -85,7 +125,9 @@ class DemoConfig:
     max_images: Optional[int] = None
     view_cache: Optional[int] = None
     knn_k: int = 20
-    device: str = "cpu"
+    accelerator: str = "cpu"
+    devices: str = "1"
+    strategy: str = "auto"
     workers: int = 0
     threads: Optional[int] = None
     out: str = "smooth_infonce_demo"
@@ -95,12 +137,15 @@ class DemoConfig:
     def __post_init__(self) -> None:
         self.runs = tuple(self.runs)
         self.seeds = tuple(self.seeds)
-        unknown = set(self.runs) - set(RUNS)
+        unknown = set(self.runs) - set(RUN_SPECS)
         if unknown:
-            raise ValueError(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
+            raise ValueError(f"unknown runs {sorted(unknown)}; choose from {tuple(RUN_SPECS)}")
+        masked = [run for run in self.runs if RUN_SPECS[run].masked]
+        if masked and self.framework != "moco":
+            raise ValueError(f"runs {masked} mask own keys in the MoCo queue: they need --framework moco")
         if self.lr_per_256 is None:  # tuned on the digits: MoCo diverges at SimCLR's rate
             self.lr_per_256 = DEFAULT_LR_PER_256[self.framework]
-        if self.threads is None and self.device == "cpu" and self.backbone == "tiny_cnn":
+        if self.threads is None and self.accelerator == "cpu" and self.backbone == "tiny_cnn":
             # Small convolutions gain little from a second thread, and on a busy 2-core machine
             # OpenMP threads wait on each other: one thread measured 4x faster there.
             self.threads = 1
@@ -109,11 +154,28 @@ class DemoConfig:
         if self.view_cache == 1:
             raise ValueError("--view-cache needs at least 2 views per image (or 0: augment on the fly)")
 
+    def trainer_devices(self):
+        """``devices`` for Lightning: "auto", a count, or a list of device indices ("0,1")."""
+        if self.devices == "auto":
+            return "auto"
+        if "," in self.devices:
+            return [int(d) for d in self.devices.split(",") if d]
+        return int(self.devices)
+
+    def eval_device(self) -> str:
+        """Where the reference rows are scored (the trained runs: on their training device)."""
+        if self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available()):
+            return "cuda"
+        if self.accelerator == "mps":
+            return "mps"
+        return "cpu"
+
 
 # --- recipe ------------------------------------------------------------------------------------------
 
 def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
     """``light_moco`` scaled down to a CPU-sized run (every change is an override)."""
+    spec = RUN_SPECS[run]
     return get_preset(
         "light_moco",
         name=f"demo_{config.framework}_{run}",
@@ -121,9 +183,8 @@ def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
         backbone=dict(name=config.backbone, cifar_stem=True,
                       kwargs={"width": config.width} if config.backbone == "tiny_cnn" else {}),
         head=dict(hidden_dim=256, output_dim=64, num_layers=2, batch_norm=config.framework == "simclr"),
-        loss=dict(temperature=config.temperature, smoothing=0.0 if run == "plain" else config.smoothing,
-                  mode="uniform" if run == "uniform" else "neighbors", neighbors=config.neighbors,
-                  schedule="constant", warmup_epochs=0),
+        loss=dict(temperature=config.temperature, smoothing=config.smoothing if spec.smoothing else 0.0,
+                  mode=spec.mode, neighbors=config.neighbors, schedule="constant", warmup_epochs=0),
         moco=dict(queue_size=config.queue_size, key_momentum=config.key_momentum),
         optimizer=dict(name="sgd", lr_per_256=config.lr_per_256, weight_decay=config.weight_decay,
                        warmup_epochs=1, exclude_bias_norm=True, exclude_depthwise=True),
@@ -134,6 +195,12 @@ def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
 
 
 # --- reporting ------------------------------------------------------------------------------------------------
+
+def describe_loss(result: RunResult) -> str:
+    target = "uniform" if result.neighbors is None else f"k = {result.neighbors} neighbours"
+    loss = "InfoNCE" if result.smoothing == 0 else f"smoothed, alpha {result.smoothing:g}, {target}"
+    return loss + (", own keys masked" if result.masked else "")
+
 
 def summarise(results: Sequence[RunResult], references: Dict[str, Dict[str, float]]) -> List[Dict[str, str]]:
     """One row per run (mean +- std over seeds) and per reference."""
@@ -151,14 +218,9 @@ def summarise(results: Sequence[RunResult], references: Dict[str, Dict[str, floa
         rows.append({"run": name, "loss": "-", "kNN top-1 (%)": f"{100 * scores['knn_top1']:.1f}",
                      "linear top-1 (%)": f"{100 * scores['linear_top1']:.1f}", "final train loss": "-",
                      "train time (s)": "-"})
-    for run in RUNS:
+    for run in dict.fromkeys(r.run for r in results):  # in the order they ran
         mine = [r for r in results if r.run == run]
-        if not mine:
-            continue
-        first = mine[0]
-        target = "uniform" if first.neighbors is None else f"k = {first.neighbors} neighbours"
-        loss = "InfoNCE" if first.smoothing == 0 else f"smoothed, alpha {first.smoothing:g}, {target}"
-        rows.append({"run": run, "loss": loss,
+        rows.append({"run": run, "loss": describe_loss(mine[0]),
                      "kNN top-1 (%)": fmt([r.knn_top1 for r in mine]),
                      "linear top-1 (%)": fmt([r.linear_top1 for r in mine]),
                      "final train loss": fmt([r.loss_per_epoch[-1] for r in mine], percent=False),
@@ -191,17 +253,20 @@ def save_outputs(out: Path, config: DemoConfig, rows, results: Sequence[RunResul
     return written
 
 
+COLOURS = {"plain": "tab:blue", "uniform": "tab:orange", "neighbors": "tab:green", "plain-masked": "tab:purple",
+           "uniform-masked": "tab:brown", "neighbors-masked": "tab:red"}
+
+
 def plot_curves(path: Path, results: Sequence[RunResult], references) -> Path:
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
     figure = Figure(figsize=(11, 4))
     loss_axis, knn_axis = figure.subplots(1, 2)
-    colours = {"plain": "tab:blue", "uniform": "tab:orange", "neighbors": "tab:green"}
     for result in results:
         epochs = range(1, len(result.loss_per_epoch) + 1)
         label = f"{result.run} (seed {result.seed})"
-        loss_axis.plot(epochs, result.loss_per_epoch, color=colours[result.run], label=label, alpha=0.85)
-        knn_axis.plot(epochs, [100 * v for v in result.knn_per_epoch], color=colours[result.run], label=label,
+        loss_axis.plot(epochs, result.loss_per_epoch, color=COLOURS[result.run], label=label, alpha=0.85)
+        knn_axis.plot(epochs, [100 * v for v in result.knn_per_epoch], color=COLOURS[result.run], label=label,
                       alpha=0.85)
     for name, style in (("random init", ":"), ("raw pixels", "--")):
         if name in references:
@@ -218,8 +283,26 @@ def plot_curves(path: Path, results: Sequence[RunResult], references) -> Path:
 
 # --- the job ------------------------------------------------------------------------------------------------
 
+def is_rank_zero() -> bool:
+    """False in the extra processes of a multi-device run (they train, rank 0 reports)."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        return getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+    return all(int(os.environ.get(name, 0)) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def status_printer(config: DemoConfig) -> Callable[[str], None]:
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        if config.progress and is_rank_zero():
+            print(f"[{time.perf_counter() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def run_demo(config: DemoConfig) -> Dict:
-    """Run the comparison; return {"rows", "results", "references", "files", "seconds"}."""
+    """Run the comparison; return {"rows", "results", "references", "files", "seconds", "header"}."""
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -231,11 +314,17 @@ def run_demo(config: DemoConfig) -> Dict:
 
 def _run_demo(config: DemoConfig) -> Dict:
     start = time.perf_counter()
+    say = status_printer(config)
+    runs = ", ".join(config.runs)
+    say(f"{config.framework}, runs {runs}, seeds {list(config.seeds)}, {config.epochs} epochs; "
+        f"training on {config.accelerator} (devices {config.devices}, strategy {config.strategy})")
     if config.data:
+        say(f"reading the ImageFolder {config.data}")
         images = load_image_folder(config.data)
         views = ViewSpec(global_crops=CropSpec(2, config.image_size, (0.2, 1.0)))  # MoCo v2 augmentations
         source = f"ImageFolder {config.data}"
     else:
+        say(f"loading scikit-learn's digits at {config.image_size} px")
         images = load_digits_images(config.image_size)
         views = digits_views(config.image_size)
         source = f"scikit-learn digits upsampled to {config.image_size} px"
@@ -247,93 +336,256 @@ def _run_demo(config: DemoConfig) -> Dict:
     evaluation = EvalData.from_images(train, test, eval_transform(config.image_size, views))
 
     # References that need no training: the randomly initialised network and the raw pixels.
+    say(f"{len(train)} training / {len(test)} test images; scoring the reference rows (random init, raw pixels)")
+    device = config.eval_device()
     seed_everything(config.seeds[0])
-    random_backbone = demo_recipe(config, "plain", views).backbone.build().to(config.device)
+    random_backbone = demo_recipe(config, config.runs[0], views).backbone.build().to(device)
     references = {
-        "random init": evaluation.evaluate(random_backbone, config.device, config.knn_k),
+        "random init": evaluation.evaluate(random_backbone, device, config.knn_k),
         "raw pixels": evaluation.raw_pixels(config.knn_k),
     }
 
     if config.view_cache:
+        say(f"augmenting: {config.view_cache} views of every training image, shared by all runs")
         cache = build_view_cache(train, views, config.view_cache, seed=0, progress=config.progress)
     results: List[RunResult] = []
     for seed in config.seeds:
-        if config.view_cache:
-            train_views: Dataset = CachedViews(cache, torch.Generator().manual_seed(seed))
-        else:
-            from .lightly_models import build_view_transform
-
-            train_views = OnTheFlyViews(train, build_view_transform(views))
         for run in config.runs:
-            _, result = pretrain(demo_recipe(config, run, views), train_views, evaluation, seed=seed, run=run,
-                                 device=config.device, workers=config.workers, knn_k=config.knn_k,
-                                 progress=config.progress)
+            # a fresh view stream per run: every run of a seed sees the same views in the same batches
+            data, transform = (CachedViews(cache, train.labels, seed), None) if config.view_cache else (train, "recipe")
+            recipe = demo_recipe(config, run, views)
+            say(f"training {run} (seed {seed}, {config.epochs} epochs)")
+            _, result = pretrain(recipe, data, evaluation, seed=seed, run=run,
+                                 mask_own_keys=RUN_SPECS[run].masked, transform=transform,
+                                 accelerator=config.accelerator, devices=config.trainer_devices(),
+                                 strategy=config.strategy, workers=config.workers, knn_k=config.knn_k,
+                                 progress=config.progress, say=say)
             results.append(result)
-            if config.progress:
-                print(f"{run:>9} seed {seed}: kNN {100 * result.knn_top1:.1f} %, linear "
-                      f"{100 * result.linear_top1:.1f} %, {result.seconds:.0f} s", file=sys.stderr)
+            say(f"{run} seed {seed}: kNN {100 * result.knn_top1:.1f} %, linear {100 * result.linear_top1:.1f} %, "
+                f"{result.seconds:.0f} s")
 
     rows = summarise(results, references)
     seconds = time.perf_counter() - start
     header = (f"# smooth-infonce demo: {config.framework}, {config.backbone} "
               f"({'width ' + str(config.width) + ', ' if config.backbone == 'tiny_cnn' else ''}"
               f"{config.image_size} px), {config.epochs} epochs, batch {config.batch_size}, "
-              f"tau {config.temperature}, seeds {list(config.seeds)}\n\n"
-              f"Data: {source}; {len(train)} pre-training / memory images, {len(test)} held-out test images. "
-              f"Frozen backbone features; kNN k = {config.knn_k}. Total wall time {seconds:.0f} s. "
-              f"Smoothed runs minimise a different target, so their training loss is not comparable "
-              f"with InfoNCE's.")
-    files = save_outputs(Path(config.out), config, rows, results, references, header, config.plot)
+              f"tau {config.temperature}"
+              f"{', queue ' + str(config.queue_size) if config.framework == 'moco' else ''}, seeds {list(config.seeds)}"
+              f"\n\nData: {source}; {len(train)} pre-training / memory images, {len(test)} held-out test images. "
+              f"Trained by Lightning ({config.accelerator}). Frozen backbone features; kNN k = {config.knn_k}. "
+              f"Total wall time {seconds:.0f} s. Smoothed runs minimise a different target, so their training "
+              f"loss is not comparable with InfoNCE's.")
+    files = save_outputs(Path(config.out), config, rows, results, references, header, config.plot) \
+        if is_rank_zero() else []
     return {"rows": rows, "results": results, "references": references, "files": files, "seconds": seconds,
             "header": header}
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
-    defaults = DemoConfig()
+# --- the command line ------------------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def devices_arg(text: str) -> str:
+    if text == "auto" or all(part.strip().isdigit() for part in text.split(",") if part) and text.strip(","):
+        if text != "auto" and "," not in text and int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive count, 'auto' or indices like 0,1; got {text}")
+        return text
+    raise argparse.ArgumentTypeError(f"expected a positive count, 'auto' or device indices like 0,1; got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DemoConfig()
     parser = argparse.ArgumentParser(prog="smooth-infonce-demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--framework", choices=("moco", "simclr"), default=defaults.framework)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--backbone", default=defaults.backbone,
-                        help="a registered backbone (tiny_cnn, resnet18, mobilenetv3_large_100, ...) or timm:<name>")
-    parser.add_argument("--width", type=int, default=defaults.width, help="tiny_cnn width")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--smoothing", type=float, default=defaults.smoothing, help="alpha of the smoothed runs")
-    parser.add_argument("--neighbors", type=int, default=defaults.neighbors, help="k of the neighbors run")
-    parser.add_argument("--queue-size", type=int, default=defaults.queue_size, help="MoCo queue (memory bank)")
-    parser.add_argument("--key-momentum", type=float, default=defaults.key_momentum)
-    parser.add_argument("--lr-per-256", type=float, default=None,
-                        help=f"peak SGD lr per 256 images (default: {DEFAULT_LR_PER_256})")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(defaults.runs))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
-    parser.add_argument("--data", default=None, help="an ImageFolder directory instead of the digits")
-    parser.add_argument("--max-images", type=int, default=None, help="use a random subset of the images")
-    parser.add_argument("--view-cache", type=int, default=None,
-                        help="augmented views cached per image (0: augment on the fly); default 8 for "
-                             "the digits, 0 with --data")
-    parser.add_argument("--knn-k", type=int, default=defaults.knn_k)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 for tiny_cnn on the CPU, else torch's default)")
-    parser.add_argument("--out", default=defaults.out, help="output folder")
-    parser.add_argument("--no-plot", dest="plot", action="store_false")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args(argv)
-    return DemoConfig(**vars(args))
+    what = parser.add_argument_group("what to compare")
+    what.add_argument("--compare", choices=tuple(COMPARISONS), default="smoothing",
+                      help="smoothing: plain vs uniform vs neighbour-smoothed InfoNCE; masking (MoCo): plain MoCo vs "
+                           "MoCo with own-image keys masked in the queue vs smoothed MoCo with masking")
+    what.add_argument("--runs", nargs="+", choices=tuple(RUN_SPECS), default=None,
+                      help="the runs to train, instead of those of --compare (*-masked: MoCo only)")
+    what.add_argument("--framework", choices=("moco", "simclr"), default=None,
+                      help="MoCo (momentum key encoder + queue) or SimCLR (in-batch negatives); default simclr, "
+                           "moco with --compare masking")
+    what.add_argument("--seeds", nargs="+", type=non_negative_int, default=list(d.seeds),
+                      help="one run per seed and run; the table gives mean ± std over the seeds")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=positive_int, default=d.epochs, help="pre-training epochs per run")
+    train.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                       help="images per step (per process with --devices > 1)")
+    train.add_argument("--backbone", default=d.backbone,
+                       help="a registered backbone (tiny_cnn, resnet18, mobilenetv3_large_100, ...) or timm:<name>")
+    train.add_argument("--width", type=positive_int, default=d.width, help="tiny_cnn width")
+    train.add_argument("--image-size", type=positive_int, default=d.image_size, help="side of the training views in px")
+    train.add_argument("--temperature", type=float_in(0, math.inf, low_open=True, high_open=True),
+                       default=d.temperature, help="InfoNCE temperature tau")
+    train.add_argument("--smoothing", type=float_in(0, 1, high_open=True), default=d.smoothing,
+                       help="alpha of the smoothed runs")
+    train.add_argument("--neighbors", type=positive_int, default=d.neighbors,
+                       help="k of the neighbour-smoothed runs (at most the queue size, or the 2B - 2 in-batch "
+                            "negatives of SimCLR)")
+    train.add_argument("--queue-size", type=positive_int, default=d.queue_size, help="MoCo queue (memory bank) keys")
+    train.add_argument("--key-momentum", type=float_in(0, 1), default=d.key_momentum,
+                       help="MoCo key-encoder momentum")
+    train.add_argument("--lr-per-256", type=float_in(0, math.inf, low_open=True, high_open=True), default=None,
+                       help=f"peak SGD lr per 256 images (default: {DEFAULT_LR_PER_256})")
+    train.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=d.weight_decay,
+                       help="SGD weight decay (not on biases and norm layers)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None, metavar="DIR",
+                      help="an ImageFolder directory (one sub-folder per class) instead of the digits")
+    data.add_argument("--max-images", type=positive_int, default=None, help="use a random subset of the images")
+    data.add_argument("--view-cache", type=non_negative_int, default=None,
+                      help="augmented views cached per image (0: augment on the fly); default 8 for the digits, "
+                           "0 with --data")
+    data.add_argument("--knn-k", type=positive_int, default=d.knn_k, help="neighbours of the kNN evaluation")
+    hardware = parser.add_argument_group("hardware (passed to Lightning's Trainer)")
+    hardware.add_argument("--accelerator", choices=ACCELERATORS, default=None,
+                          help="Lightning accelerator (default cpu)")
+    hardware.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
+                          help="same as --accelerator (kept for older commands)")
+    hardware.add_argument("--devices", type=devices_arg, default=d.devices,
+                          help="Lightning devices: a count, 'auto' or indices like 0,1")
+    hardware.add_argument("--strategy", default=d.strategy,
+                          help="Lightning strategy (auto, ddp, ddp_spawn, ...)")
+    hardware.add_argument("--workers", type=non_negative_int, default=d.workers, help="DataLoader workers per process")
+    hardware.add_argument("--threads", type=positive_int, default=None,
+                          help="torch CPU threads (default: 1 for tiny_cnn on the CPU, else torch's default)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default=d.out, help="output folder (table, runs as JSON, curves.png)")
+    output.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw curves.png")
+    output.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars or status lines (the table is still printed)")
+    return parser
+
+
+def count_train_images(config: DemoConfig, images: int) -> int:
+    images = min(images, config.max_images or images)
+    return images - math.ceil(0.25 * images)  # split_indices' test share
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
+    """The flags as a `DemoConfig`; a bad combination exits like argparse (status 2, one line)."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    compare, device = args.pop("compare"), args.pop("device")
+    if args["runs"] is None:
+        args["runs"] = list(COMPARISONS[compare])
+    if args["framework"] is None:
+        args["framework"] = "moco" if any(RUN_SPECS[r].masked for r in args["runs"]) else "simclr"
+    if device is not None and args["accelerator"] is not None and args["accelerator"] != device:
+        parser.error(f"--device {device} and --accelerator {args['accelerator']} disagree; give one of them")
+    args["accelerator"] = args["accelerator"] or device or "cpu"
+    check_hardware(parser, args)
+    if compare == "masking" and args["framework"] != "moco":
+        parser.error("--compare masking masks own keys in the MoCo queue: use --framework moco")
+    try:
+        config = DemoConfig(**args)
+    except ValueError as err:
+        parser.error(str(err))
+    check_data(parser, config)
+    return config
+
+
+def check_hardware(parser: argparse.ArgumentParser, args: Dict) -> None:
+    accelerator = args["accelerator"]
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        parser.error(f"--accelerator/--device {accelerator}: no CUDA device is available here (torch "
+                     f"{torch.__version__}, CUDA build {torch.version.cuda}); use --accelerator cpu")
+    if accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        parser.error("--accelerator mps: no Apple MPS device is available here; use --accelerator cpu")
+    if args["strategy"] != "auto":
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if args["strategy"] not in StrategyRegistry.available_strategies():
+            parser.error(f"--strategy {args['strategy']}: not a Lightning strategy; choose auto or one of "
+                         f"{', '.join(s for s in StrategyRegistry.available_strategies() if s.startswith('ddp'))}, ...")
+    if args["devices"] not in ("auto", "1") and accelerator == "cpu" and "," in args["devices"]:
+        parser.error("--devices with indices needs an accelerator with devices (gpu); on the CPU give a count")
+
+
+def check_data(parser: argparse.ArgumentParser, config: DemoConfig) -> None:
+    from .backbones import list_backbones
+
+    if not config.backbone.startswith("timm:") and config.backbone not in list_backbones():
+        parser.error(f"--backbone {config.backbone}: unknown; choose from {', '.join(list_backbones())} or timm:<name>")
+    if config.data:
+        folder = Path(config.data)
+        if not folder.exists():
+            parser.error(f"--data {config.data}: no such directory")
+        if not folder.is_dir():
+            parser.error(f"--data {config.data}: not a directory (an ImageFolder: one sub-folder per class)")
+        try:
+            from torchvision.datasets import ImageFolder
+
+            images = len(ImageFolder(str(folder)).samples)
+        except (FileNotFoundError, RuntimeError, OSError) as err:
+            parser.error(f"--data {config.data}: not an ImageFolder (one sub-folder of images per class): {err}")
+    else:
+        images = NUM_DIGITS
+    train = count_train_images(config, images)
+    if train < 2:
+        parser.error(f"only {train} training image(s): use more images")
+    if config.batch_size > train:
+        parser.error(f"--batch-size {config.batch_size} is larger than the {train} training images "
+                     f"(every epoch drops its last incomplete batch)")
+    smoothed = [r for r in config.runs if RUN_SPECS[r].smoothing and RUN_SPECS[r].mode == "neighbors"]
+    if smoothed and config.framework == "moco" and config.neighbors > config.queue_size:
+        parser.error(f"--neighbors {config.neighbors} is larger than the MoCo queue (--queue-size "
+                     f"{config.queue_size})")
+    negatives = 2 * config.batch_size - 2
+    if smoothed and config.framework == "simclr" and config.neighbors > negatives:
+        parser.error(f"--neighbors {config.neighbors} is more than the {negatives} in-batch negatives of a "
+                     f"batch of {config.batch_size} (SimCLR: 2B - 2)")
+    if config.knn_k > train:
+        parser.error(f"--knn-k {config.knn_k} is larger than the {train} training images")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {config.out}: exists and is not a directory")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config = parse_args(argv)
     outcome = run_demo(config)
-    print(outcome["header"])
-    print()
-    print(markdown_table(outcome["rows"]))
-    print()
-    print("Wrote " + ", ".join(str(p) for p in outcome["files"]))
+    if is_rank_zero():
+        print(outcome["header"])
+        print()
+        print(markdown_table(outcome["rows"]))
+        print()
+        print("Wrote " + ", ".join(str(p) for p in outcome["files"]))
     return 0
 
 

@@ -36,6 +36,10 @@ class ImageList:
         image = self.images[index]
         return self.loader(image) if self.loader is not None else image
 
+    def __getitem__(self, index: int):
+        """``(PIL image, label)``, as a torchvision dataset (for `PretrainDataModule`)."""
+        return self.image(index), self.labels[index]
+
     def subset(self, indices: Sequence[int]) -> "ImageList":
         return ImageList([self.images[i] for i in indices], [self.labels[i] for i in indices], self.loader)
 

@@ -1,24 +1,29 @@
-"""The demo's pre-training loop: a recipe's lightly model trained with the `SmoothNTXentLoss`
-drop-in, per step lr schedule and key-encoder update, per epoch alpha schedule and kNN.
+"""The demo's pre-training: a recipe's `PretrainModule` trained by Lightning's ``Trainer``
+(`smooth_infonce.integrations.lightning`; there is no hand-written loop here), plus the demo's
+views and a callback that records the training curves (mean loss, alpha and held-out kNN top-1
+per epoch) and scores the frozen backbone at the end.
 
-Augmented views come from lightly's transforms, either fresh for every item (`OnTheFlyViews`)
-or drawn from a fixed cache of augmented views per image (`CachedViews`, `build_view_cache`): on
-a 2-core CPU the PIL augmentations cost more than a tiny network, and a cache makes every run of
-a comparison see the same data.
+Augmented views come from lightly's transforms, either fresh for every item (the recipe's
+transform in `PretrainDataModule`) or drawn from a fixed cache of augmented views per image
+(`CachedViews`, `build_view_cache`): on a 2-core CPU the PIL augmentations cost more than a tiny
+network, and a cache makes every run of a comparison see the same data.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .backbones import Backbone
 from .digits import ImageList
@@ -35,31 +40,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class OnTheFlyViews(Dataset):
-    """Every item: fresh augmented views (lightly's MultiViewTransform) of one image."""
-
-    def __init__(self, images: ImageList, transform) -> None:
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> List[Tensor]:
-        return self.transform(self.images.image(index))
-
-
 class CachedViews(Dataset):
-    """Every item: two different views drawn from a fixed cache of augmented views per image."""
+    """Every item: ``([view, view], label)``, two different views drawn from a fixed cache of
+    augmented views per image (a dataset for `PretrainDataModule` with ``transform=None``)."""
 
-    def __init__(self, cache: Tensor, generator: torch.Generator) -> None:
-        self.cache, self.generator = cache, generator  # cache: (images, views, 3, H, W)
+    def __init__(self, cache: Tensor, labels: Sequence[int], seed: int) -> None:
+        self.cache, self.labels = cache, list(labels)  # cache: (images, views, 3, H, W)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return self.cache.shape[0]
 
-    def __getitem__(self, index: int) -> List[Tensor]:
+    def __getitem__(self, index: int) -> Tuple[List[Tensor], int]:
         first, second = torch.randperm(self.cache.shape[1], generator=self.generator)[:2].tolist()
-        return [self.cache[index, first], self.cache[index, second]]
+        return [self.cache[index, first], self.cache[index, second]], self.labels[index]
 
 
 def build_view_cache(images: ImageList, views: ViewSpec, per_image: int, seed: int, progress: bool) -> Tensor:
@@ -86,62 +80,98 @@ class RunResult:
     knn_top1: float
     linear_top1: float
     seconds: float
+    masked: bool = False
     loss_per_epoch: List[float] = field(default_factory=list)
     knn_per_epoch: List[float] = field(default_factory=list)
     smoothing_per_epoch: List[float] = field(default_factory=list)
 
 
-def pretrain(recipe: Recipe, train_views: Dataset, evaluation: EvalData, *, seed: int, run: str,
-             device: str = "cpu", workers: int = 0, knn_k: int = 20,
-             progress: bool = True) -> Tuple[Backbone, RunResult]:
-    """Pre-train ``recipe``'s lightly model with the smooth-infonce drop-in loss; kNN top-1 after
-    every epoch, kNN and linear probe at the end."""
-    from tqdm.auto import tqdm
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's banner lines ("GPU available: ...") and the few-workers hint, off for the demo."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch's pytree, inside Lightning
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
-    from .lightly import build_loss
-    from .lightly_models import build_model
-    from .optim import build_optimizer
 
-    seed_everything(seed)  # the same initialisation and batch order for every run of a seed
-    model = build_model(recipe).to(device)
-    criterion = build_loss(recipe).to(device)
-    optimizer = build_optimizer(model, recipe.optimizer, recipe.batch_size)
-    loader = DataLoader(train_views, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
-                        num_workers=workers, generator=torch.Generator().manual_seed(seed))
-    steps_per_epoch = len(loader)
-    weights = recipe.view_weights()
+def _recorder_class():
+    import lightning as L
+
+    class Recorder(L.Callback):
+        """Per epoch: mean training loss, alpha, held-out kNN top-1; at the end of training (on
+        the training device, before Lightning moves the module back): kNN and linear probe."""
+
+        def __init__(self, result: RunResult, evaluation: EvalData, knn_k: int, epochs: int, say) -> None:
+            self.result, self.evaluation, self.knn_k, self.epochs, self.say = result, evaluation, knn_k, epochs, say
+            self.total, self.count, self.start = 0.0, 0, 0.0
+
+        def on_train_start(self, trainer, module) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            self.total, self.count = 0.0, 0
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.total, self.count = self.total + float(outputs["loss"]), self.count + 1
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            result = self.result
+            result.loss_per_epoch.append(self.total / max(self.count, 1))
+            result.smoothing_per_epoch.append(float(module.criterion.smoothing))
+            knn = self.evaluation.knn(module.model.backbone, module.device, self.knn_k)
+            result.knn_per_epoch.append(knn)
+            module.log("knn", knn, prog_bar=True, on_step=False, on_epoch=True)
+            epoch = trainer.current_epoch + 1
+            if self.say is not None and (epoch % max(1, self.epochs // 4) == 0 or epoch == self.epochs):
+                self.say(f"{result.run} seed {result.seed}: epoch {epoch}/{self.epochs}, loss "
+                         f"{result.loss_per_epoch[-1]:.3f}, kNN {100 * knn:.1f} %")
+
+        def on_train_end(self, trainer, module) -> None:
+            self.result.seconds = time.perf_counter() - self.start
+            scores = self.evaluation.evaluate(module.model.backbone, module.device, self.knn_k)
+            self.result.knn_top1, self.result.linear_top1 = scores["knn_top1"], scores["linear_top1"]
+
+    return Recorder
+
+
+def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed: int, run: str,
+             mask_own_keys: bool = False, transform: Optional[str] = None, accelerator: str = "cpu",
+             devices: Union[int, str, Sequence[int]] = 1, strategy: str = "auto", workers: int = 0,
+             knn_k: int = 20, progress: bool = True, say=None) -> Tuple[Backbone, RunResult]:
+    """Pre-train ``recipe`` with `PretrainModule` on Lightning's Trainer; kNN top-1 after every
+    epoch, kNN and linear probe at the end.
+
+    ``train_data``: ``(views, label)`` items with ``transform=None`` (e.g. `CachedViews`), or
+    ``(PIL image, label)`` items with ``transform="recipe"`` (the recipe's lightly views, made on
+    the fly). ``recipe.batch_size`` is the batch of one process. ``mask_own_keys`` (MoCo): queue
+    entries of a query's own image are not its negatives. ``say``: a function for a few status
+    lines (every quarter of the run) when there is no progress bar.
+    """
+    import lightning as L
+
+    from .lightning import PretrainDataModule, build_module
+
     result = RunResult(run, seed, recipe.loss.smoothing, recipe.loss.mode if recipe.loss.smoothing else "-",
-                       recipe.loss.neighbors_or_none, 0.0, 0.0, 0.0)
-    start = time.perf_counter()
-    bar = tqdm(total=recipe.epochs * steps_per_epoch, desc=f"{run:>9} seed {seed}", unit="step",
-               disable=not progress, leave=False, dynamic_ncols=True, mininterval=BAR_INTERVAL)
-    step = 0
-    for epoch in range(recipe.epochs):
-        criterion.set_epoch(epoch)
-        total, count = 0.0, 0
-        for views in loader:
-            lr = recipe.optimizer.learning_rate(step, steps_per_epoch=steps_per_epoch, epochs=recipe.epochs,
-                                                batch_size=recipe.batch_size)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            views = [v.to(device, non_blocking=True) for v in views]
-            if recipe.framework == "moco":
-                model.update_key_encoder()
-            loss = model.training_loss(views, criterion, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count, step = total + float(loss.detach()), count + 1, step + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{total / count:.3f}", alpha=criterion.effective_smoothing,
-                            refresh=False)
-        result.loss_per_epoch.append(total / max(count, 1))
-        result.smoothing_per_epoch.append(criterion.smoothing)
-        result.knn_per_epoch.append(evaluation.knn(model.backbone, device, knn_k))
-        bar.set_postfix(epoch=epoch, loss=f"{result.loss_per_epoch[-1]:.3f}", knn=f"{result.knn_per_epoch[-1]:.3f}",
-                        refresh=False)
-    bar.close()
-    result.seconds = time.perf_counter() - start
-    scores = evaluation.evaluate(model.backbone, device, knn_k)
-    result.knn_top1, result.linear_top1 = scores["knn_top1"], scores["linear_top1"]
-    return model.backbone, result
+                       recipe.loss.neighbors_or_none, 0.0, 0.0, 0.0, masked=mask_own_keys)
+    with quiet_lightning():
+        L.seed_everything(seed, workers=True, verbose=False)  # the same initialisation and batches per seed
+        module = build_module(recipe, mask_own_keys=mask_own_keys)
+        data = PretrainDataModule(recipe, dataset=train_data, batch_size=recipe.batch_size, num_workers=workers,
+                                  transform=transform)
+        bar = progress and sys.stderr.isatty()
+        recorder = _recorder_class()(result, evaluation, knn_k, recipe.epochs, say if progress and not bar else None)
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=recipe.epochs,
+                            logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=bar, callbacks=[recorder])
+        trainer.fit(module, datamodule=data)
+    return module.model.backbone, result
