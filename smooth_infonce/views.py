@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import distributed
 from .functional import compute_loss
+from .ops import compute_dtype
 from .options import SYMMETRIC, LossOptions
 from .validation import check_choice, check_embeddings, check_finite, check_ids, check_same_device, check_weights
 
@@ -43,9 +44,10 @@ def check_views(views: Sequence[Tensor], queue: Optional[Tensor] = None) -> None
 
 
 def view_row_weights(weights: Weights, num_views: int, batch: int, device: torch.device,
-                     *, validate: bool = True) -> Optional[Tensor]:
-    """One weight per anchor row from one float per view (rows of view v get weights[v]); a
-    per-row tensor (num_views * batch,) passes through as given."""
+                     *, dtype: torch.dtype = torch.float32, validate: bool = True) -> Optional[Tensor]:
+    """One weight per anchor row from one float per view (rows of view v get weights[v], in
+    ``dtype``: the loss's compute dtype, so float64 losses get float64 weights); a per-row tensor
+    (num_views * batch,) passes through as given."""
     if weights is None:
         return None
     if isinstance(weights, Tensor):
@@ -53,7 +55,7 @@ def view_row_weights(weights: Weights, num_views: int, batch: int, device: torch
         return weights
     if len(weights) != num_views:
         raise ValueError(f"weights must give one value per anchor view ({num_views}), got {len(weights)}")
-    row_weights = torch.as_tensor(list(weights), dtype=torch.float32, device=device).repeat_interleave(batch)
+    row_weights = torch.as_tensor(list(weights), dtype=dtype, device=device).repeat_interleave(batch)
     check_weights(row_weights, num_views * batch, validate=validate)
     return row_weights
 
@@ -88,6 +90,7 @@ def multi_view_loss(
     """
     check_views(views, queue)
     batch, device = views[0].shape[0], views[0].device
+    dtype = compute_dtype(*views, queue)
     if validate:
         check_finite(**{f"out{v}": view for v, view in enumerate(views)}, queue=queue)
 
@@ -105,7 +108,7 @@ def multi_view_loss(
         return compute_loss(
             torch.cat(queries), queue.detach(), positive_keys=views[1].repeat(len(queries), 1),
             ids=None if ids is None else ids.repeat(len(queries)), candidate_ids=queue_ids,
-            weights=view_row_weights(weights, len(queries), batch, device, validate=validate),
+            weights=view_row_weights(weights, len(queries), batch, device, dtype=dtype, validate=validate),
             options=options, smoothing=smoothing, validate=validate,
         )
 
@@ -121,7 +124,7 @@ def multi_view_loss(
         row_ids = torch.arange(first, first + batch, device=device)
     return compute_loss(
         torch.cat(views), ids=row_ids.repeat(len(views)), gather_distributed=gather_distributed,
-        weights=view_row_weights(weights, len(views), batch, device, validate=validate),
+        weights=view_row_weights(weights, len(views), batch, device, dtype=dtype, validate=validate),
         options=options, smoothing=smoothing, validate=validate,
     )
 

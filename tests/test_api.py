@@ -279,3 +279,12 @@ def test_symmetric_moco_reads_one_queue_in_both_directions(combine):
     backward = moco_oracle(q1, k0, queue, temperature=0.2, smoothing=0.1, neighbors=3).mean()
     expected = forward + backward if combine == "sum" else (forward + backward) / 2
     torch.testing.assert_close(got, expected)
+
+
+def test_view_weights_are_exact_in_float64():
+    views = [randn(v, 4, 6, dtype=torch.float64) for v in range(3)]
+    weights = (0.4, 0.3, 0.3)
+    got = SmoothInfoNCELoss(0.3, 0.2, 2)(*views, weights=weights)
+    rows = nt_xent_oracle(views, temperature=0.3, smoothing=0.2, neighbors=2)
+    per_row = torch.tensor(weights, dtype=torch.float64).repeat_interleave(4)
+    torch.testing.assert_close(got, (per_row * rows).sum() / per_row.sum(), rtol=1e-13, atol=0)
