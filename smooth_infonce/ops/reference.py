@@ -87,8 +87,8 @@ class _PositivePart(torch.autograd.Function):
     """LSE_i - w_pos[i] sum_{j in P(i)} z_ij, with z_ij = <a_i, c_j> / tau over V(i); the MoCo key
     logits z_i0 (N,), if given, are one more column of V(i) and P(i).
 
-    The N x M logits are formed once: with ``neighbors`` the smoothing sets S(i) are read off them
-    (returned as `nearest_negatives` gives them, no gradient), then they turn, in place, into
+    The N x M similarities are formed once: with ``neighbors`` the smoothing sets S(i) are read off
+    them (returned as `nearest_negatives` gives them, no gradient), then they turn, in place, into z and
     dl_i/dz_ij = p_ij - w_pos[i] [j in P(i)], kept for the backward: with g_i the incoming gradient
     of row i and G_ij = g_i (p_ij - w_pos[i] [j in P(i)]) / tau, dL/dA = G C and dL/dC = G^T A;
     dL/dz_i0 = g_i (p_i0 - w_pos[i]).
@@ -96,14 +96,15 @@ class _PositivePart(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, c, key_logits, w_pos, pairs: Pairs, temperature: float, neighbors: Optional[int]):
-        logits = exclude_invalid_(torch.mm(a / temperature, c.T), pairs)  # z_ij, -inf off V(i)
+        similarities = exclude_invalid_(torch.mm(a, c.T), pairs)  # <a_i, c_j>, -inf off V(i)
         positive = positive_mask(pairs, c.shape[0])  # P(i) among the candidates, or None
+        columns, present = (None, None)
+        if neighbors:  # selected on the similarities themselves (not on z: no ties made by rounding)
+            columns, present = nearest_negatives(similarities, positive, pairs.num_negatives, neighbors)
+        logits = similarities.div_(temperature)  # z_ij, in place
         positive_logits = 0.0 if positive is None else torch.where(positive, logits, 0.0).sum(dim=1)
         if key_logits is not None:
             positive_logits = positive_logits + key_logits  # sum_{j in P(i)} z_ij
-        columns, present = (None, None)
-        if neighbors:
-            columns, present = nearest_negatives(logits, positive, pairs.num_negatives, neighbors)
 
         row_max = logits.amax(dim=1)  # m_i
         if key_logits is not None:
@@ -155,16 +156,16 @@ def positive_mask(pairs: Pairs, num_candidates: int) -> Optional[Tensor]:
 
 
 @torch.no_grad()
-def nearest_negatives(logits: Tensor, positive: Optional[Tensor], num_negatives: Tensor,
+def nearest_negatives(similarities: Tensor, positive: Optional[Tensor], num_negatives: Tensor,
                       k: int) -> tuple[Tensor, Tensor]:
     """S(i) for neighbour smoothing: the columns (N, k) of the min(k, |Neg(i)|) negatives with the
-    largest logits (the order of the similarities), ties to the lower column, and which of the k
-    slots hold one (N, k) bool (a row with fewer negatives smooths onto all of them).
+    largest similarity (-inf off V(i) already), ties to the lower column, and which of the k slots
+    hold one (N, k) bool (a row with fewer negatives smooths onto all of them).
 
-    Exact, without reading back from the device: the k-th largest negative logit t_i, then a second
-    top-k over a rank that puts every logit above t_i first and the ones equal to t_i by column.
+    Exact, without reading back from the device: the k-th largest negative similarity t_i, then a
+    second top-k over a rank that puts every value above t_i first and the ones equal to t_i by column.
     """
-    scores = logits if positive is None else logits.masked_fill(positive, float("-inf"))  # -inf off Neg(i)
+    scores = similarities if positive is None else similarities.masked_fill(positive, float("-inf"))  # off Neg(i)
     n, m = scores.shape
     slots = min(k, m)
     kth = scores.topk(slots, dim=1).values[:, -1:]  # t_i (-inf with fewer than k negatives)
