@@ -19,10 +19,15 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from lightly.loss import NTXentLoss
-from lightly.models.utils import concat_all_gather
-from lightly.utils import dist as lightly_dist
 from torch import Tensor
+
+try:
+    from lightly.loss import NTXentLoss
+    from lightly.models.utils import concat_all_gather
+    from lightly.utils import dist as lightly_dist
+except ImportError as err:  # exercised by tests/test_demo.py with lightly blocked
+    raise ImportError(f"smooth_infonce.integrations.lightly needs lightly: pip install 'smooth-infonce[lightly]' "
+                      f"({err})") from err
 
 from smooth_infonce.options import LossOptions
 from smooth_infonce.schedule import SmoothingSchedule

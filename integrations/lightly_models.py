@@ -25,19 +25,24 @@ import copy
 from typing import List, Optional, Sequence, Union
 
 import torch
-from lightly.loss import NTXentLoss
-from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
-from lightly.models.utils import (
-    batch_shuffle_distributed,
-    batch_unshuffle_distributed,
-    deactivate_requires_grad,
-    update_momentum,
-)
-from lightly.transforms.gaussian_blur import GaussianBlur
-from lightly.transforms.multi_view_transform import MultiViewTransform
-from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
-from lightly.utils import dist as lightly_dist
 from torch import Tensor, nn
+
+try:
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
+    from lightly.models.utils import (
+        batch_shuffle_distributed,
+        batch_unshuffle_distributed,
+        deactivate_requires_grad,
+        update_momentum,
+    )
+    from lightly.transforms.gaussian_blur import GaussianBlur
+    from lightly.transforms.multi_view_transform import MultiViewTransform
+    from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
+    from lightly.utils import dist as lightly_dist
+except ImportError as err:  # exercised by tests/test_demo.py with lightly blocked
+    raise ImportError(f"smooth_infonce.integrations.lightly_models needs lightly: pip install "
+                      f"'smooth-infonce[lightly]' ({err})") from err
 
 from smooth_infonce.views import Weights
 

@@ -180,3 +180,39 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "smooth_infonce.integrations.demo", "--help"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "--framework" in done.stdout and "--strategy" in done.stdout
+
+
+# --- a missing extra: an ImportError that names the extra to install ----------------------------------------
+
+BLOCKED_IMPORTS = """
+import importlib, json, sys
+
+def message(module):
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        return str(err)
+    return None
+
+found = {}
+sys.modules["lightning"] = None  # as if not installed: import raises, find_spec gives None
+found["lightning"] = message("smooth_infonce.integrations.lightning")
+found["demo without lightning"] = message("smooth_infonce.integrations.demo")
+del sys.modules["lightning"]
+sys.modules["lightly"] = None
+for name in ("lightly", "lightly_models", "demo"):
+    found[name] = message("smooth_infonce.integrations." + name)
+print(json.dumps(found))
+"""
+
+
+def test_a_missing_extra_names_the_extra_to_install():
+    done = subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "pip install 'smooth-infonce[lightning]'" in found["lightning"]
+    assert "pip install 'smooth-infonce[demo]'" in found["demo without lightning"]
+    assert "lightning" in found["demo without lightning"]
+    assert "pip install 'smooth-infonce[lightly]'" in found["lightly"]
+    assert "pip install 'smooth-infonce[lightly]'" in found["lightly_models"]
+    assert "pip install 'smooth-infonce[demo]'" in found["demo"] and "lightly" in found["demo"]
