@@ -438,3 +438,18 @@ def test_gradcheck_moco_ids_and_two_tower(k):
     fn = lambda x, y: reference_row_losses(x, y, None, tower, temperature=0.5,  # noqa: E731
                                            smoothing=0.2, neighbors=k)
     assert torch.autograd.gradcheck(fn, (x, y))
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_runs_under_bf16_autocast(k):
+    """Under autocast the similarity matmul may run in bf16; everything after it stays float32."""
+    x = unit(randn(0, 32, 16, dtype=torch.float32)).requires_grad_()
+    ids = torch.arange(16).repeat(2)
+    pairs = make_pairs(32, 32, anchor_ids=ids, candidate_ids=ids, self_offset=0)
+    options = dict(temperature=0.1, smoothing=0.1, neighbors=k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = reference_row_losses(x, x, None, pairs, **options)
+    (grad,) = torch.autograd.grad(rows.sum(), x)
+    exact = reference_row_losses(x.detach().double(), x.detach().double(), None, pairs, **options)
+    assert rows.dtype == grad.dtype == torch.float32
+    torch.testing.assert_close(rows.double(), exact, rtol=0, atol=0.1)

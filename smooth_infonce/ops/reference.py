@@ -20,21 +20,21 @@ InfoNCE: 0 with a single valid column). The MoCo layout adds the positive key lo
 z_i0 = <a_i, k_i> / tau as column 0 of V(i) and P(i). Which pairs are valid or positive is the
 layout's `Pairs` (`smooth_infonce.layout`).
 
-How it is computed, exactly, in two parts of l_i (each step below is one line of the math):
+How it is computed, exactly (each step below is one line of the math):
 
-    l_i = [LSE_i - w_pos[i] sum_{j in P(i)} z_ij]  -  w_smooth[i] <a_i, sum_{j in S(i)} c_j> / tau
+- on the N x M similarities, formed once (-inf off V(i), in place): S(i) in neighbour mode, then
+  z, LSE_i, and the target entries that live there, sum_j y_ij z_ij over P(i) (and S(i) with
+  neighbours, a gather of k logits); they then turn, in place, into the gradient p_ij - y_ij for
+  the backward (`_CrossEntropy`, its backward written out and gradchecked);
+- uniform smoothing needs no N x M target: its term is linear in z,
+  w_smooth[i] sum_{j in Neg(i)} z_ij = w_smooth[i] <a_i, sum_{j in Neg(i)} c_j> / tau, with the sum
+  of the candidates in Neg(i) formed in O((N + M) D) (`negative_sums`); autograd differentiates it.
 
-- the bracket, InfoNCE with the positives' share of the target, on the N x M logits formed once
-  (-inf off V(i), in place), with its gradient p_ij - y_ij written out (`_PositivePart`);
-- the smoothing term is linear in z, so it needs no N x M target: the sum of the candidate rows in
-  S(i), O((N + M) D): all candidates minus the excluded and the positive ones (uniform), or a
-  gather of the k selected rows (neighbours); autograd differentiates it.
-
-fwd + bwd holds the logits (turned into p - y in place) and one more N x M tensor at a time (plus
-an N x M bool mask of the positives when the layout has ids, and with neighbours the selection's
-two bool masks). It reads nothing back from the device. `smoothed_targets` builds the dense
-targets y, the written-out form of the same rule, for tests. Use the Triton backend for anything
-large.
+fwd + bwd holds one N x M tensor (the similarities, turned into z, then p - y) and one more at a
+time, plus an N x M bool mask of the positives when the layout has ids (and with neighbours the
+selection's bool masks). It reads nothing back from the device. `smoothed_targets` builds the
+dense targets y, the written-out form of the same rule, for tests. Use the Triton backend for
+anything large.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -71,40 +70,40 @@ def reference_row_losses(
     key_logits = None  # MoCo: z_i0 = <a_i, k_i> / tau, the positive column 0
     if positive_keys is not None:
         key_logits = (a * positive_keys.to(dtype)).sum(dim=1) / temperature
-    select = neighbors if smoothing > 0 else None  # neighbour mode: S(i) is read off the logits
+    select = neighbors if smoothing > 0 else None  # neighbour mode: S(i) is read off the similarities
 
-    rows, columns, present = _PositivePart.apply(a, c, key_logits, w_pos, pairs, temperature, select)
-    if smoothing == 0:
-        return rows
-    if neighbors is None:
-        smoothing_sum = negative_sums(c, pairs)  # sum_{j in Neg(i)} c_j
-    else:  # sum_{j in S(i)} c_j: the selected rows, empty slots weighted 0
-        smoothing_sum = F.embedding_bag(columns, c, per_sample_weights=present.to(dtype), mode="sum")
-    return rows - w_smooth * (a * smoothing_sum).sum(dim=1) / temperature
+    rows = _CrossEntropy.apply(a, c, key_logits, w_pos, w_smooth, pairs, temperature, select)
+    if smoothing > 0 and neighbors is None:  # uniform: - w_smooth[i] <a_i, sum_{j in Neg(i)} c_j> / tau
+        rows = rows - w_smooth * (a * negative_sums(c, pairs)).sum(dim=1) / temperature
+    return rows
 
 
-class _PositivePart(torch.autograd.Function):
-    """LSE_i - w_pos[i] sum_{j in P(i)} z_ij, with z_ij = <a_i, c_j> / tau over V(i); the MoCo key
-    logits z_i0 (N,), if given, are one more column of V(i) and P(i).
+class _CrossEntropy(torch.autograd.Function):
+    """LSE_i - sum_j y_ij z_ij over the target entries that live on the logits: the positives P(i)
+    and, with ``neighbors``, the k selected negatives S(i). z_ij = <a_i, c_j> / tau over V(i); the
+    MoCo key logits z_i0 (N,), if given, are one more column of V(i) and P(i).
 
-    The N x M similarities are formed once: with ``neighbors`` the smoothing sets S(i) are read off
-    them (returned as `nearest_negatives` gives them, no gradient), then they turn, in place, into z and
-    dl_i/dz_ij = p_ij - w_pos[i] [j in P(i)], kept for the backward: with g_i the incoming gradient
-    of row i and G_ij = g_i (p_ij - w_pos[i] [j in P(i)]) / tau, dL/dA = G C and dL/dC = G^T A;
+    The N x M similarities are formed once: with ``neighbors`` S(i) is selected on them, then they
+    turn, in place, into z and then into dl_i/dz_ij = p_ij - y_ij, kept for the backward: with g_i
+    the incoming gradient of row i and G_ij = g_i (p_ij - y_ij) / tau, dL/dA = G C, dL/dC = G^T A,
     dL/dz_i0 = g_i (p_i0 - w_pos[i]).
     """
 
     @staticmethod
-    def forward(ctx, a, c, key_logits, w_pos, pairs: Pairs, temperature: float, neighbors: Optional[int]):
-        similarities = exclude_invalid_(torch.mm(a, c.T), pairs)  # <a_i, c_j>, -inf off V(i)
+    def forward(ctx, a, c, key_logits, w_pos, w_smooth, pairs: Pairs, temperature: float,
+                neighbors: Optional[int]):
+        similarities = torch.mm(a, c.T).to(a.dtype)  # <a_i, c_j> (autocast may round the product, never the rest)
+        exclude_invalid_(similarities, pairs)  # -inf off V(i)
         positive = positive_mask(pairs, c.shape[0])  # P(i) among the candidates, or None
-        columns, present = (None, None)
         if neighbors:  # selected on the similarities themselves (not on z: no ties made by rounding)
             columns, present = nearest_negatives(similarities, positive, pairs.num_negatives, neighbors)
         logits = similarities.div_(temperature)  # z_ij, in place
-        positive_logits = 0.0 if positive is None else torch.where(positive, logits, 0.0).sum(dim=1)
+        target_logits = w_pos * (0.0 if positive is None else torch.where(positive, logits, 0.0).sum(dim=1))
         if key_logits is not None:
-            positive_logits = positive_logits + key_logits  # sum_{j in P(i)} z_ij
+            target_logits = target_logits + w_pos * key_logits  # sum over P(i) of y_ij z_ij
+        if neighbors:
+            chosen = torch.where(present, logits.gather(1, columns), 0.0)  # z_ij, j in S(i)
+            target_logits = target_logits + w_smooth * chosen.sum(dim=1)  # + sum over S(i)
 
         row_max = logits.amax(dim=1)  # m_i
         if key_logits is not None:
@@ -115,23 +114,24 @@ class _PositivePart(torch.autograd.Function):
         lse = row_max + torch.log(total)
         grad_logits = p.div_(total[:, None])  # p_ij
         if positive is not None:
-            grad_logits.addcmul_(positive, w_pos[:, None], value=-1)  # p_ij - y_ij on P(i)
+            grad_logits.addcmul_(positive, w_pos[:, None], value=-1)  # - y_ij on P(i)
+        if neighbors:
+            grad_logits.scatter_add_(1, columns, -w_smooth[:, None] * present)  # - y_ij on S(i)
         grad_key = None if key_p is None else key_p / total - w_pos  # p_i0 - y_i0
 
         ctx.save_for_backward(a, c, grad_logits, grad_key)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(*(t for t in (columns, present) if t is not None))
-        return lse - w_pos * positive_logits, columns, present
+        return lse - target_logits
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_rows, _grad_columns, _grad_present):
+    def backward(ctx, grad_rows):
         a, c, grad_logits, grad_key = ctx.saved_tensors
         g = grad_logits * (grad_rows / ctx.temperature)[:, None]  # G_ij = g_i (p_ij - y_ij) / tau
         grad_a = g @ c if ctx.needs_input_grad[0] else None
         grad_c = g.T @ a if ctx.needs_input_grad[1] else None
         grad_key = grad_rows * grad_key if ctx.needs_input_grad[2] else None
-        return grad_a, grad_c, grad_key, None, None, None, None
+        return grad_a, grad_c, grad_key, None, None, None, None, None
 
 
 def exclude_invalid_(logits: Tensor, pairs: Pairs) -> Tensor:
@@ -182,25 +182,21 @@ def nearest_negatives(similarities: Tensor, positive: Optional[Tensor], num_nega
 
 def negative_sums(c: Tensor, pairs: Pairs) -> Tensor:
     """sum_{j in Neg(i)} c_j per row (N, D), in O((N + M) D) without N x M masks: all candidates,
-    minus the excluded ones (the own column; the same id with ``ids_exclude``), minus P(i) (the same
-    id, without the own column). The MoCo key column is a positive, not a candidate."""
+    minus those with the row's id (its positives, or with ``ids_exclude`` its excluded ones), minus
+    its own column i + self_offset when that has another id. The MoCo key column is not a candidate."""
     n, m = pairs.num_positives.shape[0], c.shape[0]
-    zero = c.new_zeros(n, c.shape[1])
+    negative = c.sum(dim=0, keepdim=True).expand(n, -1)
     has_ids = pairs.anchor_ids is not None and pairs.candidate_ids is not None
-    same_id = same_id_sums(c, pairs.anchor_ids, pairs.candidate_ids) if has_ids else zero
-    own, own_same_id = zero, zero  # c_{i + self_offset} (0 when outside), and the same if its id is i's
+    if has_ids:
+        negative = negative - same_id_sums(c, pairs.anchor_ids, pairs.candidate_ids)
     if pairs.self_offset is not None:
         columns = torch.arange(n, device=c.device) + pairs.self_offset
-        inside = (columns >= 0) & (columns < m)
+        other = (columns >= 0) & (columns < m)  # the own column exists ...
         columns = columns.clamp(0, max(m - 1, 0))
-        own = c[columns] * inside[:, None]
-        if has_ids:
-            own_same_id = own * (pairs.candidate_ids[columns] == pairs.anchor_ids)[:, None]
-    if pairs.ids_exclude:
-        positive, excluded = zero, own + same_id - own_same_id
-    else:
-        positive, excluded = same_id - own_same_id, own
-    return c.sum(dim=0) - excluded - positive
+        if has_ids:  # ... and was not subtracted with the row's id
+            other = other & (pairs.candidate_ids[columns] != pairs.anchor_ids)
+        negative = negative - c[columns] * other[:, None]
+    return negative
 
 
 def same_id_sums(c: Tensor, anchor_ids: Tensor, candidate_ids: Tensor) -> Tensor:
