@@ -347,7 +347,7 @@ def _run_demo(config: DemoConfig) -> Dict:
 
     if config.view_cache:
         say(f"augmenting: {config.view_cache} views of every training image, shared by all runs")
-        cache = build_view_cache(train, views, config.view_cache, seed=0, progress=config.progress)
+        cache = build_view_cache(train, views, config.view_cache, seed=0, progress=config.progress and is_rank_zero())
     results: List[RunResult] = []
     for seed in config.seeds:
         for run in config.runs:

@@ -89,7 +89,9 @@ class RunResult:
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Lightning's banner lines ("GPU available: ...") and the few-workers hint, off for the demo."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    from lightning_utilities.core import rank_zero  # rank_zero_info writes to its ``log``, whichever it is now
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")] + [rank_zero.log]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
@@ -98,6 +100,7 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch's pytree, inside Lightning
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")  # per-rank alpha and kNN are equal
             yield
     finally:
         for logger, level in zip(loggers, levels):
