@@ -342,18 +342,51 @@ def problems_of(record, arch) -> list:
     return bad
 
 
-def run_arch(arch, launches, jobs, timeout, out_dir: Path):
+_MEASURED = ("ok", "error", "n_regs", "n_spills", "shared_bytes", "mma", "stack_bytes", "spill_store_bytes",
+             "spill_load_bytes", "dots", "dots_fma", "compile_s")
+
+
+def kernels_digest() -> str:
+    import hashlib
+
+    return hashlib.sha256(KERNELS_FILE.read_bytes()).hexdigest()[:16]
+
+
+def earlier_results(folder: Path, arch: int) -> dict:
+    """compile key -> measurements, from an earlier run of the same kernels source and triton
+    version in `folder` (its launches_sm<arch>.json and compile_sm<arch>.json, records in launch
+    order): a tile-table change then recompiles only the launches it changed."""
+    import triton
+
+    try:
+        launches = json.loads((folder / f"launches_sm{arch}.json").read_text())
+        records = json.loads((folder / f"compile_sm{arch}.json").read_text())
+    except FileNotFoundError:
+        return {}
+    if len(launches) != len(records):
+        return {}
+    found = {}
+    for launch, record in zip(launches, records):
+        if record.get("kernels_sha") != kernels_digest() or record.get("triton") != triton.__version__:
+            continue
+        found[compile_key(launch, arch)] = {name: record.get(name) for name in _MEASURED}
+    return found
+
+
+def run_arch(arch, launches, jobs, timeout, out_dir: Path, reuse=None):
     import triton
 
     keys = [compile_key(launch, arch) for launch in launches]
     unique = {}
     for key, launch in zip(keys, launches):
         unique.setdefault(key, launch)
-    print(f"sm_{arch}: {len(launches)} launches, {len(unique)} distinct kernels to compile "
-          f"(triton {triton.__version__}, {jobs} jobs)", flush=True)
     results = {}
+    if reuse is not None:
+        results = {k: dict(v, key=k) for k, v in earlier_results(reuse, arch).items() if k in unique}
+    print(f"sm_{arch}: {len(launches)} launches, {len(unique)} distinct kernels, {len(unique) - len(results)} "
+          f"to compile (triton {triton.__version__}, {jobs} jobs)", flush=True)
     start = time.time()
-    todo = [(key, launch, arch, timeout) for key, launch in unique.items()]
+    todo = [(key, launch, arch, timeout) for key, launch in unique.items() if key not in results]
     if jobs > 1:
         from multiprocessing import get_context
 
@@ -368,13 +401,12 @@ def run_arch(arch, launches, jobs, timeout, out_dir: Path):
             results[res["key"]] = res
             _progress(arch, i, len(todo), start, unique[res["key"]], res)
     records = []
+    digest = kernels_digest()
     for key, launch in zip(keys, launches):
         res = results[key]
         kw = launch["kwargs"]
         record = dict(launch["config"], kernel=launch["kernel"], arch=arch, triton=triton.__version__,
-                      **{name: res.get(name) for name in ("ok", "error", "n_regs", "n_spills", "shared_bytes", "mma",
-                                                          "stack_bytes", "spill_store_bytes", "spill_load_bytes",
-                                                          "dots", "dots_fma", "compile_s")},
+                      kernels_sha=digest, **{name: res.get(name) for name in _MEASURED},
                       block_n=kw.get("BLOCK_N"), block_m=kw.get("BLOCK_M"), block_d=kw.get("BLOCK_D"),
                       block_k=kw.get("BLOCK_K"),
                       one_d_block=kw.get("ONE_D_BLOCK"), num_warps=kw.get("num_warps"),
@@ -489,6 +521,9 @@ def main(argv=None):
     parser.add_argument("--capture-only", action="store_true", help="only write launches_sm<arch>.json")
     parser.add_argument("--replay", type=Path, default=None,
                         help="folder with launches_sm<arch>.json from an earlier capture (no torch needed)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="folder of an earlier run (same kernels source and triton): reuse its results for "
+                        "launches that compile to the same kernel")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: this compiles for real GPUs")
@@ -512,7 +547,7 @@ def main(argv=None):
                       f"in {time.time() - start:.0f} s", flush=True)
             if args.capture_only:
                 continue
-            records = run_arch(arch, launches, args.jobs, args.timeout, out)
+            records = run_arch(arch, launches, args.jobs, args.timeout, out, args.reuse)
             failed += sum(1 for r in records if r["problems"])
     finally:
         shutil.rmtree(cache, ignore_errors=True)

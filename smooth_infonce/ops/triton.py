@@ -182,17 +182,22 @@ def _fill_table():
         TILE_TABLE[arch, "16bit", 1 << 30] = dict(
             forward=_t(64, 64, 8, 2, chunk=64), anchor_grad=_t(64, 64, 8, 1, chunk=64, out=128),
             candidate_grad=_t(64, 64, 8, 1, chunk=64, out=128))
-        # fp32 inputs with TF32 tensor cores, 4-byte operands: half the tile of 16-bit
+        # fp32 inputs with TF32 tensor cores, 4-byte operands: half the tile of 16-bit. dC + atomic dA
+        # with D held reached 255 registers: D is streamed (sm_80: 250 registers with one output
+        # block, so two 64-wide ones).
         for d_max in (64, 128):
             TILE_TABLE[arch, "tf32", d_max] = dict(
-                forward=_t(64, 64, 8, 2), anchor_grad=_t(64, 32, 8, 1), candidate_grad=_t(32, 64, 8, 1))
+                forward=_t(64, 64, 8, 2), anchor_grad=_t(64, 32, 8, 1),
+                candidate_grad=_t(32, 64, 8, 1, chunk=32) if arch == "sm90" else _t(32, 64, 8, 1, chunk=64, out=64))
         TILE_TABLE[arch, "tf32", 1 << 30] = dict(
             forward=_t(64, 64, 8, 2, chunk=64), anchor_grad=_t(64, 32, 8, 1, chunk=64, out=64),
             candidate_grad=_t(32, 64, 8, 1, chunk=64, out=64))
-        # fp32 inputs with IEEE dots (FMA units): D always streamed, 16 features per step
+        # fp32 inputs with IEEE dots (FMA units): D always streamed, 16 features per step; 64-row
+        # forward tiles spilled a few words with the running top-k, and ptxas keeps the gradient
+        # kernels at 128 registers, so their inner tile is 16 wide
         TILE_TABLE[arch, "ieee", 1 << 30] = dict(
-            forward=_t(64, 64, 8, 2, chunk=16), anchor_grad=_t(64, 32, 8, 1, chunk=16, out=64),
-            candidate_grad=_t(32, 64, 8, 1, chunk=16, out=64))
+            forward=_t(32, 64, 8, 2, chunk=16), anchor_grad=_t(64, 16, 8, 1, chunk=16, out=64),
+            candidate_grad=_t(16, 64, 8, 1, chunk=16, out=64))
         # fp64 (not a GPU-speed path; outside the compile grid): small tiles
         TILE_TABLE[arch, "fp64", 64] = {name: _t(32, 32, 4, 1) for name in _KERNEL_NAMES}
         TILE_TABLE[arch, "fp64", 1 << 30] = {name: _t(32, 32, 4, 1, chunk=32, out=32) for name in _KERNEL_NAMES}
@@ -254,13 +259,18 @@ def _split(blocks: int, tiles: int, target: Target) -> Tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernels see D rounded up to a multiple of 16 (zero features, a copy of the inputs when D is
+# not): rows aligned to 16 elements load as vectors; ragged D (D = 100) cost up to 255 registers
+# and a few spills in the gradient kernels for its element-wise masks and scalar loads.
+_D_ALIGN = 16
 
 
 @dataclass
 class _Problem:
-    a: Tensor  # (N, D) anchors, contiguous, kernel dtype
-    c: Tensor  # (M, D) candidates, same dtype
-    keys: Optional[Tensor]  # (N, D) MoCo positive keys, accumulation dtype
+    a: Tensor  # (N, D') anchors, contiguous, kernel dtype, D' = D zero-padded to a multiple of 16
+    c: Tensor  # (M, D') candidates, same dtype
+    keys: Optional[Tensor]  # (N, D') MoCo positive keys, accumulation dtype
+    dim: int  # D, the features of the inputs
     anchor_ids: Optional[Tensor]
     candidate_ids: Optional[Tensor]
     self_offset: Optional[int]
@@ -317,6 +327,12 @@ def _prepare(anchors: Tensor, candidates: Tensor, positive_keys: Optional[Tensor
     a, c = anchors, candidates
     if a.dtype != c.dtype or (acc == torch.float64 and a.dtype != torch.float64):
         a, c = a.to(acc), c.to(acc)  # mixed inputs: compute in the accumulation dtype
+    keys = None if positive_keys is None else positive_keys.to(acc)
+    dim = a.shape[1]
+    if dim % _D_ALIGN:  # zero features change no dot product; aligned rows let the kernels load in vectors
+        pad = (0, _D_ALIGN - dim % _D_ALIGN)
+        a, c = F.pad(a, pad), F.pad(c, pad)
+        keys = None if keys is None else F.pad(keys, pad)
     a, c = a.contiguous(), c.contiguous()
     if w_pos is None or w_smooth is None:
         w_pos = w_smooth = torch.zeros(a.shape[0], dtype=acc, device=a.device)
@@ -324,7 +340,7 @@ def _prepare(anchors: Tensor, candidates: Tensor, positive_keys: Optional[Tensor
     inv_tau = 1.0 if temperature is None else 1.0 / temperature
     return _Problem(
         a=a, c=c,
-        keys=None if positive_keys is None else positive_keys.to(acc),
+        keys=keys, dim=dim,
         anchor_ids=None if anchor_ids is None else anchor_ids.contiguous(),
         candidate_ids=None if candidate_ids is None else candidate_ids.contiguous(),
         self_offset=self_offset, ids_exclude=bool(ids_exclude), acc=acc,
@@ -515,7 +531,7 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor,
             da = da - coef[:, None] * _neighbor_sum(p.wide(p.c), top_cols)
         if need_candidate_grad:
             dc = dc - _neighbor_scatter(p.wide(p.a), top_cols, coef, m)
-    return da, dc, dk
+    return tuple(None if g is None else g[:, :p.dim].contiguous() for g in (da, dc, dk))
 
 
 # --------------------------------------------------------------------------------------------
