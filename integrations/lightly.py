@@ -29,7 +29,7 @@ except ImportError as err:  # exercised by tests/test_demo.py with lightly block
     raise ImportError(f"smooth_infonce.integrations.lightly needs lightly: pip install 'smooth-infonce[lightly]' "
                       f"({err})") from err
 
-from smooth_infonce.options import LossOptions
+from smooth_infonce.options import LossOptions, add_option_properties
 from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_smoothing
 from smooth_infonce.views import Weights, check_views, multi_view_loss, symmetric_moco_loss
@@ -40,6 +40,7 @@ NO_ID = -1  # a bank entry whose sample id is unknown: never masked
 
 
 
+@add_option_properties
 class SmoothNTXentLoss(NTXentLoss):
     """Smoothed InfoNCE as a drop-in subclass of lightly's `NTXentLoss`.
 
@@ -336,23 +337,6 @@ def _option_defaults() -> dict:
     survives (a last batch of one image, k larger than a short batch's negatives)."""
     parameters = inspect.signature(SmoothNTXentLoss.__init__).parameters
     return {name: parameters[name].default for name in LossOptions.field_names()}
-
-
-def _option_property(name: str) -> property:
-    """``loss.<name>`` reads the option; assigning it replaces the options (validated again)."""
-
-    def get(self):
-        return getattr(self.options, name)
-
-    def set_(self, value):
-        self.options = self.options.replace(**{name: value})
-
-    return property(get, set_, doc=f"The `LossOptions.{name}` of this loss.")
-
-
-for _name in LossOptions.field_names():
-    if _name != "smoothing":  # the current (scheduled) alpha is a plain attribute
-        setattr(SmoothNTXentLoss, _name, _option_property(_name))
 
 
 def build_loss(recipe: Recipe, **kwargs: Any) -> SmoothNTXentLoss:

@@ -6,11 +6,12 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .options import LossOptions
+from .options import LossOptions, add_option_properties
 from .validation import check_smoothing
 from .views import Weights, multi_view_loss
 
 
+@add_option_properties
 class SmoothInfoNCELoss(nn.Module):
     """Smoothed InfoNCE loss ("Establishing a stronger baseline for lightweight contrastive
     models", arXiv 2212.07158).
@@ -104,19 +105,3 @@ class SmoothInfoNCELoss(nn.Module):
         o = self.options
         return (f"temperature={o.temperature}, smoothing={self.smoothing}, neighbors={o.neighbors}, "
                 f"backend={o.backend!r}")
-
-
-def _option_property(name: str) -> property:
-    """``loss.<name>`` reads the option; assigning it replaces the options (validated again)."""
-    def get(self):
-        return getattr(self.options, name)
-
-    def set_(self, value):
-        self.options = self.options.replace(**{name: value})
-
-    return property(get, set_, doc=f"The `LossOptions.{name}` of this loss.")
-
-
-for _name in LossOptions.field_names():
-    if _name != "smoothing":  # the current (scheduled) alpha is a plain attribute
-        setattr(SmoothInfoNCELoss, _name, _option_property(_name))

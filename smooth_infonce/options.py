@@ -107,3 +107,23 @@ class LossOptions:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def add_option_properties(cls: type) -> type:
+    """Give an adapter class holding ``self.options`` one property per option: ``loss.<name>``
+    reads it, assigning replaces the options (validated again). ``smoothing`` is left out: the
+    adapter's current, scheduled alpha is a plain attribute."""
+
+    def option_property(name: str) -> property:
+        def get(self):
+            return getattr(self.options, name)
+
+        def set_(self, value):
+            self.options = self.options.replace(**{name: value})
+
+        return property(get, set_, doc=f"The `LossOptions.{name}` of this loss.")
+
+    for name in LossOptions.field_names():
+        if name != "smoothing":
+            setattr(cls, name, option_property(name))
+    return cls
