@@ -427,16 +427,26 @@ def devices_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected a positive count, 'auto' or device indices like 0,1; got {text!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one to show (not for switches, nor where the help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig()
     parser = argparse.ArgumentParser(prog="smooth-infonce-demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     what = parser.add_argument_group("what to compare")
     what.add_argument("--compare", choices=tuple(COMPARISONS), default="smoothing",
                       help="smoothing: plain vs uniform vs neighbour-smoothed InfoNCE; masking (MoCo): plain MoCo vs "
                            "MoCo with own-image keys masked in the queue vs smoothed MoCo with masking")
-    what.add_argument("--runs", nargs="+", choices=tuple(RUN_SPECS), default=None,
-                      help="the runs to train, instead of those of --compare (*-masked: MoCo only)")
+    what.add_argument("--runs", nargs="+", choices=tuple(RUN_SPECS), default=None, metavar="RUN",
+                      help=f"the runs to train instead of those of --compare, from {', '.join(RUN_SPECS)} "
+                           "(*-masked: MoCo only)")
     what.add_argument("--framework", choices=("moco", "simclr"), default=None,
                       help="MoCo (momentum key encoder + queue) or SimCLR (in-batch negatives); default simclr, "
                            "moco with --compare masking")
@@ -474,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--knn-k", type=positive_int, default=d.knn_k, help="neighbours of the kNN evaluation")
     hardware = parser.add_argument_group("hardware (passed to Lightning's Trainer)")
     hardware.add_argument("--accelerator", choices=ACCELERATORS, default=None,
-                          help="Lightning accelerator (default cpu)")
+                          help="Lightning accelerator (default: cpu)")
     hardware.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
                           help="same as --accelerator (kept for older commands)")
     hardware.add_argument("--devices", type=devices_arg, default=d.devices,
