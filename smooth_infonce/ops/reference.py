@@ -31,10 +31,9 @@ How it is computed, exactly (each step below is one line of the math):
   of the candidates in Neg(i) formed in O((N + M) D) (`negative_sums`); autograd differentiates it.
 
 fwd + bwd holds one N x M tensor (the similarities, turned into z, then p - y) and one more at a
-time, plus an N x M bool mask of the positives when the layout has ids (and with neighbours the
-selection's bool masks). It reads nothing back from the device. `smoothed_targets` builds the
-dense targets y, the written-out form of the same rule, for tests. Use the Triton backend for
-anything large.
+time, plus an N x M bool mask of the positives when the layout has ids. It reads nothing back from
+the device. `smoothed_targets` builds the dense targets y, the written-out form of the same rule,
+for tests. Use the Triton backend for anything large.
 """
 
 from __future__ import annotations
@@ -163,16 +162,16 @@ def nearest_negatives(similarities: Tensor, positive: Optional[Tensor], num_nega
     hold one (N, k) bool (a row with fewer negatives smooths onto all of them).
 
     Exact, without reading back from the device: the k-th largest negative similarity t_i, then a
-    second top-k over a rank that puts every value above t_i first and the ones equal to t_i by column.
+    second top-k over the rank 2M sign(s_ij - t_i) + (M - j): every value above t_i first, then the
+    ones equal to t_i by column (integers, exact in float32 for M < 2^22).
     """
-    scores = similarities if positive is None else similarities.masked_fill(positive, float("-inf"))  # off Neg(i)
-    n, m = scores.shape
+    scores = similarities.clone() if positive is None else similarities.masked_fill(positive, float("-inf"))
+    n, m = scores.shape  # scores: a copy, -inf off Neg(i)
     slots = min(k, m)
-    kth = scores.topk(slots, dim=1).values[:, -1:]  # t_i (-inf with fewer than k negatives)
-    above, below = scores > kth, scores < kth
-    rank = scores if positive is not None else torch.empty_like(scores)  # reuse the masked copy
-    rank.copy_(torch.arange(m, 0, -1, device=scores.device, dtype=scores.dtype).expand(n, m))  # M - j
-    rank.masked_fill_(below, -1.0).masked_fill_(above, 2.0 * m)  # above t_i, then ties by column (exact: M < 2^24)
+    kth = scores.topk(slots, dim=1).values[:, -1:]  # t_i; -inf with fewer than k negatives, then
+    kth = kth.clamp_min(torch.finfo(scores.dtype).min)  # every negative is above it, every -inf below
+    column_rank = torch.arange(m, 0, -1, device=scores.device, dtype=scores.dtype)  # M - j
+    rank = scores.sub_(kth).sign_().mul_(2 * m).add_(column_rank)  # in place on the copy
     columns = rank.topk(slots, dim=1).indices  # best first: the real negatives take the first slots
     if slots < k:  # fewer candidates than k: empty slots
         columns = torch.cat([columns, columns.new_zeros(n, k - slots)], dim=1)
