@@ -1,13 +1,14 @@
 """Toolkit integrations of smooth-infonce, installed as `smooth_infonce.integrations`.
 
-- `smooth_infonce.integrations.lightly`: drop-in subclass of lightly's NTXentLoss.
-- `smooth_infonce.integrations.recipes`: the light-moco and SSLight recipes as named presets.
-- `smooth_infonce.integrations.solo`: solo-learn methods, backbones, configs and launcher.
-- `smooth_infonce.integrations.backbones`: the recipes' backbones (timm / torchvision, no weight
-  download), each reporting its measured output width; toolkit-free.
-- `smooth_infonce.integrations.optim`: parameter groups with the no-decay rules, LARS, lr scaling;
-  toolkit-free.
-- `smooth_infonce.integrations.demo`: the main job (``python -m smooth_infonce.integrations.demo``):
-  pre-trains a tiny network on scikit-learn's digits with lightly + smooth-infonce and compares
-  plain, uniform-smoothed and neighbour-smoothed InfoNCE on frozen features.
+- `lightly`: the drop-in subclass of lightly's NTXentLoss (extra ``[lightly]``).
+- `lightly_models`: lightly models, heads and views built from the recipes (extra ``[lightly]``).
+- `lightning`: `PretrainModule` / `PretrainDataModule`, any preset on Lightning (extra ``[lightning]``).
+- `recipes`: the light-moco and SSLight recipes as named presets; toolkit-free.
+- `solo`: solo-learn methods, backbones, generated configs and launcher (extra ``[solo]`` + a clone).
+- `backbones`: the recipes' backbones (timm / torchvision, no weight download), each reporting its
+  measured output width; toolkit-free.
+- `optim`: parameter groups with the no-decay rules, LARS, lr scaling; toolkit-free.
+- `digits`, `evaluation`, `pretraining`, `demo`: the main job (``smooth-infonce-demo``, extra
+  ``[demo]``): pre-trains a tiny network on scikit-learn's bundled digits through the Lightning
+  module and compares the losses on frozen features (kNN, linear probe).
 """
