@@ -121,6 +121,12 @@ def _target(device: torch.device) -> Target:
     return _TARGETS[index]
 
 
+# Every launch allows ptxas the whole register file of a thread (.maxnreg 255): left to its own
+# occupancy heuristic, ptxas capped some kernels (the MoCo forward with top-k) at 128 registers and
+# spilled, where 146 registers suffice.
+MAX_REGISTERS = 255
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Block sizes of one kernel launch."""
@@ -439,7 +445,7 @@ def _forward_statistics(p: _Problem) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
             BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
             ONE_D_BLOCK=tiles.one_d_block,
             NEIGHBORS=k, NEIGHBORS_PAD=max(2, _next_power_of_two(k)), **p.kernel_flags,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS,
         )
     log_parts = split_max + torch.log(split_sumexp)
     return log_parts, split_cross.sum(0), split_top_sims, split_top_cols
@@ -495,7 +501,7 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor,
                 BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
                 ONE_D_BLOCK=tiles.one_d_block,
                 ATOMIC_ANCHOR_GRAD=atomic, GRAD_SPLIT=grad_split, **p.kernel_flags,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS,
             )
         dc = (split_grad[0] if splits == 1 else split_grad.sum(0)) * scale
         da = None if da is None else da * scale
@@ -512,7 +518,7 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor,
                 BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
                 ONE_D_BLOCK=tiles.one_d_block,
                 GRAD_SPLIT=grad_split, **p.kernel_flags,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS,
             )
         da = (split_grad[0] if splits == 1 else split_grad.sum(0)) * scale
 
