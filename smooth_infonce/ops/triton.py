@@ -159,13 +159,14 @@ def _t(rows, cols, warps, stages, chunk=None, out=None):
 # How they were chosen: no GPU has measured them yet, so nothing is autotuned. Each entry started
 # from the tile an H100 FlashAttention-style kernel would use (128 x 64 forward, 64 x 64 backward,
 # operands held in registers) and was shrunk (rows first, then pipeline stages, then holding D ->
-# streaming it) until ptxas (the one in the triton wheel; triton 3.8 and 3.6) reported zero spills
+# streaming it) until ptxas (the one in the triton wheel: triton 3.8 over the whole grid, 3.6 on
+# the compile test's set and the cases that spilled first) reported zero spills
 # for every launch of the issue-8 grid (D in {17, 64, 100, 128, 256}; fp16, bf16, fp32-TF32,
 # fp32-IEEE; alpha = 0, uniform, k in {1, 5, 10, 32}; both backward kinds; in-batch 8192, MoCo
 # 256 x 65536 with and without ids, two-tower) with every tensor-core dot compiled to wgmma
 # (sm_90) or mma (sm_80) and shared memory within the limit: where zero spills needed it, the
 # smaller tile was taken. IEEE fp32 dots run on the FMA units, whose Triton lowering keeps a whole
-# K slice of both operands in registers per thread: they always stream D in chunks of 16 or 32.
+# K slice of both operands in registers per thread: they always stream D, 16 features at a time.
 # benchmarks/compile_report.py shows every launch (committed: benchmarks/results/compile_*).
 TILE_TABLE: Dict[Tuple[str, str, int], Dict[str, dict]] = {}
 _KERNEL_NAMES = ("forward", "anchor_grad", "candidate_grad")
