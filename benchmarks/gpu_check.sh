@@ -18,7 +18,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3)
 TOTAL=${GPU_CHECK_SECONDS:-480}
 START=$(date +%s)
-left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+left() { local s=$(( TOTAL - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
 echo "== 1. versions"
@@ -48,8 +48,8 @@ timeout $(( $(left) * 2 / 5 )) "$PY" -m pytest -m gpu -q -p no:cacheprovider tes
 echo "pytest -m gpu: exit code $? (124 = stopped by the time limit)"
 
 echo "== 3. benchmark S0-S4, S6 ($(left) s left) -> $OUT.json / .png"
-BUDGET=$(( $(left) - 60 ))
-timeout $(( $(left) - 5 )) "$PY" benchmarks/kernel_throughput.py --quick --shapes S0,S1,S2,S3,S6,S4 \
+BUDGET=$(( $(left) > 90 ? $(left) - 60 : 30 ))
+timeout $(( $(left) > 10 ? $(left) - 5 : 5 )) "$PY" benchmarks/kernel_throughput.py --quick --shapes S0,S1,S2,S3,S6,S4 \
     --budget "$BUDGET" --out "$OUT"
 echo "benchmark: exit code $?"
 
