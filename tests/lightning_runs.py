@@ -4,6 +4,7 @@ Lightning's DDP launcher starts rank 1 by running this script again, and the kil
 needs a process it can kill, so these runs cannot live inside the pytest process.
 
     python tests/lightning_runs.py step --devices 2 --out step.pt      # one SimCLR step, DDP or not
+    python tests/lightning_runs.py presets --out presets.json           # every preset under 2-process DDP
     python tests/lightning_runs.py train --dir RUN [--kill-at-epoch 2] [--resume]
 """
 
@@ -89,6 +90,28 @@ def one_step(args) -> None:
     trainer.fit(module, datamodule=data)
 
 
+def every_preset(args) -> None:
+    """Two steps of every preset (tiny, on digits) under 2-process DDP; rank 0 writes what it saw."""
+    from smooth_infonce.integrations.recipes import list_presets
+
+    seen = {}
+    for preset in list_presets():
+        L.seed_everything(0, workers=True)
+        overrides = dict(TINY, moco__queue_size=32)
+        if preset.startswith("sslight"):
+            overrides["views__local_crops"] = {"count": 2, "size": 8, "scale": (0.05, 0.3)}
+        module = from_preset(preset, module_options={"backend": "reference"}, **overrides)
+        data = PretrainDataModule(module.recipe, dataset=DigitImages(64), batch_size=8)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=data)
+        enqueued = int(module.criterion.bank_enqueued) if module.recipe.framework == "moco" else None
+        seen[preset] = {"world_size": trainer.world_size, "steps": trainer.global_step, "enqueued": enqueued,
+                        "loss": float(trainer.callback_metrics["train/loss"])}
+    if trainer.is_global_zero:
+        Path(args.out).write_text(json.dumps(seen))
+
+
 # --- a run that checkpoints every epoch, can be killed, and resumed --------------------------------
 
 
@@ -144,6 +167,8 @@ def main() -> None:
     step = sub.add_parser("step")
     step.add_argument("--devices", type=int, default=1)
     step.add_argument("--out", required=True)
+    presets = sub.add_parser("presets")
+    presets.add_argument("--out", required=True)
     run = sub.add_parser("train")
     run.add_argument("--dir", required=True)
     run.add_argument("--epochs", type=int, default=4)
@@ -151,7 +176,7 @@ def main() -> None:
     run.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    (one_step if args.command == "step" else train)(args)
+    {"step": one_step, "presets": every_preset, "train": train}[args.command](args)
 
 
 if __name__ == "__main__":

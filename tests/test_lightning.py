@@ -61,6 +61,18 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     torch.testing.assert_close(two["grad"], one["grad"], rtol=1e-5, atol=1e-6)  # fp32 summation order
 
 
+def test_every_preset_trains_under_two_process_ddp(tmp_path):
+    out = tmp_path / "presets.json"
+    done = run_script("presets", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert sorted(seen) == list_presets()
+    for preset, run in seen.items():
+        assert run["world_size"] == 2 and run["steps"] == 2 and math.isfinite(run["loss"]), preset
+        if run["enqueued"] is not None:  # both processes' keys went into the queue: 2 steps x 2 x 8
+            assert run["enqueued"] == 32, preset
+
+
 def test_killed_run_resumes_exactly(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = run_script("train", "--dir", str(straight))
