@@ -1,24 +1,13 @@
 """The exact reference op: smoothed InfoNCE in eager PyTorch, the oracle for the fused kernel.
 
-The loss (arXiv 2212.07158, every layout): anchors a_1..a_N, candidates c_1..c_M, for row i the
-valid set V(i) (the candidates row i is compared with), the positives P(i) within V(i), the
-negatives Neg(i) = V(i) minus P(i), and the smoothing set S(i) within Neg(i):
+The loss is defined once, in the README's section "The loss". In its notation, for row i with
+valid set V(i), positives P(i), negatives Neg(i) and smoothing set S(i) (`smooth_infonce.layout`
+says which pairs are which; the MoCo key logit z_i0 = <a_i, k_i> / tau is column 0 of V(i), P(i)):
 
-    z_ij = <a_i, c_j> / tau                                      (the logits)
-    p_ij = exp(z_ij) / sum_{l in V(i)} exp(z_il)                 (softmax over V(i) only)
-    y_ij = w_pos[i] on P(i),  w_smooth[i] on S(i),  0 elsewhere  (soft target, rows sum to 1)
-    l_i  = LSE_i - sum_j y_ij z_ij,   LSE_i = log sum_{j in V(i)} exp(z_ij)
-    L    = sum_i w_i l_i / sum_i w_i   (row weights and reduction: `smooth_infonce.functional`)
+    l_i = LSE_{j in V(i)} z_ij - sum_j y_ij z_ij,   y_ij = w_pos[i] on P(i), w_smooth[i] on S(i)
+    dl_i / dz_ij = p_ij - y_ij  on V(i), 0 elsewhere
 
-    dl_i / dz_ij = p_ij - y_ij  on V(i), 0 elsewhere.
-
-w_pos = (1 - alpha) / |P(i)| and w_smooth = alpha / |S(i)| (`smooth_infonce.ops.row_target_weights`).
-S(i) is every negative (``neighbors=None``, uniform smoothing) or the min(k, |Neg(i)|) negatives
-most similar to a_i (``neighbors=k``; ties to the lower candidate index; selected without gradient:
-the targets are constants). A row without negatives keeps all the mass on its positives (plain
-InfoNCE: 0 with a single valid column). The MoCo layout adds the positive key logit
-z_i0 = <a_i, k_i> / tau as column 0 of V(i) and P(i). Which pairs are valid or positive is the
-layout's `Pairs` (`smooth_infonce.layout`).
+with the per-row weights of `smooth_infonce.ops.row_target_weights`, shared with the kernel.
 
 How it is computed, exactly (each step below is one line of the math):
 
