@@ -386,6 +386,7 @@ def run_arch(arch, launches, jobs, timeout, out_dir: Path, reuse=None):
     print(f"sm_{arch}: {len(launches)} launches, {len(unique)} distinct kernels, {len(unique) - len(results)} "
           f"to compile (triton {triton.__version__}, {jobs} jobs)", flush=True)
     start = time.time()
+    reused = len(results)
     todo = [(key, launch, arch, timeout) for key, launch in unique.items() if key not in results]
     if jobs > 1:
         from multiprocessing import get_context
@@ -415,7 +416,7 @@ def run_arch(arch, launches, jobs, timeout, out_dir: Path, reuse=None):
         record["problems"] = problems_of(record, arch)
         records.append(record)
     (out_dir / f"compile_sm{arch}.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
-    (out_dir / f"compile_sm{arch}.md").write_text(markdown(arch, records, len(unique), time.time() - start))
+    (out_dir / f"compile_sm{arch}.md").write_text(markdown(arch, records, len(unique), time.time() - start, reused))
     bad = [r for r in records if r["problems"]]
     print(f"sm_{arch}: {len(records)} launches, {len(unique)} kernels, {len(bad)} launches with problems; "
           f"wrote {out_dir / f'compile_sm{arch}.json'} and .md ({time.time() - start:.0f} s)", flush=True)
@@ -442,7 +443,7 @@ def _role(r):
 ROLES = ["fwd", "fwd k=1", "fwd k=5", "fwd k=10", "fwd k=32", "dC+dA atomic", "dC", "dA"]
 
 
-def markdown(arch, records, n_kernels, seconds) -> str:
+def markdown(arch, records, n_kernels, seconds, reused=0) -> str:
     ver = records[0]["triton"] if records else "?"
     bad = [r for r in records if r["problems"]]
     configs = {(r["layout"], r["D"], r["dtype"], r["allow_tf32"], r["mode"], r["deterministic"]) for r in records}
@@ -450,7 +451,8 @@ def markdown(arch, records, n_kernels, seconds) -> str:
         f"# Offline compile report: sm_{arch}, triton {ver}",
         "",
         f"{len(records)} launches ({len(configs)} configurations), {n_kernels} distinct kernels, "
-        f"compiled in {seconds:.0f} s. "
+        f"compiled in {seconds:.0f} s" + (f" ({reused} results reused from an earlier run of the same kernels "
+                                          "source, `--reuse`)" if reused else "") + ". "
         f"Compiled: {sum(r['ok'] for r in records)}/{len(records)}; with spills: "
         f"{sum('spills' in r['problems'] for r in records)}; missing tensor cores: "
         f"{sum('no tensor cores' in r['problems'] for r in records)}; over the shared-memory limit "
