@@ -328,7 +328,8 @@ def expects_tensor_cores(record) -> bool:
 
 
 def problems_of(record, arch) -> list:
-    """What is wrong with one record against the static bars of benchmarks.md / issue 8."""
+    """What is wrong with one record against the static bars
+    (compiled, no spills, tensor cores, shared memory in bounds)."""
     if not record["ok"]:
         return ["FAIL"]
     bad = []

@@ -3,7 +3,7 @@
 # and whatever torch and triton it has (no network: it installs nothing). At most 8 minutes:
 #   1. versions (GPU, driver, CUDA, python, torch, triton, lightly / inf-cl / memeff if installed);
 #   2. the tests marked `gpu` (pytest -m gpu);
-#   3. the benchmark protocol (benchmarks.md: S0-S4 timed, S6 correctness) in GPU mode, --quick
+#   3. the benchmark protocol (benchmarks/README.md: S0-S4 timed, S6 correctness) in GPU mode, --quick
 #      (10 timed runs per number), written to benchmarks/results/<device>-<date>.json and .png;
 #   4. its summary: time per shape, peers' time ratios, fraction of the bf16 GEMM roofline, memory.
 #

@@ -1,4 +1,4 @@
-"""Kernel throughput benchmark, following shared/spec/benchmarks.md.
+"""Kernel throughput benchmark, following the protocol stated in benchmarks/README.md.
 
 GPU (CUDA available): shapes S0..S4 timed, S6 correctness only. Providers side by side in one
 process: the fused Triton kernel (uniform and neighbour smoothing, bf16; fp32 IEEE), the reference

@@ -1,4 +1,4 @@
-"""The reference op against independent oracles and the invariants of loss.md."""
+"""The reference op against independent oracles and the invariants of the loss (README, "The loss")."""
 
 import math
 
@@ -168,7 +168,7 @@ def test_gradient_is_p_minus_y():
     torch.testing.assert_close(a.grad, expected)
 
 
-# --- invariants of loss.md --------------------------------------------------------------------
+# --- invariants of the loss -------------------------------------------------------------------
 
 @settings(max_examples=20)
 @given(batch=st.integers(2, 6), views=st.integers(2, 3), smoothing=alphas, k=st.sampled_from([None, 1, 2]),

@@ -13,8 +13,6 @@ import torch
 if not torch.cuda.is_available():  # must precede the import of the kernel module
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -23,6 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 
+from smooth_infonce import testing  # noqa: E402
 from smooth_infonce.layout import make_pairs  # noqa: E402
 from smooth_infonce.ops import row_target_weights  # noqa: E402
 from smooth_infonce.ops.reference import reference_row_losses  # noqa: E402
@@ -33,6 +32,7 @@ from smooth_infonce.ops.triton import (  # noqa: E402
     resolve_allow_tf32,
     triton_row_losses,
 )
+from smooth_infonce.testing import Problem  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
@@ -51,68 +51,14 @@ TOLERANCE = {  # dtype: (loss rtol, loss atol * tau, gradient relative error)
 }
 
 
-@dataclass
-class Problem:
-    """One layout instance: leaves (inputs as the kernel sees them) and the pairs."""
-
-    anchors: torch.Tensor
-    candidates: torch.Tensor
-    keys: Optional[torch.Tensor]
-    pairs: object
-    same: bool  # anchors is candidates (in-batch)
-    row_grad: torch.Tensor  # upstream gradient of the row losses (fp64)
-
-
 def unit(rows, dim, gen):
     return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=1)
 
 
 def make_problem(layout, n, m, dim, dtype, seed, grads=(True, True, True), classes=3, views=2):
-    gen = torch.Generator().manual_seed(seed)
-    keys = None
-    same = False
-    if layout == "inbatch":  # SimCLR / multi-crop: `views` views of n // views instances, self excluded
-        batch = max(1, n // views)
-        n = m = batch * views
-        ids = torch.arange(batch).repeat(views)[torch.randperm(n, generator=gen)]
-        anchors = candidates = unit(n, dim, gen)
-        pairs = make_pairs(n, n, anchor_ids=ids, candidate_ids=ids, self_offset=0)
-        same = True
-    elif layout == "supervised":  # label ids, every label at least twice, self excluded
-        n = m = max(n, 2 * classes)
-        labels = torch.cat([torch.arange(classes).repeat(2), torch.randint(classes, (n - 2 * classes,), generator=gen)])
-        labels = labels[torch.randperm(n, generator=gen)]
-        anchors = candidates = unit(n, dim, gen)
-        pairs = make_pairs(n, n, anchor_ids=labels, candidate_ids=labels, self_offset=0)
-        same = True
-    elif layout == "moco":  # positive key column 0 + a queue of negatives, no ids
-        anchors = unit(n, dim, gen)
-        keys = F.normalize(anchors + 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
-        candidates = unit(m, dim, gen)
-        pairs = make_pairs(n, m, has_positive_key=True)
-    elif layout == "moco_ids":  # MoCo with sample ids: a queue entry of the row's own sample is not in V(i)
-        anchors = unit(n, dim, gen)
-        keys = F.normalize(anchors + 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
-        candidates = unit(m, dim, gen)
-        anchor_ids = torch.randperm(n + m, generator=gen)[:n]
-        candidate_ids = torch.where(torch.rand(m, generator=gen) < 0.5,  # earlier views of these samples
-                                    anchor_ids[torch.randint(0, n, (m,), generator=gen)], -1)
-        pairs = make_pairs(n, m, anchor_ids=anchor_ids, candidate_ids=candidate_ids, has_positive_key=True,
-                           ids_exclude=True)
-    elif layout == "twotower":  # row i's positive is column i; extra candidates are negatives
-        m = max(m, n)
-        anchors, candidates = unit(n, dim, gen), unit(m, dim, gen)
-        candidate_ids = torch.arange(m)
-        candidate_ids[n:] = torch.where(torch.rand(m - n, generator=gen) < 0.5, -1, candidate_ids[n:])
-        pairs = make_pairs(n, m, anchor_ids=torch.arange(n), candidate_ids=candidate_ids)
-    else:
-        raise ValueError(layout)
-    anchors = anchors.to(dtype).requires_grad_(grads[0])
-    candidates = anchors if same else candidates.to(dtype).requires_grad_(grads[1])
-    if keys is not None:
-        keys = keys.to(dtype).requires_grad_(grads[2])
-    row_grad = 0.5 + torch.rand(anchors.shape[0], generator=gen, dtype=torch.float64)
-    return Problem(anchors, candidates, keys, pairs, same, row_grad)
+    """The project's one problem builder (`smooth_infonce.testing`), with dtype and seed positional."""
+    return testing.make_problem(layout, n, m, dim, dtype=dtype, seed=seed, grads=grads, classes=classes,
+                                views=views)
 
 
 def leaves(prob):
@@ -309,14 +255,15 @@ def test_rows_with_few_or_no_negatives_match_reference(smoothing, neighbors):
     def inbatch(labels):
         x = unit(len(labels), 17, gen).requires_grad_()
         pairs = make_pairs(len(labels), len(labels), anchor_ids=labels, candidate_ids=labels, self_offset=0)
-        return Problem(x, x, None, pairs, True, 0.5 + torch.rand(len(labels), generator=gen, dtype=torch.float64))
+        return Problem("supervised", x, x, None, pairs,
+                       0.5 + torch.rand(len(labels), generator=gen, dtype=torch.float64))
 
     few = inbatch(torch.tensor([0, 0, 1, 0, 0, 0, 0, 1, 0, 0]))  # label 0 rows: 2 negatives
     none = inbatch(torch.zeros(6, dtype=torch.long))  # one label: no row has a negative
     # two-tower: row 0 has three positives and one negative, row 1 one positive and three negatives
-    twotower = Problem(unit(2, 17, gen).requires_grad_(), unit(4, 17, gen).requires_grad_(), None,
+    twotower = Problem("twotower", unit(2, 17, gen).requires_grad_(), unit(4, 17, gen).requires_grad_(), None,
                        make_pairs(2, 4, anchor_ids=torch.tensor([0, 1]), candidate_ids=torch.tensor([0, 0, 0, 1])),
-                       False, torch.ones(2, dtype=torch.float64))
+                       torch.ones(2, dtype=torch.float64))
     for prob in (few, none, twotower):
         for deterministic in (False, True):
             assert_matches_reference(prob, 0.2, smoothing, neighbors, torch.float64, deterministic)
@@ -415,7 +362,7 @@ def test_neighbor_ties_resolved_like_reference():
         sims = (anchors @ candidates.T).masked_fill(torch.eye(40, 70, dtype=torch.bool), float("-inf"))
         expected = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :6]
         assert torch.equal(cols, expected)
-        prob = Problem(a.requires_grad_(), c.requires_grad_(), None, pairs, False,
+        prob = Problem("twotower", a.requires_grad_(), c.requires_grad_(), None, pairs,
                        torch.ones(40, dtype=torch.float64))
         assert_matches_reference(prob, 0.5, 0.3, 6, dtype)
 
@@ -608,4 +555,4 @@ def _to_cuda(prob):
         anchor_ids=None if p.anchor_ids is None else p.anchor_ids.cuda(),
         candidate_ids=None if p.candidate_ids is None else p.candidate_ids.cuda(),
         self_offset=p.self_offset, has_positive_key=p.has_positive_key, ids_exclude=p.ids_exclude, device="cuda")
-    return Problem(anchors, candidates, move(prob.keys), pairs, prob.same, prob.row_grad.cuda())
+    return Problem(prob.layout, anchors, candidates, move(prob.keys), pairs, prob.row_grad.cuda())

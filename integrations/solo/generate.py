@@ -50,7 +50,7 @@ class SoloRun:
 
 
 SOLO_RUNS: Dict[str, SoloRun] = {
-    # SSLight: batch 1024 = 128 per GPU x 8 GPUs, mixed precision off (recipes.md)
+    # SSLight: batch 1024 = 128 per GPU x 8 GPUs, mixed precision off (SSLight's CNN recipe)
     "sslight_baseline": SoloRun(8, "32", "SSLight: 128 per GPU x 8 GPUs, no mixed precision"),
     "sslight_moco": SoloRun(8, "32", "SSLight: 128 per GPU x 8 GPUs, no mixed precision"),
     "sslight_moco_smooth": SoloRun(8, "32", "SSLight: 128 per GPU x 8 GPUs, no mixed precision"),

@@ -3,7 +3,7 @@
     triton_row_losses(anchors, candidates, positive_keys, pairs, *, temperature, smoothing,
                       neighbors, deterministic=False, allow_tf32=None) -> Tensor (N,)
 
-Exactly the semantics of `reference.reference_row_losses` (loss.md):
+Exactly the semantics of `reference.reference_row_losses` (README, "The loss"):
 
     z_ij = <a_i, c_j> / tau,   l_i = LSE_{j in V(i)} z_ij - sum_j y_ij z_ij,   dl_i/dz_ij = p_ij - y_ij
     y_ij = w_pos[i] on P(i);  w_smooth[i] on S(i);  0 elsewhere
