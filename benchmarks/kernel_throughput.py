@@ -47,8 +47,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from smooth_infonce.layout import make_pairs  # noqa: E402
 from smooth_infonce.ops.reference import reference_row_losses  # noqa: E402
+from smooth_infonce.testing import make_problem  # noqa: E402
 
 TEMPERATURE = 0.1
 SMOOTHING = 0.1
@@ -84,57 +84,12 @@ CPU_SHAPES = {
 }
 
 
-class Problem:
-    """Unit-norm inputs of one layout, in `dtype`, on `device`, with the pairs description.
-
-    leaves: the tensors a training step differentiates (the queue and the MoCo keys are frozen)."""
-
-    def __init__(self, layout, n, m, dim, dtype, device, seed=0):
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-
-        def unit(rows):
-            return F.normalize(torch.randn(rows, dim, generator=gen), dim=1).to(device=device, dtype=dtype)
-
-        self.layout, self.n, self.m, self.dim = layout, n, m, dim
-        self.keys = None
-        if layout == "inbatch":
-            self.anchors = unit(n).requires_grad_()
-            self.candidates = self.anchors
-            ids = torch.arange(n // 2, device=device).repeat(2)
-            self.pairs = make_pairs(n, n, anchor_ids=ids, candidate_ids=ids, self_offset=0, device=device)
-            self.leaves = [self.anchors]
-        elif layout == "twotower":
-            self.anchors, self.candidates = unit(n).requires_grad_(), unit(m).requires_grad_()
-            self.pairs = make_pairs(n, m, anchor_ids=torch.arange(n, device=device),
-                                    candidate_ids=torch.arange(m, device=device), device=device)
-            self.leaves = [self.anchors, self.candidates]
-        elif layout == "moco":
-            self.anchors = unit(n).requires_grad_()
-            self.keys = F.normalize(self.anchors.detach().float() + 0.5 * unit(n).float(), dim=1).to(dtype)
-            self.candidates = unit(m)
-            self.pairs = make_pairs(n, m, has_positive_key=True, device=device)
-            self.leaves = [self.anchors]
-        else:
-            raise ValueError(layout)
-
-    @property
-    def useful_flops(self) -> float:
-        """8NMD (forward + backward with one recompute); 4NMD with a frozen candidate set."""
-        return (4 if self.layout == "moco" else 8) * self.n * self.m * self.dim
-
-    def cast(self, dtype):
-        """The same problem with inputs in another dtype (fresh leaves)."""
-        other = object.__new__(Problem)
-        other.__dict__.update(self.__dict__)
-        other.anchors = self.anchors.detach().to(dtype).requires_grad_()
-        other.candidates = other.anchors if self.candidates is self.anchors else (
-            self.candidates.detach().to(dtype).requires_grad_(self.candidates.requires_grad))
-        other.keys = None if self.keys is None else self.keys.to(dtype)
-        other.leaves = [other.anchors] + ([other.candidates] if self.layout == "twotower" else [])
-        return other
-
-    def row_losses(self, backend, **options):
-        return backend(self.anchors, self.candidates, self.keys, self.pairs, temperature=TEMPERATURE, **options)
+def build_problem(layout, n, m, dim, dtype, device, seed=0):
+    """One benchmark problem from the project's problem builder (`smooth_infonce.testing`): in-batch
+    rows in view order (out0's rows, then out1's), gradients for what a training step
+    differentiates (the MoCo keys and queue are frozen)."""
+    return make_problem(layout, n, m, dim, dtype=dtype, device=device, seed=seed, shuffle=False,
+                        grads=(True, layout == "twotower", False))
 
 
 def views(problem):
@@ -157,28 +112,33 @@ def plain_cross_entropy(problem):
 # CPU mode
 # ================================================================================================
 
-CPU_PROVIDERS = ["reference-uniform", "reference-neighbors", "reference-alpha0", "lightly-ntxent", "plain-ce"]
+def reference_loss(smoothing, neighbors, backend=reference_row_losses):
+    """setup(problem) -> loss function: the mean row loss of ``backend`` on the problem as given."""
+    def setup(problem):
+        return lambda: problem.row_losses(backend, temperature=TEMPERATURE, smoothing=smoothing,
+                                          neighbors=neighbors).mean()
+    return setup
 
 
-def cpu_loss_fn(provider, problem):
-    if provider == "reference-uniform":
-        return lambda: problem.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=None).mean()
-    if provider == "reference-neighbors":
-        return lambda: problem.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=NEIGHBORS).mean()
-    if provider == "reference-alpha0":
-        return lambda: problem.row_losses(reference_row_losses, smoothing=0.0, neighbors=None).mean()
-    if provider == "lightly-ntxent":
-        from lightly.loss import NTXentLoss
+def lightly_in_batch(problem):
+    from lightly.loss import NTXentLoss
 
-        loss = NTXentLoss(temperature=TEMPERATURE)
-        return lambda: loss(*views(problem))
-    if provider == "plain-ce":
-        return lambda: plain_cross_entropy(problem)
-    raise ValueError(provider)
+    loss = NTXentLoss(temperature=TEMPERATURE)
+    return lambda: loss(*views(problem))
+
+
+# name -> setup(problem) -> loss function (fp32 CPU tensors, differentiated w.r.t. problem.leaves)
+CPU_PROVIDERS = {
+    "reference-uniform": reference_loss(SMOOTHING, None),
+    "reference-neighbors": reference_loss(SMOOTHING, NEIGHBORS),
+    "reference-alpha0": reference_loss(0.0, None),
+    "lightly-ntxent": lightly_in_batch,
+    "plain-ce": lambda problem: lambda: plain_cross_entropy(problem),
+}
 
 
 def cpu_step(provider, problem):
-    fn = cpu_loss_fn(provider, problem)
+    fn = CPU_PROVIDERS[provider](problem)
     return lambda: torch.autograd.grad(fn(), problem.leaves)
 
 
@@ -205,7 +165,7 @@ def cpu_peak_memory(shape: str, provider: str) -> int:
         f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
         "import kernel_throughput as kt, torch\n"
         f"layout, n, m, d = kt.CPU_SHAPES[{shape!r}]\n"
-        "p = kt.Problem(layout, n, m, d, torch.float32, 'cpu')\n"
+        "p = kt.build_problem(layout, n, m, d, torch.float32, 'cpu')\n"
         f"print(kt.measure_peak_rss_growth(kt.cpu_step({provider!r}, p)))\n"
     )
     # A fixed mmap threshold makes glibc map every block >= 64 KiB on its own and unmap it when
@@ -227,12 +187,12 @@ def cpu_name() -> str:
 
 def run_cpu(args):
     shapes = args.shapes or list(CPU_SHAPES)
-    providers = args.providers or CPU_PROVIDERS
+    providers = args.providers or list(CPU_PROVIDERS)
     repeats = CPU_QUICK_RUNS if args.quick else CPU_RUNS
     results = []
     for shape in shapes:
         layout, n, m, d = CPU_SHAPES[shape]
-        problem = Problem(layout, n, m, d, torch.float32, "cpu")
+        problem = build_problem(layout, n, m, d, torch.float32, "cpu")
         steps = {provider: cpu_step(provider, problem) for provider in providers}
         times = {provider: [] for provider in providers}
         for step in steps.values():
@@ -297,71 +257,89 @@ def plot_cpu(report, path):
 # GPU mode
 # ================================================================================================
 
-GPU_PROVIDERS = [
-    "triton-uniform", "triton-neighbors", "triton-fp32", "reference-fp32", "reference-bf16-autocast",
-    "reference-compiled", "lightly-ntxent", "infcl", "memeff", "gemm-bf16", "sdpa-bf16",
-]
-
-
-def gpu_loss_fn(provider, problem):
-    """(loss function, leaves, input problem) for `provider`, or raise Skip with the reason."""
-    layout = problem.layout
-    if provider in ("triton-uniform", "triton-neighbors", "triton-fp32"):
+def triton_loss(dtype, neighbors):
+    """The fused kernel on the problem cast to ``dtype``; fp32 measures the exact path (IEEE dots,
+    whatever torch's TF32 setting is)."""
+    def setup(problem):
         from smooth_infonce.ops.triton import triton_row_losses
 
-        p = problem.cast(torch.float32 if provider == "triton-fp32" else torch.bfloat16)
-        k = NEIGHBORS if provider == "triton-neighbors" else None
-        # triton-fp32 measures the exact path: IEEE fp32 dots whatever torch's TF32 setting is
-        return (lambda: p.row_losses(triton_row_losses, smoothing=SMOOTHING, neighbors=k,
-                                     allow_tf32=False).mean()), p
-    if provider == "reference-fp32":
-        p = problem.cast(torch.float32)
-        return (lambda: p.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=None).mean()), p
-    if provider == "reference-bf16-autocast":
-        p = problem.cast(torch.float32)
+        p = problem.cast(dtype)
+        return (lambda: p.row_losses(triton_row_losses, temperature=TEMPERATURE, smoothing=SMOOTHING,
+                                     neighbors=neighbors, allow_tf32=False).mean()), p
+    return setup
 
-        def fn():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return p.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=None).mean()
 
-        return fn, p
-    if provider == "reference-compiled":
-        p = problem.cast(torch.float32)
-        compiled = torch.compile(reference_row_losses)
-        return (lambda: p.row_losses(compiled, smoothing=SMOOTHING, neighbors=None).mean()), p
-    if provider == "lightly-ntxent":
-        from lightly.loss import NTXentLoss
+def reference_fp32(problem):
+    p = problem.cast(torch.float32)
+    return reference_loss(SMOOTHING, None)(p), p
 
-        p = problem.cast(torch.float32)
-        if layout == "inbatch":
-            loss = NTXentLoss(temperature=TEMPERATURE)
-            return (lambda: loss(*views(p))), p
-        if layout == "moco":
-            loss = NTXentLoss(temperature=TEMPERATURE, memory_bank_size=(problem.m, problem.dim)).cuda()
-            return (lambda: loss(p.anchors, p.keys)), p
-        raise Skip("lightly has no two-tower mode")
-    if provider == "infcl":
-        try:
-            from inf_cl import cal_inf_loss
-        except ImportError:
-            raise Skip("inf_cl not importable (pip install inf-cl==1.2.1)") from None
-        if problem.n != problem.m or layout == "moco":
-            raise Skip("Inf-CL needs a square problem (one direction, labels = arange)")
-        p = problem.cast(torch.float32)
-        q, k = p.anchors, p.candidates  # in-batch: the same tensor on both sides, no self mask
-        return (lambda: cal_inf_loss(q, k, scale=1.0 / TEMPERATURE, head_dim=problem.dim)), p
-    if provider == "memeff":
-        try:
-            from memeff import MemoryEfficientCLIPLoss
-        except ImportError:
-            raise Skip("memeff not importable (pip install memeff==0.3.1)") from None
-        if problem.n != problem.m or layout == "moco":
-            raise Skip("memeff is CLIP-style: a square problem")
-        p = problem.cast(torch.float32)
-        loss = MemoryEfficientCLIPLoss(temperature=TEMPERATURE, normalized_inputs=True, stable=False)
-        y = p.candidates
-        return (lambda: loss(p.anchors, y)), p
-    raise ValueError(provider)
+
+def reference_bf16_autocast(problem):
+    p = problem.cast(torch.float32)
+    loss = reference_loss(SMOOTHING, None)(p)
+
+    def fn():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return loss()
+
+    return fn, p
+
+
+def reference_compiled(problem):
+    p = problem.cast(torch.float32)
+    return reference_loss(SMOOTHING, None, backend=torch.compile(reference_row_losses))(p), p
+
+
+def lightly_ntxent(problem):
+    from lightly.loss import NTXentLoss
+
+    p = problem.cast(torch.float32)
+    if problem.layout == "inbatch":
+        loss = NTXentLoss(temperature=TEMPERATURE)
+        return (lambda: loss(*views(p))), p
+    if problem.layout == "moco":
+        loss = NTXentLoss(temperature=TEMPERATURE, memory_bank_size=(problem.m, problem.dim)).cuda()
+        return (lambda: loss(p.anchors, p.keys)), p
+    raise Skip("lightly has no two-tower mode")
+
+
+def infcl(problem):
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError:
+        raise Skip("inf_cl not importable (pip install inf-cl==1.2.1)") from None
+    if problem.n != problem.m or problem.layout == "moco":
+        raise Skip("Inf-CL needs a square problem (one direction, labels = arange)")
+    p = problem.cast(torch.float32)
+    q, k = p.anchors, p.candidates  # in-batch: the same tensor on both sides, no self mask
+    return (lambda: cal_inf_loss(q, k, scale=1.0 / TEMPERATURE, head_dim=problem.dim)), p
+
+
+def memeff(problem):
+    try:
+        from memeff import MemoryEfficientCLIPLoss
+    except ImportError:
+        raise Skip("memeff not importable (pip install memeff==0.3.1)") from None
+    if problem.n != problem.m or problem.layout == "moco":
+        raise Skip("memeff is CLIP-style: a square problem")
+    p = problem.cast(torch.float32)
+    loss = MemoryEfficientCLIPLoss(temperature=TEMPERATURE, normalized_inputs=True, stable=False)
+    return (lambda: loss(p.anchors, p.candidates)), p
+
+
+# name -> setup(problem) -> (loss function, the problem it runs on), or raise Skip with the reason
+GPU_PROVIDERS = {
+    "triton-uniform": triton_loss(torch.bfloat16, None),
+    "triton-neighbors": triton_loss(torch.bfloat16, NEIGHBORS),
+    "triton-fp32": triton_loss(torch.float32, None),
+    "reference-fp32": reference_fp32,
+    "reference-bf16-autocast": reference_bf16_autocast,
+    "reference-compiled": reference_compiled,
+    "lightly-ntxent": lightly_ntxent,
+    "infcl": infcl,
+    "memeff": memeff,
+}
+CEILINGS = ("gemm-bf16", "sdpa-bf16")  # same-run hardware ceilings (`ceiling`)
 
 
 class Skip(Exception):
@@ -401,7 +379,7 @@ def fp64_reference(problem, neighbors):
     if 8 * 8 * problem.n * problem.m > 0.8 * free:
         return None
     p = problem.cast(torch.float64)
-    loss = p.row_losses(reference_row_losses, smoothing=SMOOTHING, neighbors=neighbors).mean()
+    loss = p.row_losses(reference_row_losses, temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=neighbors).mean()
     return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, p.leaves)]
 
 
@@ -447,7 +425,7 @@ def out_of_time() -> bool:
 
 def run_gpu_shape(shape, providers, quick):
     layout, n, m, d = GPU_SHAPES[shape]
-    problem = Problem(layout, n, m, d, torch.bfloat16, "cuda")
+    problem = build_problem(layout, n, m, d, torch.bfloat16, "cuda")
     rows = []
     references = {}
     for provider in providers:
@@ -455,7 +433,7 @@ def run_gpu_shape(shape, providers, quick):
         try:
             if out_of_time():
                 raise Skip("time budget (--budget) spent")
-            if provider in ("gemm-bf16", "sdpa-bf16"):
+            if provider in CEILINGS:
                 row.update(ceiling(provider, problem, quick))
                 row["status"] = "ok"
                 rows.append(row)
@@ -464,7 +442,7 @@ def run_gpu_shape(shape, providers, quick):
                 raise Skip("fp32 IEEE dots (no tensor cores) at S4 would take minutes per run")
             if provider.startswith("reference") and 4 * 6 * n * m > torch.cuda.mem_get_info()[0]:
                 raise Skip("oom (estimated: the eager op keeps several N x M fp32 matrices)")
-            fn, p = gpu_loss_fn(provider, problem)
+            fn, p = GPU_PROVIDERS[provider](problem)
             row["dtype"] = str(p.anchors.dtype).replace("torch.", "")
 
             def step(fn=fn, p=p):
@@ -518,7 +496,7 @@ def run_s6(quick):
                 if out_of_time():
                     print(f"S6: time budget spent, D={d} tau={tau} k={k} not checked", flush=True)
                     continue
-                base = Problem("twotower", 1000, 3001, d, torch.float64, "cuda", seed=d)
+                base = build_problem("twotower", 1000, 3001, d, torch.float64, "cuda", seed=d)
                 ref = base.cast(torch.float64)
                 ref_loss = reference_row_losses(ref.anchors, ref.candidates, None, ref.pairs, temperature=tau,
                                                 smoothing=SMOOTHING, neighbors=k).mean()
@@ -550,7 +528,7 @@ def run_gpu(args):
     import triton
 
     shapes = args.shapes or list(GPU_SHAPES) + ["S6"]
-    providers = args.providers or GPU_PROVIDERS
+    providers = args.providers or [*GPU_PROVIDERS, *CEILINGS]
     props = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

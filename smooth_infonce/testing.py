@@ -43,6 +43,18 @@ class Problem:
         return self.candidates is self.anchors
 
     @property
+    def n(self) -> int:
+        return self.anchors.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.candidates.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.anchors.shape[1]
+
+    @property
     def leaves(self) -> list[Tensor]:
         """The inputs that need gradients (each once)."""
         tensors = [self.anchors] if self.same else [self.anchors, self.candidates]
@@ -53,8 +65,7 @@ class Problem:
     @property
     def useful_flops(self) -> float:
         """8 N M D for forward + backward with one recompute; 4 N M D with a frozen candidate set."""
-        n, m, dim = self.anchors.shape[0], self.candidates.shape[0], self.anchors.shape[1]
-        return (8 if self.candidates.requires_grad else 4) * n * m * dim
+        return (8 if self.candidates.requires_grad else 4) * self.n * self.m * self.dim
 
     def cast(self, dtype: torch.dtype) -> "Problem":
         """The same problem in another dtype, with fresh leaves."""
