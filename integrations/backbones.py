@@ -143,6 +143,17 @@ def _efficientnet_b1(cifar_stem: bool = False, **kwargs) -> nn.Module:
     return _timm("efficientnet_b1", cifar_stem=cifar_stem, **kwargs)
 
 
+@register_backbone("vit_tiny_patch16")
+def _vit_tiny_patch16(cifar_stem: bool = False, **kwargs) -> nn.Module:
+    """timm's ViT-Tiny/16 (SSLight's ViT; pass ``drop_path_rate``): the CLS token, 192 wide. Any
+    image size that is a multiple of 16 works (``dynamic_img_size``: 224 px global and 96 / 128 px
+    local crops through one network, the position embedding interpolated)."""
+    if cifar_stem:
+        raise ValueError("vit_tiny_patch16 has no convolution stem: cifar_stem is not supported")
+    kwargs.setdefault("dynamic_img_size", True)
+    return _timm("vit_tiny_patch16_224", **kwargs)
+
+
 # --- torchvision -----------------------------------------------------------------------------
 
 def _torchvision_resnet(arch: str, cifar_stem: bool, **kwargs) -> nn.Module:

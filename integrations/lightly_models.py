@@ -38,6 +38,7 @@ try:
     )
     from lightly.transforms.gaussian_blur import GaussianBlur
     from lightly.transforms.multi_view_transform import MultiViewTransform
+    from lightly.transforms.solarize import RandomSolarization
     from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
     from lightly.utils import dist as lightly_dist
 except ImportError as err:  # exercised by tests/test_demo.py with lightly blocked
@@ -51,27 +52,29 @@ from .lightly import SmoothNTXentLoss
 from .recipes import CropSpec, Recipe, ViewSpec
 
 
-def build_crop_transform(crop: CropSpec, views: ViewSpec) -> T.Compose:
-    """One view: random resized crop of the group ``crop``, then ``views``' augmentations."""
+def build_crop_transform(crop: CropSpec, views: ViewSpec, view: int = 0) -> T.Compose:
+    """View number ``view`` (globals first): random resized crop of the group ``crop``, then
+    ``views``' augmentations with that view's blur and solarisation probabilities."""
     interpolation = T.InterpolationMode.BICUBIC if views.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     brightness, contrast, saturation, hue = views.color_jitter
-    return T.Compose([
+    steps = [
         T.RandomResizedCrop(crop.size, scale=crop.scale, interpolation=interpolation),
         T.RandomHorizontalFlip(p=views.hflip_prob),
         T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=views.color_jitter_prob),
         T.RandomGrayscale(p=views.grayscale_prob),
-        GaussianBlur(prob=views.blur_prob, sigmas=views.blur_sigmas),
-        T.ToTensor(),
-        T.Normalize(mean=views.mean, std=views.std),
-    ])
+        GaussianBlur(prob=views.view_probs(views.blur_prob)[view], sigmas=views.blur_sigmas),
+    ]
+    solarize = views.view_probs(views.solarize_prob)[view]
+    if solarize > 0:  # only where asked: lightly's solarisation draws a random number even at p = 0
+        steps.append(RandomSolarization(prob=solarize))
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean=views.mean, std=views.std)])
 
 
 def build_view_transform(views: ViewSpec) -> MultiViewTransform:
-    """lightly `MultiViewTransform`: image -> [global crops..., local crops...] (PIL input)."""
-    crops = [build_crop_transform(views.global_crops, views)] * views.global_crops.count
-    if views.local_crops is not None:
-        crops += [build_crop_transform(views.local_crops, views)] * views.local_crops.count
-    return MultiViewTransform(crops)
+    """lightly `MultiViewTransform`: image -> [global crops..., local crops...] (PIL input), each
+    view with its own blur and solarisation probability (`ViewSpec.view_probs`)."""
+    groups = [views.global_crops] * views.global_crops.count + [views.local_crops] * views.num_local
+    return MultiViewTransform([build_crop_transform(crop, views, view) for view, crop in enumerate(groups)])
 
 
 def encode_views(encoder: nn.Module, views: Sequence[Tensor]) -> List[Tensor]:

@@ -19,6 +19,12 @@ Presets (see `list_presets()`):
   weights (0.4, 0.6). Plain InfoNCE, as published.
 - ``sslight_moco_smooth``: ``sslight_moco`` plus light-moco's smoothing (the combination; not a
   published configuration).
+- ``dino_baseline`` / ``sslight_dino``: DINO on MobileNetV2 (or ResNet-18/34), baseline or SSLight
+  views; ``dino_vit_baseline`` / ``sslight_dino_vit``: the same on ViT-Tiny/16 with AdamW.
+- ``swav_baseline`` / ``sslight_swav``: SwAV on MobileNetV2, baseline or SSLight views.
+
+The MoCo-v2 presets of SSLight and its DINO presets use the authors' photometric augmentations
+(BYOL's asymmetric blur and solarisation per global view); SwAV uses SwAV's.
 
 Every number is overridable: ``get_preset(name, **overrides)`` takes top-level fields, nested
 fields as ``section__field`` (``loss__smoothing=0.2``) or a dict per section
@@ -47,13 +53,14 @@ from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_choice
 
 from .backbones import Backbone, build_backbone
+from .multicrop import PairWeights, pair_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-FRAMEWORKS = ("moco", "simclr")
+FRAMEWORKS = ("moco", "simclr", "dino", "swav")
 SMOOTHING_MODES = ("neighbors", "uniform")
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -73,6 +80,22 @@ def _pair(name: str, value: Any) -> Tuple[float, float]:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _view_probs(name: str, value: Any) -> Tuple[float, float, float]:
+    """A probability per view group: (first global view, other global views, local views); one
+    float applies to every view."""
+    probs = (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+    _check(len(probs) == 3 and all(0.0 <= p <= 1.0 for p in probs),
+           f"{name} is one probability or (first global, other globals, locals), each in [0, 1]; got {value!r}")
+    return probs
+
+
+def cosine_ramp(progress: float, start: float, end: float) -> float:
+    """Half a cosine from ``start`` (progress 0) to ``end`` (progress 1): the lr, weight-decay and
+    teacher-momentum schedules of the recipes."""
+    progress = min(1.0, max(0.0, progress))
+    return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
 
 
 @dataclass(frozen=True)
@@ -96,10 +119,13 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """Projection MLP: ``num_layers`` linear layers, ReLU between them, BatchNorm if asked.
+    """Projection MLP: ``num_layers`` linear layers, BatchNorm if asked, non-linearities between.
 
-    The input width is the backbone's measured ``num_features``. MoCo v2, light-moco and SSLight
-    all use Linear(width, 2048) -> ReLU -> Linear(2048, 128) without BatchNorm.
+    The input width is the backbone's measured ``num_features``. MoCo v2, light-moco and SSLight's
+    MoCo use Linear(width, 2048) -> ReLU -> Linear(2048, 128) without BatchNorm. DINO's head is
+    lightly's `DINOProjectionHead` (3 layers, GELU: ``output_dim`` is its bottleneck, L2-normalised
+    before the weight-normalised last layer of `DINOSpec.num_prototypes` outputs); SwAV's is
+    lightly's `SwaVProjectionHead` (2 layers, BN, ReLU) followed by the prototypes.
     """
 
     hidden_dim: int = 2048
@@ -192,15 +218,113 @@ class MoCoSpec:
 
 
 @dataclass(frozen=True)
+class DINOSpec:
+    """DINO's teacher and targets (the SSLight authors' values for CNNs; ViT-Tiny: see the presets).
+
+    Attributes:
+        num_prototypes: outputs of the head's weight-normalised last layer.
+        norm_last_layer: keep its weight-norm gain fixed at 1 (CNNs); False lets it learn (ViT).
+        student_temperature: tau_s of the student's log-softmax.
+        teacher_temperature, warmup_teacher_temperature, warmup_teacher_temperature_epochs: tau_t
+            rises linearly per epoch from the warm-up value to ``teacher_temperature`` over the
+            warm-up epochs, then stays (DINO's schedule; lightly's and solo-learn's DINO losses
+            compute the same).
+        center_momentum: EMA of the centre (the batch mean of the teacher's outputs over every
+            process), updated after the loss.
+        teacher_momentum, teacher_momentum_end: the teacher's EMA factor, a per-iteration cosine
+            from ``teacher_momentum`` to ``teacher_momentum_end`` over the run.
+        freeze_last_layer_epochs: the last layer gets no update during these first epochs.
+    """
+
+    num_prototypes: int = 4096
+    norm_last_layer: bool = True
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.07
+    warmup_teacher_temperature: float = 0.04
+    warmup_teacher_temperature_epochs: int = 50
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996
+    teacher_momentum_end: float = 1.0
+    freeze_last_layer_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.num_prototypes >= 1, f"num_prototypes must be >= 1, got {self.num_prototypes}")
+        for name in ("student_temperature", "teacher_temperature", "warmup_teacher_temperature"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("center_momentum", "teacher_momentum", "teacher_momentum_end"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _check(self.warmup_teacher_temperature_epochs >= 0 and self.freeze_last_layer_epochs >= 0,
+               f"epoch counts must be >= 0, got {self}")
+
+    def teacher_temperature_at(self, epoch: int) -> float:
+        """tau_t in ``epoch`` (0-based): ``linspace(warm-up, final, warm-up epochs)[epoch]``, then final."""
+        steps = self.warmup_teacher_temperature_epochs
+        if epoch >= steps:
+            return self.teacher_temperature
+        if steps == 1:
+            return self.warmup_teacher_temperature
+        start, end = self.warmup_teacher_temperature, self.teacher_temperature
+        return start + (end - start) * epoch / (steps - 1)
+
+    def teacher_momentum_at(self, step: int, total_steps: int) -> float:
+        """The teacher's EMA factor at iteration ``step`` of ``total_steps``."""
+        return cosine_ramp(step / max(1, total_steps), self.teacher_momentum, self.teacher_momentum_end)
+
+
+@dataclass(frozen=True)
+class SwAVSpec:
+    """SwAV's prototypes, codes and queue (the SSLight authors' values).
+
+    Attributes:
+        num_prototypes: prototype vectors (L2-normalised every step).
+        temperature: of the softmax over prototype scores that predicts the codes.
+        sinkhorn_iterations, sinkhorn_epsilon: Sinkhorn-Knopp on the global views' scores, over
+            every process's batch.
+        queue_size: nominal queue length over all processes; a run uses it trimmed to a multiple
+            of its global batch (`queue_length`), split evenly over the processes, one queue per
+            global view.
+        queue_start_epoch: from this epoch on, the queue's scores join the Sinkhorn input.
+        freeze_prototypes_epochs: the prototypes get no update during these first epochs.
+    """
+
+    num_prototypes: int = 3000
+    temperature: float = 0.1
+    sinkhorn_iterations: int = 3
+    sinkhorn_epsilon: float = 0.05
+    queue_size: int = 3840
+    queue_start_epoch: int = 15
+    freeze_prototypes_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.num_prototypes >= 1 and self.sinkhorn_iterations >= 1,
+               f"num_prototypes and sinkhorn_iterations must be >= 1, got {self}")
+        _check(self.temperature > 0 and self.sinkhorn_epsilon > 0,
+               f"temperature and sinkhorn_epsilon must be > 0, got {self}")
+        _check(self.queue_size >= 0 and self.queue_start_epoch >= 0 and self.freeze_prototypes_epochs >= 0,
+               f"queue_size and the epoch counts must be >= 0, got {self}")
+
+    def queue_length(self, global_batch: int) -> int:
+        """The queue a run of ``global_batch`` images per step uses (SwAV's code: the nominal size
+        minus its remainder modulo the global batch; 3840 -> 3072 at 1024)."""
+        return self.queue_size - self.queue_size % global_batch
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
     """Optimiser, lr scaling and parameter-group rules.
 
     Learning rates are given per 256 images and scaled linearly with the total batch:
-    ``lr = lr_per_256 * batch_size / 256`` (the same for ``min_lr_per_256``). The schedule is
-    per iteration: linear warm-up from 0 over ``warmup_epochs``, then cosine from lr to min_lr.
+    ``lr = lr_per_256 * batch_size / 256`` (the same for ``min_lr_per_256`` and
+    ``warmup_start_lr_per_256``). The schedule is per iteration: linear warm-up from the start lr
+    over ``warmup_epochs``, then cosine from lr to min_lr.
 
     Attributes:
-        name: ``"sgd"`` (with momentum) or ``"lars"`` (SGD with layer-wise trust ratio).
+        name: ``"sgd"`` (with momentum), ``"lars"`` (SGD with layer-wise trust ratio) or
+            ``"adamw"`` (betas (0.9, 0.999), as DINO's ViTs).
+        weight_decay_end: None: constant weight decay; else a per-iteration cosine from
+            ``weight_decay`` to this value over the whole run (DINO's ViT: 0.04 -> 0.4), applied to
+            the groups that decay.
+        warmup_start_lr_per_256: the learning rate the warm-up starts from (SwAV's ``start_warmup``).
         exclude_bias_norm: no weight decay, and no LARS adaptation, on 1-D parameters (biases,
             norm scales and shifts).
         exclude_depthwise: no weight decay on depthwise convolution kernels (shape [C, 1, k, k]);
@@ -218,9 +342,14 @@ class OptimizerSpec:
     exclude_bias_norm: bool = False
     exclude_depthwise: bool = False
     trust_coefficient: float = 1e-3
+    weight_decay_end: Optional[float] = None
+    warmup_start_lr_per_256: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.name in OPTIMIZERS, f"optimizer name must be one of {OPTIMIZERS}, got {self.name!r}")
+        _check(self.weight_decay_end is None or self.weight_decay_end >= 0,
+               f"weight_decay_end must be None or >= 0, got {self.weight_decay_end}")
+        _check(self.warmup_start_lr_per_256 >= 0, f"warmup_start_lr_per_256 must be >= 0, got {self}")
         _check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         _check(self.lr_per_256 > 0 and self.min_lr_per_256 >= 0, f"learning rates must be positive, got {self}")
         _check(self.weight_decay >= 0 and self.momentum >= 0, f"weight_decay and momentum must be >= 0, got {self}")
@@ -234,14 +363,21 @@ class OptimizerSpec:
         """Learning rate at iteration ``step`` (0-based) of a run of ``epochs`` epochs."""
         peak = self.scaled_lr(batch_size)
         floor = self.min_lr_per_256 * batch_size / 256
+        start = self.warmup_start_lr_per_256 * batch_size / 256
         warmup = self.warmup_epochs * steps_per_epoch
         if step < warmup:
-            return peak * (step + 1) / warmup
+            return start + (peak - start) * (step + 1) / warmup
         if self.lr_schedule == "constant":
             return peak
         total = max(1, epochs * steps_per_epoch - warmup)
-        progress = min(1.0, (step - warmup) / total)
-        return floor + (peak - floor) * (1 + math.cos(math.pi * progress)) / 2
+        return cosine_ramp((step - warmup) / total, peak, floor)
+
+    def weight_decay_at(self, step: int, *, steps_per_epoch: int, epochs: int) -> float:
+        """Weight decay of the decaying groups at iteration ``step`` (constant unless
+        ``weight_decay_end`` is set)."""
+        if self.weight_decay_end is None:
+            return self.weight_decay
+        return cosine_ramp(step / max(1, epochs * steps_per_epoch), self.weight_decay, self.weight_decay_end)
 
 
 @dataclass(frozen=True)
@@ -274,8 +410,12 @@ class ViewSpec:
             view weighs the same (a plain mean).
         interpolation: of the random resized crop (SSLight: bicubic).
         hflip_prob, color_jitter (brightness, contrast, saturation, hue), color_jitter_prob,
-        grayscale_prob, blur_prob, blur_sigmas: the MoCo v2 augmentations. SSLight's photometric
-            augmentations are not in the facts available here; its presets keep MoCo v2's.
+            grayscale_prob, blur_sigmas: the same for every view (defaults: MoCo v2's).
+        blur_prob, solarize_prob: Gaussian blur (sigma in ``blur_sigmas``) and solarisation
+            (threshold 128), each one probability for every view or a triple (first global view,
+            other global views, local views). MoCo v2: blur 0.5 everywhere, no solarisation. The
+            SSLight authors' MoCo and DINO (BYOL's asymmetric views): blur (1.0, 0.1, 0.5),
+            solarisation (0, 0.2, 0).
         mean, std: normalisation.
     """
 
@@ -287,8 +427,9 @@ class ViewSpec:
     color_jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
+    blur_prob: Tuple[float, float, float] = (0.5, 0.5, 0.5)
     blur_sigmas: Tuple[float, float] = (0.1, 2.0)
+    solarize_prob: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
 
@@ -300,6 +441,8 @@ class ViewSpec:
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", _pair("loss_weights", self.loss_weights))
         object.__setattr__(self, "blur_sigmas", _pair("blur_sigmas", self.blur_sigmas))
+        object.__setattr__(self, "blur_prob", _view_probs("blur_prob", self.blur_prob))
+        object.__setattr__(self, "solarize_prob", _view_probs("solarize_prob", self.solarize_prob))
         object.__setattr__(self, "color_jitter", tuple(float(v) for v in self.color_jitter))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -315,6 +458,12 @@ class ViewSpec:
     @property
     def num_views(self) -> int:
         return self.global_crops.count + self.num_local
+
+    def view_probs(self, probs: Tuple[float, float, float]) -> Tuple[float, ...]:
+        """``probs`` (first global, other globals, locals; e.g. ``blur_prob``) per view, in view
+        order."""
+        first, other, local = probs
+        return (first,) + (other,) * (self.global_crops.count - 1) + (local,) * self.num_local
 
     def query_weights(self) -> Tuple[float, ...]:
         """MoCo loss weight of each query view (every view but the first global one), in view
@@ -368,7 +517,10 @@ class Recipe:
     (optimiser) and the toolkit integrations (models, transforms, losses).
 
     Attributes:
-        framework: ``"moco"`` (key encoder + queue) or ``"simclr"`` (in-batch negatives).
+        framework: ``"moco"`` (key encoder + queue) or ``"simclr"`` (in-batch negatives), both with
+            the smoothed InfoNCE of ``loss``; ``"dino"`` (``dino``) or ``"swav"`` (``swav``), with
+            SSLight's pair-weighted multi-crop loss (`smooth_infonce.integrations.multicrop`;
+            ``views.loss_weights`` are its (lambda_gg, lambda_gl)).
         batch_size: the recipe's total batch (learning rates scale from it per 256 images).
     """
 
@@ -378,6 +530,8 @@ class Recipe:
     head: HeadSpec = HeadSpec()
     loss: LossSpec = LossSpec()
     moco: MoCoSpec = MoCoSpec()
+    dino: DINOSpec = DINOSpec()
+    swav: SwAVSpec = SwAVSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
     views: ViewSpec = ViewSpec()
     epochs: int = 200
@@ -391,11 +545,25 @@ class Recipe:
         if self.framework == "moco" and self.moco.symmetric is not None:
             _check(self.views.num_views == 2, "moco.symmetric needs exactly two views (two global crops, no "
                                               f"local crops), got {self.views.num_views}")
+        # lightly's heads fix these: DINOProjectionHead is 3 layers, SwaVProjectionHead 2 with BN
+        if self.framework == "dino":
+            _check(self.head.num_layers == 3, f"DINO's head has 3 layers, got head.num_layers={self.head.num_layers}")
+        if self.framework == "swav":
+            _check(self.head.num_layers == 2 and self.head.batch_norm,
+                   f"SwAV's head is Linear -> BN -> ReLU -> Linear, got {self.head}")
+        if self.framework in ("dino", "swav"):
+            _check(self.views.global_crops.count == 2,
+                   f"{self.framework} takes targets from exactly 2 global crops, got {self.views.global_crops.count}")
 
     def view_weights(self) -> Optional[Tuple[float, ...]]:
         """The ``weights=`` argument of the loss for this recipe's views (see `view_loss_weights`)."""
         return view_loss_weights(self.framework, self.views.global_crops.count, self.views.num_local,
                                  self.views.loss_weights)
+
+    def pair_weights(self) -> PairWeights:
+        """DINO / SwAV: the weight of each (global target, view) pair (`multicrop.pair_weights`)."""
+        _check(self.framework in ("dino", "swav"), f"pair weights are for dino and swav, not {self.framework!r}")
+        return pair_weights(self.views.global_crops.count, self.views.num_local, self.views.loss_weights)
 
     def override(self, **overrides: Any) -> "Recipe":
         """A copy with fields replaced; nested fields as ``section__field`` or a dict per section."""
@@ -520,6 +688,29 @@ _SSLIGHT_OPTIMIZER = OptimizerSpec(
 )
 
 
+# The SSLight authors' photometric augmentations for MoCo and DINO (BYOL's asymmetric pair): blur
+# always on global 1, rarely on global 2, half the time on locals; solarisation on global 2 only.
+_SSLIGHT_PHOTOMETRIC = dict(color_jitter=(0.4, 0.4, 0.2, 0.1), color_jitter_prob=0.8, grayscale_prob=0.2,
+                            hflip_prob=0.5, blur_prob=(1.0, 0.1, 0.5), solarize_prob=(0.0, 0.2, 0.0))
+# ... and for SwAV (SwAV's own colour distortion of strength 1): blur 0.5 on every view, no solarisation.
+_SWAV_PHOTOMETRIC = dict(color_jitter=(0.8, 0.8, 0.8, 0.2), color_jitter_prob=0.8, grayscale_prob=0.2,
+                         hflip_prob=0.5, blur_prob=0.5, solarize_prob=0.0)
+
+
+def _multicrop_views(global_scale: Tuple[float, float], local: CropSpec, sslight: bool,
+                     photometric: Mapping[str, Any]) -> ViewSpec:
+    """2 x 224 px global crops at ``global_scale`` + ``local``, bicubic; SSLight weighs the
+    global and local pairs (0.4, 0.6), the baselines take the plain mean (None)."""
+    return ViewSpec(global_crops=CropSpec(2, 224, global_scale), local_crops=local,
+                    loss_weights=(0.4, 0.6) if sslight else None, interpolation="bicubic", **photometric)
+
+
+# View sampling, baseline vs SSLight (the authors' configs): CNNs split global and local crops at
+# scale 0.14 (baseline) or 0.3 (SSLight, with 128 px locals); ViT-Tiny at 0.25 or 0.3, 10 locals.
+_CNN_BASELINE_LOCALS, _CNN_SSLIGHT_LOCALS = CropSpec(6, 96, (0.05, 0.14)), CropSpec(6, 128, (0.05, 0.3))
+_VIT_BASELINE_LOCALS, _VIT_SSLIGHT_LOCALS = CropSpec(10, 96, (0.05, 0.25)), CropSpec(10, 128, (0.05, 0.3))
+
+
 @register_preset
 def sslight_baseline() -> Recipe:
     """MoCo v2 on MobileNetV2 with SSLight's optimisation and the baseline multi-crop (60.6 %
@@ -533,12 +724,7 @@ def sslight_baseline() -> Recipe:
         loss=LossSpec(temperature=0.2, smoothing=0.0),
         moco=MoCoSpec(queue_size=65536, key_momentum=0.999, shuffle_bn=True),
         optimizer=_SSLIGHT_OPTIMIZER,
-        views=ViewSpec(
-            global_crops=CropSpec(2, 224, (0.14, 1.0)),
-            local_crops=CropSpec(6, 96, (0.05, 0.14)),
-            loss_weights=None,
-            interpolation="bicubic",
-        ),
+        views=_multicrop_views((0.14, 1.0), _CNN_BASELINE_LOCALS, sslight=False, photometric=_SSLIGHT_PHOTOMETRIC),
         epochs=200,
         batch_size=1024,
         description="MoCo v2 + baseline multi-crop, SSLight optimisation (LARS), MobileNetV2",
@@ -552,9 +738,7 @@ def sslight_moco() -> Recipe:
     shared by the 6 local queries. Plain InfoNCE, as published; the key is global view 1."""
     return sslight_baseline().override(
         name="sslight_moco",
-        views__global_crops=CropSpec(2, 224, (0.3, 1.0)),
-        views__local_crops=CropSpec(6, 128, (0.05, 0.3)),
-        views__loss_weights=(0.4, 0.6),
+        views=_multicrop_views((0.3, 1.0), _CNN_SSLIGHT_LOCALS, sslight=True, photometric=_SSLIGHT_PHOTOMETRIC),
         description="MoCo v2 + SSLight view sampling (0.4 / 0.6 weights), LARS, MobileNetV2",
     )
 
@@ -569,4 +753,107 @@ def sslight_moco_smooth() -> Recipe:
         loss__smoothing=DEFAULT_SMOOTHING, loss__mode="neighbors", loss__neighbors=DEFAULT_NEIGHBORS,
         loss__schedule="warmup", loss__warmup_epochs=3,
         description="SSLight view sampling + smoothed InfoNCE (neighbours)",
+    )
+
+
+# --- SSLight's DINO and SwAV ------------------------------------------------------------------
+
+
+@register_preset
+def dino_baseline() -> Recipe:
+    """DINO on a CNN with the SSLight authors' baseline views (66.2 % linear top-1 on ImageNet
+    with MobileNetV2, 62.2 % ResNet-18, 67.7 % ResNet-34: ``backbone__name="resnet18"``): 2 x 224
+    px at (0.14, 1), 6 x 96 px at (0.05, 0.14), the plain mean over the 14 (global target, view)
+    pairs. Head 2048-2048-256 with BN and GELU, weight-normalised last layer of 4096 outputs with
+    its gain fixed; student tau 0.1, teacher tau 0.04 -> 0.07 over 50 epochs, centre momentum 0.9,
+    teacher EMA 0.996 -> 1 (cosine), last layer frozen in epoch 0; LARS as SSLight's MoCo."""
+    return Recipe(
+        name="dino_baseline",
+        framework="dino",
+        backbone=BackboneSpec("mobilenet_v2"),
+        head=HeadSpec(hidden_dim=2048, output_dim=256, num_layers=3, batch_norm=True),
+        dino=DINOSpec(),
+        optimizer=_SSLIGHT_OPTIMIZER,
+        views=_multicrop_views((0.14, 1.0), _CNN_BASELINE_LOCALS, sslight=False, photometric=_SSLIGHT_PHOTOMETRIC),
+        epochs=200,
+        batch_size=1024,
+        description="DINO + baseline multi-crop, LARS, MobileNetV2 (or ResNet-18/34)",
+    )
+
+
+@register_preset
+def sslight_dino() -> Recipe:
+    """`dino_baseline` with SSLight's views (68.3 % MobileNetV2, 65.7 % ResNet-18, 69.7 %
+    ResNet-34): 2 x 224 px at (0.3, 1), 6 x 128 px at (0.05, 0.3), lambda (0.4, 0.6): 0.2 per
+    global-global pair, 0.05 per global-local pair."""
+    return dino_baseline().override(
+        name="sslight_dino",
+        views=_multicrop_views((0.3, 1.0), _CNN_SSLIGHT_LOCALS, sslight=True, photometric=_SSLIGHT_PHOTOMETRIC),
+        description="DINO + SSLight view sampling (0.4 / 0.6), LARS, MobileNetV2 (or ResNet-18/34)",
+    )
+
+
+@register_preset
+def dino_vit_baseline() -> Recipe:
+    """DINO on ViT-Tiny/16 (drop path 0.1) with the baseline views (66.7 %): 2 x 224 px at
+    (0.25, 1), 10 x 96 px at (0.05, 0.25), plain mean over the 22 pairs. Head 2048-2048-256
+    without BN, 65536 outputs, last-layer gain learnt; teacher tau warm-up over 30 epochs; AdamW,
+    lr 5e-4 per 256 (2e-3 at 1024) to 1e-5 at 1024, weight decay 0.04 -> 0.4 (cosine)."""
+    return Recipe(
+        name="dino_vit_baseline",
+        framework="dino",
+        backbone=BackboneSpec("vit_tiny_patch16", kwargs={"drop_path_rate": 0.1}),
+        head=HeadSpec(hidden_dim=2048, output_dim=256, num_layers=3, batch_norm=False),
+        dino=DINOSpec(num_prototypes=65536, norm_last_layer=False, warmup_teacher_temperature_epochs=30),
+        optimizer=OptimizerSpec(name="adamw", lr_per_256=5e-4, min_lr_per_256=2.5e-6, weight_decay=0.04,
+                                weight_decay_end=0.4, warmup_epochs=10, lr_schedule="cosine",
+                                exclude_bias_norm=True, exclude_depthwise=False),
+        views=_multicrop_views((0.25, 1.0), _VIT_BASELINE_LOCALS, sslight=False, photometric=_SSLIGHT_PHOTOMETRIC),
+        epochs=200,
+        batch_size=1024,
+        description="DINO + baseline multi-crop, AdamW, ViT-Tiny/16",
+    )
+
+
+@register_preset
+def sslight_dino_vit() -> Recipe:
+    """`dino_vit_baseline` with SSLight's views (69.5 %): 2 x 224 px at (0.3, 1), 10 x 128 px at
+    (0.05, 0.3), lambda (0.4, 0.6): 0.2 per global-global pair, 0.03 per global-local pair."""
+    return dino_vit_baseline().override(
+        name="sslight_dino_vit",
+        views=_multicrop_views((0.3, 1.0), _VIT_SSLIGHT_LOCALS, sslight=True, photometric=_SSLIGHT_PHOTOMETRIC),
+        description="DINO + SSLight view sampling (0.4 / 0.6), AdamW, ViT-Tiny/16",
+    )
+
+
+@register_preset
+def swav_baseline() -> Recipe:
+    """SwAV on MobileNetV2 with the baseline views (65.2 %): 2 x 224 px at (0.14, 1), 6 x 96 px
+    at (0.05, 0.14), plain mean over the 14 pairs; SwAV's colour distortion. Head 4096 hidden with
+    BN and ReLU -> 128 -> L2 -> 3000 prototypes (normalised every step, frozen in epoch 0);
+    codes by Sinkhorn (epsilon 0.05, 3 iterations, over every process) of the 2 global views,
+    predicted at tau 0.1; queue of 3840 (3072 at batch 1024) from epoch 15; LARS, lr 0.3 per 256
+    (1.2 at 1024), warm-up from 0.075 at 1024, to 0.0048 at 1024."""
+    return Recipe(
+        name="swav_baseline",
+        framework="swav",
+        backbone=BackboneSpec("mobilenet_v2"),
+        head=HeadSpec(hidden_dim=4096, output_dim=128, num_layers=2, batch_norm=True),
+        swav=SwAVSpec(),
+        optimizer=dataclasses.replace(_SSLIGHT_OPTIMIZER, lr_per_256=0.3, warmup_start_lr_per_256=0.075 / 4),
+        views=_multicrop_views((0.14, 1.0), _CNN_BASELINE_LOCALS, sslight=False, photometric=_SWAV_PHOTOMETRIC),
+        epochs=200,
+        batch_size=1024,
+        description="SwAV + baseline multi-crop, LARS, MobileNetV2",
+    )
+
+
+@register_preset
+def sslight_swav() -> Recipe:
+    """`swav_baseline` with SSLight's views (67.3 %): 2 x 224 px at (0.3, 1), 6 x 128 px at
+    (0.05, 0.3), lambda (0.4, 0.6)."""
+    return swav_baseline().override(
+        name="sslight_swav",
+        views=_multicrop_views((0.3, 1.0), _CNN_SSLIGHT_LOCALS, sslight=True, photometric=_SWAV_PHOTOMETRIC),
+        description="SwAV + SSLight view sampling (0.4 / 0.6), LARS, MobileNetV2",
     )
