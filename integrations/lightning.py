@@ -37,7 +37,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .lightly import build_loss
 from .lightly_models import build_model, build_view_transform
-from .optim import build_optimizer
+from .optim import build_optimizer, set_schedules
 from .recipes import Recipe, get_preset
 
 RNG_STATE_KEY = "smooth_infonce_rng_state"
@@ -128,11 +128,15 @@ class PretrainModule(L.LightningModule):
             per_process = self.recipe.batch_size // max(1, trainer.world_size)
         return per_process * trainer.world_size * trainer.accumulate_grad_batches
 
-    def learning_rate(self) -> float:
+    def steps_per_epoch(self) -> int:
         trainer = self.trainer
-        steps_per_epoch = max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
-        return self.recipe.optimizer.learning_rate(self.global_step, steps_per_epoch=steps_per_epoch,
-                                                   epochs=trainer.max_epochs, batch_size=self.total_batch_size())
+        return max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
+
+    def set_schedules(self) -> float:
+        """The lr (and weight decay, where the recipe schedules it) of this step; returns the lr."""
+        return set_schedules(self.optimizers(), self.recipe.optimizer, self.global_step,
+                             steps_per_epoch=self.steps_per_epoch(), epochs=self.trainer.max_epochs,
+                             batch_size=self.total_batch_size())
 
     def on_train_start(self) -> None:
         images = len(self.trainer.train_dataloader.dataset)
@@ -151,9 +155,7 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         views, _, index = batch
-        lr = self.learning_rate()
-        for group in self.optimizers().param_groups:
-            group["lr"] = lr
+        lr = self.set_schedules()
         weights = self.recipe.view_weights()
         if self.recipe.framework == "moco":
             self.model.update_key_encoder()

@@ -173,6 +173,21 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec, batch_size: int) -> t
     lr = spec.scaled_lr(batch_size)
     if spec.name == "lars":
         return LARS(groups, lr=lr, momentum=spec.momentum, trust_coefficient=spec.trust_coefficient)
-    for group in groups:  # SGD does not know the LARS flag
+    for group in groups:  # SGD and AdamW do not know the LARS flag
         group.pop("lars_adaptation")
+    if spec.name == "adamw":  # DINO's ViT optimiser: torch's defaults (betas (0.9, 0.999), eps 1e-8)
+        return torch.optim.AdamW(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=spec.momentum)
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, spec: OptimizerSpec, step: int, *, steps_per_epoch: int,
+                  epochs: int, batch_size: int) -> float:
+    """Set the learning rate of every group and the weight decay of the decaying groups (those
+    built with ``spec.weight_decay``) for iteration ``step``; returns the learning rate."""
+    lr = spec.learning_rate(step, steps_per_epoch=steps_per_epoch, epochs=epochs, batch_size=batch_size)
+    weight_decay = spec.weight_decay_at(step, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("name") == "decay":
+            group["weight_decay"] = weight_decay
+    return lr
