@@ -18,7 +18,8 @@ from smooth_infonce.integrations.recipes import (
     list_presets,
 )
 
-PRESETS = ("light_moco", "moco_v2_baseline", "sslight_baseline", "sslight_moco", "sslight_moco_smooth")
+PRESETS = ("light_moco", "moco_v2_baseline", "sslight_baseline", "sslight_moco", "sslight_moco_smooth",
+           "dino_baseline", "sslight_dino", "dino_vit_baseline", "sslight_dino_vit", "swav_baseline", "sslight_swav")
 
 
 # --- presets ---------------------------------------------------------------------------------
@@ -64,6 +65,147 @@ def test_sslight_presets_follow_the_recipe_facts():
     assert sslight.views.query_weights() == pytest.approx((0.4,) + (0.1,) * 6)
     assert sslight.loss.smoothing == 0.0 and smooth.loss.smoothing > 0
     assert dataclasses.replace(smooth.loss, smoothing=0.0, schedule="constant", warmup_epochs=0) == sslight.loss
+    for recipe in (base, sslight, smooth):  # the authors' photometric augmentations, key = global view 1
+        assert_sslight_photometric(recipe.views)
+
+
+def assert_sslight_photometric(views: ViewSpec) -> None:
+    """The SSLight authors' MoCo and DINO augmentations, per view (global 1, global 2, locals)."""
+    assert views.color_jitter == (0.4, 0.4, 0.2, 0.1) and views.color_jitter_prob == 0.8
+    assert (views.grayscale_prob, views.hflip_prob, views.blur_sigmas) == (0.2, 0.5, (0.1, 2.0))
+    locals_ = views.num_local
+    assert views.view_probs(views.blur_prob) == (1.0, 0.1) + (0.5,) * locals_
+    assert views.view_probs(views.solarize_prob) == (0.0, 0.2) + (0.0,) * locals_
+
+
+# The six rows of SSLight's table (baseline -> SSLight, ImageNet linear top-1): preset pairs, their
+# global / local crops and pair weights (lambda_gg per global-global pair, lambda_gl per local one).
+SSLIGHT_ROWS = {
+    ("dino_baseline", "sslight_dino"): ((0.14, 96, 6, 0.14), (0.3, 128, 6, 0.3)),
+    ("dino_vit_baseline", "sslight_dino_vit"): ((0.25, 96, 10, 0.25), (0.3, 128, 10, 0.3)),
+    ("swav_baseline", "sslight_swav"): ((0.14, 96, 6, 0.14), (0.3, 128, 6, 0.3)),
+}
+
+
+@pytest.mark.parametrize("names", list(SSLIGHT_ROWS))
+def test_dino_and_swav_presets_carry_the_authors_views_and_pair_weights(names):
+    for name, (boundary, local_size, locals_, local_top) in zip(names, SSLIGHT_ROWS[names]):
+        recipe = get_preset(name)
+        views = recipe.views
+        assert views.global_crops == CropSpec(2, 224, (boundary, 1.0)) and views.interpolation == "bicubic"
+        assert views.local_crops == CropSpec(locals_, local_size, (0.05, local_top))
+        weights = recipe.pair_weights()
+        pairs = 2 * (1 + locals_)
+        assert [w[a] for a, w in enumerate(weights)] == [0.0, 0.0]  # a view is never its own target
+        assert sum(map(sum, weights)) == pytest.approx(1.0)
+        if name.startswith("sslight"):  # SSLight: 0.4 over the 2 global pairs, 0.6 over the 2 L local ones
+            assert views.loss_weights == (0.4, 0.6)
+            assert weights[0][1] == weights[1][0] == pytest.approx(0.2)
+            assert weights[0][2:] == pytest.approx((0.6 / (2 * locals_),) * locals_)
+        else:  # the baseline is the plain mean over pairs
+            assert views.loss_weights is None
+            assert all(w == pytest.approx(1 / pairs) for row in weights for v, w in enumerate(row) if w)
+        assert recipe.epochs == 200 and recipe.batch_size == 1024
+        if recipe.framework == "dino":
+            assert_sslight_photometric(views)
+        else:
+            assert views.color_jitter == (0.8, 0.8, 0.8, 0.2) and views.color_jitter_prob == 0.8
+            assert views.blur_prob == (0.5, 0.5, 0.5) and views.solarize_prob == (0.0, 0.0, 0.0)
+    assert get_preset(names[1]).pair_weights()[0][2] == pytest.approx(0.05 if locals_ == 6 else 0.03)
+
+
+def test_dino_presets_follow_the_authors_configs():
+    for name in ("dino_baseline", "sslight_dino"):
+        recipe = get_preset(name)
+        assert recipe.framework == "dino" and recipe.backbone.name == "mobilenet_v2"
+        assert (recipe.head.hidden_dim, recipe.head.output_dim, recipe.head.num_layers, recipe.head.batch_norm) == \
+            (2048, 256, 3, True)
+        dino = recipe.dino
+        assert (dino.num_prototypes, dino.norm_last_layer, dino.student_temperature) == (4096, True, 0.1)
+        assert (dino.warmup_teacher_temperature, dino.teacher_temperature, dino.warmup_teacher_temperature_epochs) \
+            == (0.04, 0.07, 50)
+        assert (dino.center_momentum, dino.teacher_momentum, dino.teacher_momentum_end) == (0.9, 0.996, 1.0)
+        assert dino.freeze_last_layer_epochs == 1
+        opt = recipe.optimizer
+        assert opt.name == "lars" and opt.scaled_lr(1024) == pytest.approx(1.92)
+        assert opt.min_lr_per_256 * 4 == pytest.approx(0.0048) and opt.weight_decay == 1e-6
+        assert opt.weight_decay_end is None and opt.warmup_epochs == 10
+        assert opt.exclude_bias_norm and opt.exclude_depthwise
+        for backbone in ("resnet18", "resnet34"):  # the same recipe on the other CNNs of the table
+            assert get_preset(name, backbone__name=backbone).backbone.name == backbone
+    for name in ("dino_vit_baseline", "sslight_dino_vit"):
+        recipe = get_preset(name)
+        assert recipe.backbone.name == "vit_tiny_patch16" and dict(recipe.backbone.kwargs) == {"drop_path_rate": 0.1}
+        assert recipe.head.batch_norm is False and recipe.head.num_layers == 3
+        assert (recipe.dino.num_prototypes, recipe.dino.norm_last_layer) == (65536, False)
+        assert recipe.dino.warmup_teacher_temperature_epochs == 30
+        opt = recipe.optimizer
+        assert opt.name == "adamw" and opt.scaled_lr(1024) == pytest.approx(2e-3)
+        assert opt.min_lr_per_256 * 4 == pytest.approx(1e-5)
+        assert (opt.weight_decay, opt.weight_decay_end) == (0.04, 0.4)
+
+
+def test_swav_presets_follow_the_authors_configs():
+    for name in ("swav_baseline", "sslight_swav"):
+        recipe = get_preset(name)
+        assert recipe.framework == "swav" and recipe.backbone.name == "mobilenet_v2"
+        assert (recipe.head.hidden_dim, recipe.head.output_dim, recipe.head.batch_norm) == (4096, 128, True)
+        swav = recipe.swav
+        assert (swav.num_prototypes, swav.temperature, swav.sinkhorn_epsilon, swav.sinkhorn_iterations) == \
+            (3000, 0.1, 0.05, 3)
+        assert (swav.queue_size, swav.queue_start_epoch, swav.freeze_prototypes_epochs) == (3840, 15, 1)
+        assert swav.queue_length(1024) == 3072 and swav.queue_length(3840) == 3840 and swav.queue_length(4096) == 0
+        opt = recipe.optimizer
+        assert opt.name == "lars" and opt.scaled_lr(1024) == pytest.approx(1.2)
+        assert opt.warmup_start_lr_per_256 * 4 == pytest.approx(0.075)
+        assert opt.min_lr_per_256 * 4 == pytest.approx(0.0048)
+
+
+def test_dino_teacher_schedules_equal_lightlys_and_dinos():
+    """tau_t per epoch as lightly's DINOLoss computes it (DINO's linspace), the teacher's EMA as
+    DINO's per-iteration cosine."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    for spec in (get_preset("dino_baseline").dino, get_preset("dino_vit_baseline").dino):
+        theirs = lightly_loss.DINOLoss(output_dim=8, warmup_teacher_temp=spec.warmup_teacher_temperature,
+                                       teacher_temp=spec.teacher_temperature,
+                                       warmup_teacher_temp_epochs=spec.warmup_teacher_temperature_epochs)
+        schedule = theirs.teacher_temp_schedule.tolist()
+        for epoch in range(spec.warmup_teacher_temperature_epochs + 3):
+            expected = schedule[epoch] if epoch < len(schedule) else spec.teacher_temperature
+            assert spec.teacher_temperature_at(epoch) == pytest.approx(expected, rel=1e-6)
+    spec = get_preset("sslight_dino").dino
+    total = 1000
+    for step in (0, 1, 250, 500, 999, 1000):
+        expected = 1 + (0.996 - 1) * (1 + math.cos(math.pi * step / total)) / 2
+        assert spec.teacher_momentum_at(step, total) == pytest.approx(expected, abs=1e-15)
+
+
+def test_warmup_start_and_weight_decay_schedule():
+    spec = get_preset("swav_baseline").optimizer
+    kwargs = dict(steps_per_epoch=10, epochs=200, batch_size=1024)
+    assert spec.learning_rate(0, **kwargs) == pytest.approx(0.075 + (1.2 - 0.075) / 100)
+    assert spec.learning_rate(99, **kwargs) == pytest.approx(1.2)
+    vit = get_preset("dino_vit_baseline").optimizer
+    decay = [vit.weight_decay_at(s, steps_per_epoch=10, epochs=200) for s in (0, 1000, 2000)]
+    assert decay == pytest.approx([0.04, 0.22, 0.4])
+    assert get_preset("sslight_dino").optimizer.weight_decay_at(1234, steps_per_epoch=10, epochs=200) == 1e-6
+
+
+def test_dino_and_swav_recipes_reject_heads_and_views_their_losses_cannot_take():
+    with pytest.raises(ValueError, match="3 layers"):
+        get_preset("sslight_dino", head__num_layers=2)
+    with pytest.raises(ValueError, match="SwAV's head"):
+        get_preset("sslight_swav", head__batch_norm=False)
+    with pytest.raises(ValueError, match="2 global crops"):
+        get_preset("sslight_dino", views__global_crops={"count": 3, "size": 224, "scale": (0.3, 1.0)})
+    for bad in (dict(dino__teacher_temperature=0.0), dict(dino__center_momentum=1.5),
+                dict(dino__warmup_teacher_temperature_epochs=-1), dict(swav__sinkhorn_epsilon=0.0),
+                dict(swav__queue_size=-1), dict(views__blur_prob=(1.0, 0.1)), dict(views__solarize_prob=1.5),
+                dict(optimizer__weight_decay_end=-0.1)):
+        with pytest.raises(ValueError):
+            get_preset("sslight_dino", **bad)
+    with pytest.raises(ValueError, match="pair weights"):
+        get_preset("sslight_moco").pair_weights()
 
 
 def test_overrides_nested_dict_and_validation():
