@@ -106,3 +106,20 @@ def test_decay_exemptions_match_the_groups():
     assert exempt == {id(p): g["name"] for g in parameter_groups(model, spec) if g["name"] != "decay"
                       for p in g["params"]}
     assert decay_exemptions(model, get_preset("light_moco").optimizer) == {}
+
+
+def test_vit_preset_gets_adamw_and_its_weight_decay_schedule_reaches_only_the_decaying_group():
+    from smooth_infonce.integrations.optim import set_schedules
+
+    recipe = get_preset("sslight_dino_vit")
+    model = build_backbone("vit_tiny_patch16")
+    optimizer = build_optimizer(model, recipe.optimizer, batch_size=1024)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert {g["name"] for g in optimizer.param_groups} == {"decay", "no_decay_1d"}
+    kwargs = dict(steps_per_epoch=10, epochs=200, batch_size=1024)
+    lr = set_schedules(optimizer, recipe.optimizer, 1000, **kwargs)
+    assert lr == pytest.approx(recipe.optimizer.learning_rate(1000, **kwargs))
+    decay = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
+    assert decay["decay"] == (lr, pytest.approx(0.22)) and decay["no_decay_1d"] == (lr, 0.0)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # AdamW takes the groups as built (no LARS flag left in them)
