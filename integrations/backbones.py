@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -113,10 +114,18 @@ def build_backbone(name: str, *, cifar_stem: Optional[bool] = None, **kwargs) ->
     return Backbone(net, name)
 
 
+def _require(module: str, extra: str):
+    """Import an optional package, or raise an ImportError that names the extra bringing it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"this backbone needs {module}: pip install 'smooth-infonce[{extra}]' ({err})") from err
+
+
 # --- timm ------------------------------------------------------------------------------------
 
 def _timm(model_name: str, *, cifar_stem: bool = False, **kwargs) -> nn.Module:
-    import timm
+    timm = _require("timm", "timm")
 
     # num_classes=0 drops the classifier; the output is the pooled feature (after conv_head).
     net = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
@@ -157,7 +166,7 @@ def _vit_tiny_patch16(cifar_stem: bool = False, **kwargs) -> nn.Module:
 # --- torchvision -----------------------------------------------------------------------------
 
 def _torchvision_resnet(arch: str, cifar_stem: bool, **kwargs) -> nn.Module:
-    import torchvision
+    torchvision = _require("torchvision", "lightly")
 
     net = getattr(torchvision.models, arch)(weights=None, **kwargs)
     if cifar_stem:
@@ -185,7 +194,7 @@ def _resnet50(cifar_stem: bool = False, **kwargs) -> nn.Module:
 @register_backbone("mobilenet_v2")
 def _mobilenet_v2(cifar_stem: bool = False, **kwargs) -> nn.Module:
     """torchvision's MobileNetV2 (the SSLight backbone), classifier removed: 1280 features."""
-    import torchvision
+    torchvision = _require("torchvision", "lightly")
 
     net = torchvision.models.mobilenet_v2(weights=None, **kwargs)
     if cifar_stem:

@@ -1,21 +1,113 @@
-"""The README's quickstarts run as written: every Python block after a `<!-- readme-test -->` marker."""
+"""The README's quickstarts run as written, each with only the extra its heading names: every Python
+block after a `<!-- readme-test extra=NAME -->` marker runs in a fresh interpreter in which the
+optional packages of every other extra cannot be imported (no extra: the core's torch, numpy and
+triton only)."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).parent.parent / "README.md"
-BLOCKS = re.findall(r"<!-- readme-test -->\n```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+BLOCKS = re.findall(r"<!-- readme-test extra=(\w*) -->\n```python\n(.*?)```", README.read_text(), flags=re.S)
+# import name of each optional distribution the extras install
+IMPORT_NAMES = {"lightly": "lightly", "torchvision": "torchvision", "timm": "timm", "hydra-core": "hydra",
+                "lightning": "lightning", "scikit-learn": "sklearn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+# Runs the block with the blocked packages hidden from every import finder, exactly as if they were
+# not installed: an import raises ModuleNotFoundError and importlib.util.find_spec returns None.
+RUNNER = """
+import importlib.abc, sys
+BLOCKED = set(sys.argv[1].split(",")) - {""}
+
+class WithoutBlocked(importlib.abc.MetaPathFinder):
+    def __init__(self, finders):
+        self.finders = finders
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            return None
+        for finder in self.finders:
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                return spec
+        return None
+
+    def invalidate_caches(self):
+        for finder in self.finders:
+            getattr(finder, "invalidate_caches", lambda: None)()
+
+sys.meta_path[:] = [WithoutBlocked(list(sys.meta_path))]
+exec(compile(sys.stdin.read(), "README.md block", "exec"), {"__name__": "__main__"})
+"""
 
 
-def test_the_readme_marks_its_quickstarts():
-    assert len(BLOCKS) >= 3
+def distribution_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ (]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def installed_closure(names: set[str]) -> set[str]:
+    """``names`` and everything they require, transitively, as installed (extras' own extras and
+    marker-guarded requirements left out)."""
+    from importlib import metadata
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [distribution_name(r) for r in requirements if ";" not in r]
+    return seen
+
+
+def extras() -> dict[str, set[str]]:
+    """{extra: import names of the optional packages it installs, directly or through them}."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {}
+    for extra, requirements in table.items():
+        distributions = installed_closure({distribution_name(r) for r in requirements})
+        names[extra] = {IMPORT_NAMES[d] for d in distributions if d in IMPORT_NAMES}
+    return names
+
+
+def test_the_readme_marks_its_quickstarts_with_their_extras():
+    assert len(BLOCKS) >= 4
+    known = set(extras()) | {""}
+    assert {extra for extra, _ in BLOCKS} <= known
+    for extra, _ in BLOCKS:  # the extra a block runs with is the one its section names
+        assert extra == "" or f'".[{extra}]"' in README.read_text()
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # anything a block writes stays out of the checkout
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": f"readme_block_{index}"})
+def test_readme_block_runs_with_only_its_extra(index, tmp_path):
+    extra, code = BLOCKS[index]
+    table = extras()
+    optional = set().union(*(names for name, names in table.items() if name != "test"))
+    blocked = optional - table.get(extra, set())
+    done = subprocess.run([sys.executable, "-c", RUNNER, ",".join(sorted(blocked))], input=code, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"block {index} (extra {extra!r}, blocked {sorted(blocked)}):\n{done.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("blocked, code, extra", [
+    ("lightly", "from smooth_infonce.integrations.lightly import SmoothNTXentLoss", "lightly"),
+    ("timm", "from smooth_infonce.integrations.backbones import build_backbone\nbuild_backbone('efficientnet_b0')",
+     "timm"),
+    ("torchvision", "from smooth_infonce.integrations.backbones import build_backbone\nbuild_backbone('resnet18')",
+     "lightly"),
+])
+def test_a_missing_package_names_the_extra_to_install(blocked, code, extra, tmp_path):
+    """The runner can fail, and a feature whose package is missing names the extra that brings it."""
+    done = subprocess.run([sys.executable, "-c", RUNNER, blocked], input=code, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and f"pip install 'smooth-infonce[{extra}]'" in done.stderr, done.stderr[-2000:]
