@@ -6,7 +6,7 @@ PyPI release). solo-learn is imported by `register` and by the launcher only.
 
     >>> from smooth_infonce.integrations.solo import register
     >>> register()          # doctest: +SKIP
-    {'methods': ['smooth_simclr', 'smooth_mocov2plus'], 'backbones': ['mobilenetv3_large_100', ...]}
+    {'methods': ['smooth_simclr', 'smooth_mocov2plus', 'sslight_dino', 'sslight_swav'], 'backbones': [...]}
 
 Command line (see README.md next to this file):
 
@@ -23,7 +23,7 @@ from .losses import KeyQueue, moco_loss, moco_step, simclr_loss
 from .options import loss_options
 from .registry import SOLO_INSTALL_HINT, SoloLearnNotFound, is_registered, register
 
-METHOD_NAMES = ("smooth_simclr", "smooth_mocov2plus")
+METHOD_NAMES = ("smooth_simclr", "smooth_mocov2plus", "sslight_dino", "sslight_swav")
 
 __all__ = [
     "CONFIG_PACKAGE",

@@ -11,13 +11,11 @@
 Both extend solo-learn through its extension points only: they subclass its base classes, call
 their ``training_step`` and add the loss on top; the MoCo queue is this package's own module
 (``key_queue``), so solo-learn's ``mocov2plus`` buffers are never redefined. The options are the
-``method_kwargs`` of `options` (one `LossOptions`), plus two keys solo-learn lacks:
+``method_kwargs`` of `options` (one `LossOptions`), plus the optimiser keys solo-learn lacks
+(`optimizer_cfg`: ``optimizer.exclude_depthwise_wd``, ``scheduler.min_lr_per_256``,
+``scheduler.warmup_start_lr_per_256``).
 
-- ``optimizer.exclude_depthwise_wd`` (bool, default false): no weight decay on depthwise kernels
-  (SSLight), on top of solo-learn's ``optimizer.exclude_bias_n_norm_wd`` (1-D parameters).
-- ``scheduler.min_lr_per_256`` (float or null, default null): the final lr per 256 images; when
-  set it replaces ``scheduler.min_lr``, scaled like solo-learn scales ``optimizer.lr`` (batch
-  size x devices x nodes / 256), so the recipe's lr floor follows the batch.
+SSLight's DINO and SwAV (``sslight_dino``, ``sslight_swav``) are in `multicrop_methods`.
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from smooth_infonce.integrations.optim import split_no_decay
 from smooth_infonce.integrations.recipes import OptimizerSpec, view_loss_weights
 
 from .losses import KeyQueue, moco_step, simclr_loss
+from .optimizer_cfg import add_optimizer_cfg
 from .options import METHOD_DEFAULTS, MOCO_DEFAULTS, loss_options, moco_settings, validate_flag, weight_pair
 
 # Marks a class as ours, so registration can tell our entries from foreign ones.
@@ -85,13 +84,7 @@ class _SmoothedLoss:
                 cfg.method_kwargs[key] = default
         if extra_defaults:
             moco_settings(cfg.method_kwargs, options)
-        cfg.optimizer.exclude_depthwise_wd = omegaconf_select(cfg, "optimizer.exclude_depthwise_wd", False)
-        min_lr_per_256 = omegaconf_select(cfg, "scheduler.min_lr_per_256", None)
-        if min_lr_per_256 is not None:
-            # solo-learn scales optimizer.lr by the total batch in parse_cfg, not min_lr; same
-            # factor as there (len(devices): a list of GPU ids, or "1" on CPU)
-            total_batch = cfg.optimizer.batch_size * len(cfg.devices) * omegaconf_select(cfg, "num_nodes", 1)
-            cfg.scheduler.min_lr = float(min_lr_per_256) * total_batch / 256
+        add_optimizer_cfg(cfg)  # exclude_depthwise_wd, the per-256 lr floor and warm-up start
 
     def _init_loss(self, cfg: omegaconf.DictConfig) -> None:
         self.loss_options = loss_options(cfg.method_kwargs, cfg.max_epochs)

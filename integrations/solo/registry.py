@@ -33,7 +33,8 @@ def import_solo():
 
 
 def register(*, methods: bool = True, backbones: bool = True) -> Dict[str, List[str]]:
-    """Register ``smooth_simclr``, ``smooth_mocov2plus`` in ``solo.methods.METHODS`` and the
+    """Register ``smooth_simclr``, ``smooth_mocov2plus``, ``sslight_dino``, ``sslight_swav`` in
+    ``solo.methods.METHODS`` and the
     lightweight backbones in ``solo.methods.base.BaseMethod._BACKBONES`` (used by both
     main_pretrain.py and main_linear.py).
 
@@ -50,8 +51,9 @@ def register(*, methods: bool = True, backbones: bool = True) -> Dict[str, List[
     registered: Dict[str, List[str]] = {"methods": [], "backbones": []}
     if methods:
         from .methods import METHOD_MARKER, METHODS
+        from .multicrop_methods import MULTICROP_METHODS
 
-        for name, cls in METHODS.items():
+        for name, cls in {**METHODS, **MULTICROP_METHODS}.items():
             _add(solo_methods.METHODS, name, cls, METHOD_MARKER, "method")
             registered["methods"].append(name)
     if backbones:
@@ -75,10 +77,10 @@ def is_registered() -> bool:
         solo_methods = import_solo()
     except SoloLearnNotFound:
         return False
+    from . import METHOD_NAMES
     from .methods import METHOD_MARKER
 
-    have_methods = all(getattr(solo_methods.METHODS.get(n), METHOD_MARKER, False)
-                       for n in ("smooth_simclr", "smooth_mocov2plus"))
+    have_methods = all(getattr(solo_methods.METHODS.get(n), METHOD_MARKER, False) for n in METHOD_NAMES)
     table = solo_methods.base.BaseMethod._BACKBONES
     have_backbones = all(getattr(table.get(n), FACTORY_MARKER, None) == n for n in solo_backbone_factories())
     return have_methods and have_backbones
