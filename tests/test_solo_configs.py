@@ -40,6 +40,7 @@ from smooth_infonce.integrations.solo import (
     simclr_loss,
     solo_backbone_factory,
 )
+from smooth_infonce.integrations.solo.backbones import SOLO_RESNETS
 from smooth_infonce.integrations.solo.configs_index import config_dir, list_group_options
 from smooth_infonce.integrations.solo.launcher import (
     find_solo_clone,
@@ -62,6 +63,9 @@ from oracles import loop_oracle, moco_oracle
 
 SOLO_INSTALLED = importlib.util.find_spec("solo") is not None
 LIGHTWEIGHT = ("mobilenetv3_large_100", "efficientnet_b0", "mobilenet_v2")
+# backbone groups beyond the lightweight CNNs: solo-learn's own resnet18, the registered resnet34 and ViT
+BACKBONE_GROUPS = {*LIGHTWEIGHT, "resnet18", "resnet34", "vit_tiny_patch16"}
+SMOOTH_METHODS = ("smooth_simclr", "smooth_mocov2plus")
 GROUPS = list_group_options()
 # Values that configs leave to the command line (???), filled so every key resolves.
 REQUIRED_OVERRIDES = {
@@ -81,8 +85,16 @@ SHARED_KEYS = {"name", "backbone.name", "data.dataset", "data.train_path", "opti
                "optimizer.batch_size", "optimizer.lr", "optimizer.weight_decay", "scheduler.name",
                "max_epochs", "devices", "accelerator", "wandb.enabled"}
 PRETRAIN_KEYS = SHARED_KEYS | {"method", "method_kwargs.proj_hidden_dim", "method_kwargs.proj_output_dim",
-                               "method_kwargs.temperature", "optimizer.classifier_lr"}
+                               "optimizer.classifier_lr"}
 MOCO_KEYS = {"method_kwargs.queue_size", "momentum.base_tau", "momentum.final_tau"}
+# What solo-learn's DINO / SwAV read without a default (plus their defaulted keys, all generated).
+DINO_KEYS = {"method_kwargs." + k for k in (
+    "proj_hidden_dim", "proj_output_dim", "num_prototypes", "use_bn_in_head", "norm_last_layer", "student_temperature",
+    "teacher_temperature", "warmup_teacher_temperature", "warmup_teacher_temperature_epochs", "center_momentum",
+    "freeze_last_layer", "clip_grad", "loss_weights")} | {"momentum.base_tau", "momentum.final_tau"}
+SWAV_KEYS = {"method_kwargs." + k for k in (
+    "proj_hidden_dim", "proj_output_dim", "num_prototypes", "temperature", "sk_iters", "sk_epsilon", "queue_size",
+    "epoch_queue_starts", "freeze_prototypes_epochs", "loss_weights")}
 LINEAR_KEYS = SHARED_KEYS | {"data.val_path", "pretrained_feature_extractor"}
 
 
@@ -135,42 +147,64 @@ def test_register_without_solo_raises_with_install_recipe():
 # --- configs -----------------------------------------------------------------------------------
 
 def test_shipped_configs_are_listed():
-    assert set(list_configs("pretrain")) == {
-        "pretrain/moco_v2_baseline", "pretrain/light_moco", "pretrain/sslight_baseline", "pretrain/sslight_moco",
-        "pretrain/sslight_moco_smooth", "pretrain/smoke_cpu", "pretrain/smoke_cpu_simclr"}
+    assert set(list_configs("pretrain")) == {f"pretrain/{p}" for p in list_presets()} | {
+        "pretrain/smoke_cpu", "pretrain/smoke_cpu_simclr"}
+    assert {"pretrain/sslight_dino", "pretrain/sslight_swav", "pretrain/sslight_dino_vit"} <= set(list_configs())
     assert set(list_configs("linear")) == {"linear/linear", "linear/smoke_cpu"}
-    assert set(GROUPS["backbone"]) == set(LIGHTWEIGHT)
+    assert set(GROUPS["backbone"]) == BACKBONE_GROUPS
     assert {"imagenet", "imagenet100", "cifar_custom"} <= set(GROUPS["dataset"])
+
+
+def backbone_dataset_grid(name: str):
+    """Every dataset with the config's own backbone, every backbone on ImageNet and on CIFAR (the
+    full grid of backbones x datasets: `test_every_backbone_composes_with_every_dataset`)."""
+    own = compose(name, overrides=CUSTOM_DATA if "smoke" in name else []).backbone.name
+    pairs = {(own, dataset) for dataset in GROUPS["dataset"]}
+    return sorted(pairs | {(b, d) for b in GROUPS["backbone"] for d in ("imagenet", "cifar_custom")})
 
 
 @pytest.mark.parametrize("name", list_configs("pretrain"))
 def test_pretrain_configs_compose_for_every_backbone_and_dataset(name):
-    for backbone in GROUPS["backbone"]:
-        for dataset in GROUPS["dataset"]:
-            cfg = compose_config(name, [f"backbone={backbone}", f"dataset={dataset}"])
-            where = f"{name} backbone={backbone} dataset={dataset}"
-            missing = {k for k in PRETRAIN_KEYS if not has_key(cfg, k)}
-            assert not missing, f"{where}: missing {missing}"
-            assert cfg.method in METHOD_NAMES and cfg.backbone.name == backbone
-            assert cfg.backbone.name in SOLO_BACKBONES
-            assert cfg.backbone.kwargs.cifar_stem == (cfg.views.global_size <= 64)
-            if cfg.method == "smooth_mocov2plus":
-                assert all(has_key(cfg, k) for k in MOCO_KEYS), where
-                assert cfg.method_kwargs.queue_size % cfg.optimizer.batch_size == 0
-            for pipeline in cfg.augmentations:
-                assert all(has_key(pipeline, k) for k in AUGMENTATION_KEYS), f"{where}: {pipeline}"
-            large, small = count_crops(cfg.augmentations)
-            assert large == 2, f"{where}: main_pretrain.py needs exactly 2 large crops"
-            assert isinstance(cfg.optimizer.lr, float) and isinstance(cfg.optimizer.weight_decay, float)
-            assert cfg.accelerator != "cpu" or cfg.devices == "1"
-            assert cfg.data.dataset in ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "custom")
-            # the method's own checks, as it runs them at start-up
-            options = loss_options(cfg.method_kwargs, cfg.max_epochs)
-            negatives = cfg.method_kwargs.get("queue_size", 2 * cfg.optimizer.batch_size)
-            assert options.neighbors is None or options.neighbors < negatives
-            assert options.few_negatives == "use_all"
-            if cfg.method == "smooth_mocov2plus":
-                moco_settings(cfg.method_kwargs, options)
+    check_pretrain_config(name, backbone_dataset_grid(name))
+
+
+def test_every_backbone_composes_with_every_dataset():
+    check_pretrain_config("pretrain/sslight_dino", [(b, d) for b in GROUPS["backbone"] for d in GROUPS["dataset"]])
+
+
+def check_pretrain_config(name, grid):
+    for backbone, dataset in grid:
+        cfg = compose_config(name, [f"backbone={backbone}", f"dataset={dataset}"])
+        where = f"{name} backbone={backbone} dataset={dataset}"
+        missing = {k for k in PRETRAIN_KEYS if not has_key(cfg, k)}
+        assert not missing, f"{where}: missing {missing}"
+        assert cfg.method in METHOD_NAMES and cfg.backbone.name == backbone
+        assert cfg.backbone.name in (*SOLO_BACKBONES, *SOLO_RESNETS, "resnet18")
+        # the shared CNNs take the dataset's stem; solo-learn's resnet18 and the ViT take none
+        stem = cfg.backbone.kwargs.get("cifar_stem")
+        assert stem == (cfg.views.global_size <= 64) or (stem is None and backbone in ("resnet18", "vit_tiny_patch16"))
+        required = {"smooth_mocov2plus": MOCO_KEYS, "sslight_dino": DINO_KEYS, "sslight_swav": SWAV_KEYS}
+        assert all(has_key(cfg, k) for k in required.get(cfg.method, ())), where
+        if cfg.method in ("smooth_mocov2plus", "sslight_swav"):
+            assert cfg.method_kwargs.queue_size % cfg.optimizer.batch_size == 0
+        for pipeline in cfg.augmentations:
+            assert all(has_key(pipeline, k) for k in AUGMENTATION_KEYS), f"{where}: {pipeline}"
+        large, small = count_crops(cfg.augmentations)
+        assert large == 2, f"{where}: main_pretrain.py needs exactly 2 large crops"
+        assert isinstance(cfg.optimizer.lr, float) and isinstance(cfg.optimizer.weight_decay, float)
+        assert cfg.accelerator != "cpu" or cfg.devices == "1"
+        assert cfg.data.dataset in ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "custom")
+        if cfg.method == "sslight_dino":  # solo-learn's teacher-temperature schedule needs it
+            assert cfg.method_kwargs.warmup_teacher_temperature_epochs <= cfg.max_epochs
+        if cfg.method not in SMOOTH_METHODS:
+            continue
+        # the method's own checks, as it runs them at start-up
+        options = loss_options(cfg.method_kwargs, cfg.max_epochs)
+        negatives = cfg.method_kwargs.get("queue_size", 2 * cfg.optimizer.batch_size)
+        assert options.neighbors is None or options.neighbors < negatives
+        assert options.few_negatives == "use_all"
+        if cfg.method == "smooth_mocov2plus":
+            moco_settings(cfg.method_kwargs, options)
 
 
 @pytest.mark.parametrize("name", list_configs("linear"))
@@ -181,6 +215,7 @@ def test_linear_configs_compose_for_every_backbone_and_dataset(name):
             missing = {k for k in LINEAR_KEYS if not has_key(cfg, k)}
             assert not missing, f"{name} {backbone} {dataset}: missing {missing}"
             assert cfg.pretrain_method in METHOD_NAMES
+            assert "cifar_stem" not in cfg.backbone.kwargs or cfg.backbone.kwargs.cifar_stem == cfg.views.cifar_stem
 
 
 def test_required_values_are_marked_missing():
@@ -191,12 +226,21 @@ def test_required_values_are_marked_missing():
     assert OmegaConf.is_missing(compose("linear/linear"), "pretrained_feature_extractor")
 
 
-def test_cifar_dataset_scales_the_crops_and_drops_the_blur():
-    cfg = compose_config("pretrain/sslight_moco", ["dataset=cifar_custom"])
+@pytest.mark.parametrize("preset", ["sslight_moco", "sslight_dino", "sslight_swav", "dino_vit_baseline"])
+def test_cifar_dataset_scales_the_crops_and_drops_the_blur(preset):
+    """Every view's blur follows the dataset (off at 32 px); solarisation and the crops' split into
+    pipelines do not."""
+    cfg = compose_config(f"pretrain/{preset}", ["dataset=cifar_custom"])
+    imagenet = compose_config(f"pretrain/{preset}", ["dataset=imagenet"])
     sizes = [(p.crop_size, p.num_crops) for p in cfg.augmentations]
-    assert sizes == [(32, 2), (18, 6)]
+    local = {"dino_vit_baseline": (14, 10)}.get(preset, (18, 6))
+    assert sizes == ([(32, 2)] if preset == "sslight_swav" else [(32, 1), (32, 1)]) + [local]
     assert all(p.gaussian_blur.prob == 0 for p in cfg.augmentations)
-    assert cfg.data.dataset == "custom" and cfg.backbone.kwargs.cifar_stem is True
+    assert any(p.gaussian_blur.prob > 0 for p in imagenet.augmentations)
+    assert [p.solarization.prob for p in cfg.augmentations] == [p.solarization.prob for p in imagenet.augmentations]
+    if preset != "dino_vit_baseline":
+        assert cfg.backbone.kwargs.cifar_stem is True
+    assert cfg.data.dataset == "custom" and count_crops(cfg.augmentations)[0] == 2
     assert list(cfg.augmentations[0].mean) == pytest.approx([0.4914, 0.4822, 0.4465])
 
 
@@ -207,23 +251,72 @@ def test_command_line_overrides_reach_the_config():
     assert list(cfg.devices) == [0, 1] and cfg.name == "light_moco-efficientnet_b0-imagenet"
 
 
-PRESET_CONFIGS = ["moco_v2_baseline", "light_moco", "sslight_baseline", "sslight_moco", "sslight_moco_smooth"]
+PRESET_CONFIGS = list_presets()
+METHOD_OF = {"moco": "smooth_mocov2plus", "simclr": "smooth_simclr", "dino": "sslight_dino", "swav": "sslight_swav"}
 
 
 def test_every_preset_has_a_config():
-    assert set(PRESET_CONFIGS) == set(list_presets())
+    assert {"moco_v2_baseline", "light_moco", "sslight_baseline", "sslight_moco", "sslight_moco_smooth",
+            "dino_baseline", "sslight_dino", "dino_vit_baseline", "sslight_dino_vit", "swav_baseline",
+            "sslight_swav"} <= set(PRESET_CONFIGS)
+    assert {f"pretrain/{p}" for p in PRESET_CONFIGS} <= set(list_configs("pretrain"))
 
 
-@pytest.mark.parametrize("preset_name", PRESET_CONFIGS)
-def test_config_matches_the_shared_preset(preset_name):
-    """The YAML is the solo-learn rendering of the preset: every number the preset fixes agrees."""
-    recipe = get_preset(preset_name)
-    cfg = compose_config(f"pretrain/{preset_name}", ["dataset=imagenet"])
+def per_view(cfg, read):
+    """``read(pipeline)`` for every crop, in solo-learn's crop order (pipelines in order, each
+    repeated num_crops times: FullTransformPipeline)."""
+    return [read(p) for p in cfg.augmentations for _ in range(p.num_crops)]
+
+
+def check_views(cfg, recipe):
+    """The composed pipelines are the preset's views, view by view (ImageNet resolution)."""
+    views = recipe.views
+    assert count_crops(cfg.augmentations) == (views.global_crops.count, views.num_local)
+    crops = [views.global_crops] * views.global_crops.count + [views.local_crops] * views.num_local
+    assert per_view(cfg, lambda p: p.crop_size) == [c.size for c in crops]
+    assert per_view(cfg, lambda p: (p.rrc.crop_min_scale, p.rrc.crop_max_scale)) == [c.scale for c in crops]
+    assert per_view(cfg, lambda p: p.gaussian_blur.prob) == pytest.approx(views.view_probs(views.blur_prob))
+    assert per_view(cfg, lambda p: p.solarization.prob) == pytest.approx(views.view_probs(views.solarize_prob))
+    for pipeline in cfg.augmentations:
+        jitter = pipeline.color_jitter
+        assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == pytest.approx(views.color_jitter)
+        assert jitter.prob == views.color_jitter_prob and pipeline.grayscale.prob == views.grayscale_prob
+        assert pipeline.horizontal_flip.prob == views.hflip_prob and pipeline.equalization.prob == 0
+        assert tuple(pipeline.mean) == pytest.approx(views.mean) and tuple(pipeline.std) == pytest.approx(views.std)
+    assert views.interpolation == "bicubic" or recipe.framework in ("moco", "simclr")  # solo-learn: bicubic
+    weights = cfg.method_kwargs.loss_weights
+    assert (None if weights is None else tuple(weights)) == views.loss_weights
+
+
+def check_optimizer(cfg, recipe):
+    """solo-learn scales lr per 256 images like the preset; the per-256 floor and warm-up start
+    and the weight-decay schedule are this package's keys (optimizer_cfg)."""
+    opt = recipe.optimizer
+    assert cfg.optimizer.name == opt.name and cfg.optimizer.lr == pytest.approx(opt.lr_per_256)
+    assert cfg.optimizer.weight_decay == pytest.approx(opt.weight_decay)
+    assert cfg.optimizer.get("weight_decay_end") == opt.weight_decay_end
+    if opt.name == "adamw":
+        assert list(cfg.optimizer.kwargs.betas) == [0.9, 0.999] and "momentum" not in cfg.optimizer.kwargs
+    else:
+        assert cfg.optimizer.kwargs.momentum == opt.momentum
+    assert cfg.optimizer.exclude_bias_n_norm_wd == opt.exclude_bias_norm
+    assert cfg.optimizer.exclude_depthwise_wd == opt.exclude_depthwise
+    if opt.name == "lars":
+        assert cfg.optimizer.kwargs.eta == opt.trust_coefficient
+        assert cfg.optimizer.kwargs.exclude_bias_n_norm == opt.exclude_bias_norm
+    assert cfg.scheduler.name == "warmup_cosine" and opt.lr_schedule == "cosine"
+    assert cfg.scheduler.warmup_epochs == opt.warmup_epochs and cfg.scheduler.interval == "step"
+    assert cfg.scheduler.min_lr_per_256 == pytest.approx(opt.min_lr_per_256)
+    assert cfg.scheduler.get("warmup_start_lr_per_256", 0.0) == pytest.approx(opt.warmup_start_lr_per_256)
+    assert cfg.max_epochs == recipe.epochs
+    assert recipe.batch_size % cfg.optimizer.batch_size == 0  # per-device batch x GPUs = the preset's
+    run = generate.SOLO_RUNS.get(recipe.name, generate.SoloRun())
+    assert recipe.batch_size // cfg.optimizer.batch_size == run.devices
+
+
+def check_smoothed_method(cfg, recipe):
     kwargs, loss = cfg.method_kwargs, recipe.loss
-    assert cfg.backbone.name == recipe.backbone.name
-    assert cfg.method == {"moco": "smooth_mocov2plus", "simclr": "smooth_simclr"}[recipe.framework]
     # head: solo-learn's MoCo V2+ projector is Linear -> ReLU -> Linear without BN
-    assert (kwargs.proj_hidden_dim, kwargs.proj_output_dim) == (recipe.head.hidden_dim, recipe.head.output_dim)
     assert recipe.head.num_layers == 2 and not recipe.head.batch_norm
     # loss: the preset's options (the solo methods' few_negatives policy), hence the same alpha schedule
     options = loss_options(kwargs, cfg.max_epochs)
@@ -234,41 +327,61 @@ def test_config_matches_the_shared_preset(preset_name):
     assert [options.smoothing_at(e) for e in range(recipe.epochs + 2)] == [ramp(e) for e in range(recipe.epochs + 2)]
     assert kwargs.wait_for_full_bank == loss.wait_for_full_bank and kwargs.mask_own_queue_entries is True
     assert symmetric_mode(kwargs) == recipe.moco.symmetric
-    # MoCo
     assert kwargs.queue_size == recipe.moco.queue_size
     assert cfg.momentum.base_tau == cfg.momentum.final_tau == recipe.moco.key_momentum
-    # optimiser: solo-learn scales lr per 256 images like the preset
-    opt = recipe.optimizer
-    assert cfg.optimizer.name == opt.name and cfg.optimizer.lr == pytest.approx(opt.lr_per_256)
-    assert cfg.optimizer.weight_decay == pytest.approx(opt.weight_decay)
-    assert cfg.optimizer.kwargs.momentum == opt.momentum
-    assert cfg.optimizer.exclude_bias_n_norm_wd == opt.exclude_bias_norm
-    assert cfg.optimizer.exclude_depthwise_wd == opt.exclude_depthwise
-    if opt.name == "lars":
-        assert cfg.optimizer.kwargs.eta == opt.trust_coefficient
-        assert cfg.optimizer.kwargs.exclude_bias_n_norm == opt.exclude_bias_norm
-    assert cfg.scheduler.name == "warmup_cosine" and opt.lr_schedule == "cosine"
-    assert cfg.scheduler.warmup_epochs == opt.warmup_epochs and cfg.scheduler.warmup_start_lr == 0
-    scheduler = cfg.scheduler
-    min_lr_per_256 = scheduler.min_lr_per_256 if "min_lr_per_256" in scheduler else scheduler.min_lr
-    assert min_lr_per_256 == pytest.approx(opt.min_lr_per_256)
-    assert cfg.max_epochs == recipe.epochs
-    assert recipe.batch_size % cfg.optimizer.batch_size == 0  # per-device batch x GPUs = the preset's
-    # views
-    views = recipe.views
-    large, small = count_crops(cfg.augmentations)
-    assert (large, small) == (views.global_crops.count, views.num_local)
-    for pipeline in cfg.augmentations:
-        crop = views.global_crops if pipeline.crop_size == cfg.augmentations[0].crop_size else views.local_crops
-        assert pipeline.crop_size == crop.size
-        assert (pipeline.rrc.crop_min_scale, pipeline.rrc.crop_max_scale) == pytest.approx(crop.scale)
-        jitter = pipeline.color_jitter
-        assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == pytest.approx(views.color_jitter)
-        assert jitter.prob == views.color_jitter_prob and pipeline.grayscale.prob == views.grayscale_prob
-        assert pipeline.gaussian_blur.prob == views.blur_prob and pipeline.horizontal_flip.prob == views.hflip_prob
-        assert tuple(pipeline.mean) == pytest.approx(views.mean) and tuple(pipeline.std) == pytest.approx(views.std)
-    weights = kwargs.loss_weights
-    assert (None if weights is None else tuple(weights)) == views.loss_weights
+
+
+def check_dino(cfg, recipe):
+    kwargs, dino, head = cfg.method_kwargs, recipe.dino, recipe.head
+    assert (kwargs.proj_hidden_dim, kwargs.proj_output_dim, kwargs.use_bn_in_head) == (
+        head.hidden_dim, head.output_dim, head.batch_norm)
+    assert head.num_layers == 3  # solo-learn's DINOHead default, which its DINO does not expose
+    assert (kwargs.num_prototypes, kwargs.norm_last_layer) == (dino.num_prototypes, dino.norm_last_layer)
+    assert (kwargs.student_temperature, kwargs.teacher_temperature, kwargs.warmup_teacher_temperature,
+            kwargs.warmup_teacher_temperature_epochs) == (
+        dino.student_temperature, dino.teacher_temperature, dino.warmup_teacher_temperature,
+        dino.warmup_teacher_temperature_epochs)
+    assert kwargs.center_momentum == dino.center_momentum
+    assert kwargs.freeze_last_layer == dino.freeze_last_layer_epochs and kwargs.clip_grad == 0
+    assert (cfg.momentum.base_tau, cfg.momentum.final_tau) == (dino.teacher_momentum, dino.teacher_momentum_end)
+    assert cfg.momentum.classifier is False
+    assert dict(cfg.backbone.kwargs).items() >= dict(recipe.backbone.kwargs).items()  # ViT: drop path 0.1
+
+
+def check_swav(cfg, recipe):
+    kwargs, swav, head = cfg.method_kwargs, recipe.swav, recipe.head
+    assert (kwargs.proj_hidden_dim, kwargs.proj_output_dim) == (head.hidden_dim, head.output_dim)
+    assert head.num_layers == 2 and head.batch_norm  # solo-learn's SwAV projector: Linear BN ReLU Linear
+    assert (kwargs.num_prototypes, kwargs.temperature, kwargs.sk_iters, kwargs.sk_epsilon) == (
+        swav.num_prototypes, swav.temperature, swav.sinkhorn_iterations, swav.sinkhorn_epsilon)
+    assert kwargs.queue_size == swav.queue_length(recipe.batch_size) == 3072  # 3840 trimmed at batch 1024
+    assert (kwargs.epoch_queue_starts, kwargs.freeze_prototypes_epochs) == (
+        swav.queue_start_epoch, swav.freeze_prototypes_epochs)
+    assert "momentum" not in cfg or cfg.momentum is None
+
+
+@pytest.mark.parametrize("preset_name", PRESET_CONFIGS)
+def test_config_matches_the_shared_preset(preset_name):
+    """The YAML is the solo-learn rendering of the preset: every number the preset fixes agrees."""
+    recipe = get_preset(preset_name)
+    cfg = compose_config(f"pretrain/{preset_name}", ["dataset=imagenet"])
+    assert cfg.backbone.name == recipe.backbone.name and cfg.method == METHOD_OF[recipe.framework]
+    {"moco": check_smoothed_method, "simclr": check_smoothed_method, "dino": check_dino,
+     "swav": check_swav}[recipe.framework](cfg, recipe)
+    check_optimizer(cfg, recipe)
+    check_views(cfg, recipe)
+
+
+def test_moco_presets_carry_the_authors_photometric_augmentations():
+    """SSLight's MoCo (as its DINO): ColorJitter(0.4, 0.4, 0.2, 0.1), blur 1.0 / 0.1 / 0.5 and
+    solarisation 0 / 0.2 / 0 on global 1 / global 2 / the locals."""
+    for preset in ("sslight_baseline", "sslight_moco", "sslight_moco_smooth", "dino_baseline", "sslight_dino"):
+        cfg = compose_config(f"pretrain/{preset}", ["dataset=imagenet"])
+        assert per_view(cfg, lambda p: p.gaussian_blur.prob) == [1.0, 0.1] + [0.5] * 6, preset
+        assert per_view(cfg, lambda p: p.solarization.prob) == [0.0, 0.2] + [0.0] * 6, preset
+        assert per_view(cfg, lambda p: p.color_jitter.saturation) == [0.2] * 8, preset
+    swav = compose_config("pretrain/sslight_swav", ["dataset=imagenet"])
+    assert per_view(swav, lambda p: (p.gaussian_blur.prob, p.solarization.prob)) == [(0.5, 0.0)] * 8
 
 
 # --- generated configs ----------------------------------------------------------------------
@@ -278,7 +391,8 @@ def test_shipped_preset_configs_equal_the_generated_ones():
     assert generate.stale_files() == {}
     generated = set(generate.generated_files())
     assert {f"pretrain/{p}.yaml" for p in list_presets()} <= generated
-    groups = {"moco_v2", "sslight", "sslight_baseline"}
+    groups = {"moco_v2", "sslight", "sslight_baseline", "swav_baseline", "sslight_swav", "dino_vit_baseline",
+              "sslight_dino_vit"}
     assert {f"augmentations/{group}.yaml" for group in groups} <= generated
     for rel in generated:
         assert (generate.Path(config_dir()) / rel).read_text().count(generate.GENERATED_MARK) == 1
