@@ -34,6 +34,7 @@ from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_smoothing
 from smooth_infonce.views import Weights, check_views, multi_view_loss, symmetric_moco_loss
 
+from .lightly_multicrop import SSLightDINOLoss, SSLightSwaVLoss
 from .recipes import Recipe
 
 NO_ID = -1  # a bank entry whose sample id is unknown: never masked
@@ -339,11 +340,31 @@ def _option_defaults() -> dict:
     return {name: parameters[name].default for name in LossOptions.field_names()}
 
 
-def build_loss(recipe: Recipe, **kwargs: Any) -> SmoothNTXentLoss:
-    """The recipe's loss: a memory bank of ``moco.queue_size`` keys for MoCo, in-batch for SimCLR;
-    alpha starts at the schedule's epoch-0 value. ``kwargs``: loss options not in the recipe
-    (``backend``, ``deterministic``, ``allow_tf32``, ``normalize``, ``few_negatives``, ...) and the
-    drop-in's own arguments (``persistent_bank=True``, ``validate``, ``gather_distributed``)."""
+def build_loss(recipe: Recipe, **kwargs: Any) -> Union[SmoothNTXentLoss, SSLightDINOLoss, SSLightSwaVLoss]:
+    """The recipe's loss.
+
+    - moco / simclr: `SmoothNTXentLoss`, a memory bank of ``moco.queue_size`` keys for MoCo,
+      in-batch for SimCLR; alpha starts at the schedule's epoch-0 value. ``kwargs``: loss options
+      not in the recipe (``backend``, ``deterministic``, ``allow_tf32``, ``normalize``,
+      ``few_negatives``, ...) and the drop-in's own arguments (``persistent_bank=True``,
+      ``validate``, ``gather_distributed``).
+    - dino: `SSLightDINOLoss` with the recipe's temperatures, teacher-temperature warm-up, centre
+      momentum and ``views.loss_weights``; ``kwargs``: its other arguments (``center_mode``).
+    - swav: `SSLightSwaVLoss` with the recipe's temperature, Sinkhorn settings and
+      ``views.loss_weights``; ``kwargs``: ``sinkhorn_gather_distributed``.
+    """
+    if recipe.framework == "dino":
+        dino = recipe.dino
+        return SSLightDINOLoss(output_dim=dino.num_prototypes, warmup_teacher_temp=dino.warmup_teacher_temperature,
+                               teacher_temp=dino.teacher_temperature,
+                               warmup_teacher_temp_epochs=dino.warmup_teacher_temperature_epochs,
+                               student_temp=dino.student_temperature, center_momentum=dino.center_momentum,
+                               loss_weights=recipe.views.loss_weights, **kwargs)
+    if recipe.framework == "swav":
+        swav = recipe.swav
+        return SSLightSwaVLoss(temperature=swav.temperature, sinkhorn_iterations=swav.sinkhorn_iterations,
+                               sinkhorn_epsilon=swav.sinkhorn_epsilon, loss_weights=recipe.views.loss_weights,
+                               **kwargs)
     option_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in LossOptions.field_names()}
     option_fields.setdefault("few_negatives", "use_all")
     bank = (recipe.moco.queue_size, recipe.head.output_dim) if recipe.framework == "moco" else 0
