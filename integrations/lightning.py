@@ -8,10 +8,22 @@
 
 `PretrainModule` wires one recipe end to end: the lightly model (backbone + head, and for MoCo the
 momentum key encoder), the lightly drop-in loss with the recipe's alpha schedule (set every epoch),
-the optimiser with its parameter groups (SGD or LARS, the no-decay rules), the warm-up + cosine lr
-(set every step), the multi-crop views (`PretrainDataModule`), and the MoCo queue in every
-checkpoint. Under Lightning's DDP, SimCLR gathers the negatives of every process and MoCo enqueues
-the keys of every process (``gather_distributed``); nothing here is a hand-written loop.
+the optimiser with its parameter groups (SGD, LARS or AdamW, the no-decay rules), the warm-up +
+cosine lr and the scheduled weight decay (set every step), the multi-crop views
+(`PretrainDataModule`), and the MoCo queue in every checkpoint. Under Lightning's DDP, SimCLR
+gathers the negatives of every process and MoCo enqueues the keys of every process
+(``gather_distributed``); nothing here is a hand-written loop.
+
+DINO and SwAV (SSLight's pair-weighted multi-crop loss, `lightly_multicrop`): the student and its
+EMA teacher (`DINOModel`), or the prototypes and the queue (`SwAVModel`). DINO: the teacher
+temperature by epoch, the teacher's EMA after every optimiser step at
+``recipe.dino.teacher_momentum_at(step, total steps)``, the last layer's gradients dropped in the
+first ``freeze_last_layer_epochs`` epochs, the centre (all-reduced over the processes by lightly)
+in the checkpoint. SwAV: the prototypes normalised every step and their gradients dropped in the
+first ``freeze_prototypes_epochs`` epochs, Sinkhorn over every process, the queue sized at the
+start of training from the global batch (`SwAVSpec.queue_length`), filled from
+``swav.queue_start_epoch`` on and in the checkpoint. No gradient clipping (the authors' DINO and
+SwAV runs have none).
 
 MoCo masks a query's own image in the queue: the data module hands the dataset index of every
 image to the loss (``ids``), which stores it beside each enqueued key.
@@ -101,8 +113,9 @@ class PretrainModule(L.LightningModule):
     Args:
         recipe: a `Recipe` (``get_preset(name, **overrides)``).
         mask_own_keys: MoCo: leave queue entries of a query's own image out of its negatives.
-        loss_options: more `SmoothNTXentLoss` keywords (``backend``, ``deterministic``,
-            ``allow_tf32``, ...).
+        loss_options: more keywords of the recipe's loss (`build_loss`): `SmoothNTXentLoss`'s
+            (``backend``, ``deterministic``, ``allow_tf32``, ...) for MoCo and SimCLR,
+            `SSLightDINOLoss`'s or `SSLightSwaVLoss`'s for DINO and SwAV.
 
     The learning rate scales with the total batch of the run (per-process batch x processes x
     gradient accumulation), per 256 images, as the recipe states.
@@ -113,9 +126,14 @@ class PretrainModule(L.LightningModule):
         self.recipe = recipe
         self.mask_own_keys = mask_own_keys and recipe.framework == "moco"
         self.model = build_model(recipe)
-        loss_options.setdefault("persistent_bank", True)
-        loss_options.setdefault("gather_distributed", True)  # a no-op on one process
+        if recipe.framework in ("moco", "simclr"):
+            loss_options.setdefault("persistent_bank", True)
+            loss_options.setdefault("gather_distributed", True)  # a no-op on one process
+        elif recipe.framework == "swav":
+            loss_options.setdefault("sinkhorn_gather_distributed", True)  # a no-op on one process
+        # (DINO: lightly all-reduces the centre's batch mean whenever torch.distributed is running)
         self.criterion = build_loss(recipe, **loss_options)
+        self._teacher_updated_at = -1  # the last optimiser step the DINO teacher followed
         self.save_hyperparameters({"recipe": recipe.to_dict(), "mask_own_keys": mask_own_keys, **{
             k: v for k, v in loss_options.items() if isinstance(v, (bool, int, float, str, type(None)))}})
 
@@ -138,7 +156,16 @@ class PretrainModule(L.LightningModule):
                              steps_per_epoch=self.steps_per_epoch(), epochs=self.trainer.max_epochs,
                              batch_size=self.total_batch_size())
 
+    def teacher_momentum(self, step: int) -> float:
+        """DINO: the teacher's EMA factor after optimiser step ``step`` (cosine over the run)."""
+        return self.recipe.dino.teacher_momentum_at(step, self.trainer.estimated_stepping_batches)
+
     def on_train_start(self) -> None:
+        if self.recipe.framework == "swav":
+            # SwAV's queue: the nominal size trimmed to a multiple of the images of one step over
+            # all processes (a resumed run finds it restored at that length and keeps it)
+            step_batch = self.total_batch_size() // self.trainer.accumulate_grad_batches
+            self.model.set_queue_length(self.recipe.swav.queue_length(step_batch))
         images = len(self.trainer.train_dataloader.dataset)
         queue = self.recipe.moco.queue_size
         if self.recipe.framework == "moco" and queue > images:
@@ -148,8 +175,9 @@ class PretrainModule(L.LightningModule):
                           f"meets earlier keys of its own image in the queue; {what}", stacklevel=2)
 
     def on_train_epoch_start(self) -> None:
-        alpha = self.criterion.set_epoch(self.current_epoch)
-        self.log("train/alpha_schedule", alpha, on_step=False, on_epoch=True)
+        if self.recipe.framework in ("moco", "simclr"):
+            alpha = self.criterion.set_epoch(self.current_epoch)
+            self.log("train/alpha_schedule", alpha, on_step=False, on_epoch=True)
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -157,15 +185,41 @@ class PretrainModule(L.LightningModule):
         views, _, index = batch
         lr = self.set_schedules()
         weights = self.recipe.view_weights()
-        if self.recipe.framework == "moco":
+        framework = self.recipe.framework
+        if framework in ("dino", "swav"):
+            # DINO: tau_t by epoch (lightly's schedule); SwAV: the queue by epoch
+            if framework == "dino":
+                tau = self.criterion.teacher_temperature(epoch=self.current_epoch)
+                extra = {"train/teacher_temperature": float(tau)}
+            else:  # whether this step's Sinkhorn sees the queue (read before the step enqueues)
+                extra = {"train/queue_in_use": float(self.model.queue_in_use(self.current_epoch))}
+            loss = self.model.training_loss(views, self.criterion, epoch=self.current_epoch)
+        elif framework == "moco":
             self.model.update_key_encoder()
             ids = index if self.mask_own_keys else None
             loss = self.model.training_loss(views, self.criterion, weights=weights, ids=ids)
+            extra = {"train/alpha": self.criterion.effective_smoothing}
         else:
             loss = self.model.training_loss(views, self.criterion, weights=weights)
-        self.log_dict({"train/loss": loss, "train/lr": lr, "train/alpha": self.criterion.effective_smoothing},
+            extra = {"train/alpha": self.criterion.effective_smoothing}
+        self.log_dict({"train/loss": loss, "train/lr": lr, **extra},
                       prog_bar=True, on_step=True, on_epoch=False, batch_size=views[0].shape[0])
         return loss
+
+    def on_after_backward(self) -> None:
+        # the gradients are final here (DDP has averaged them); the optimiser step comes next
+        if self.recipe.framework == "dino":
+            self.model.cancel_last_layer_gradients(self.current_epoch)
+        elif self.recipe.framework == "swav":
+            self.model.cancel_prototype_gradients(self.current_epoch)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DINO's teacher follows the student after each optimiser step, at that step's momentum
+        # (with gradient accumulation, batches without a step leave global_step unchanged)
+        step = self.global_step - 1
+        if self.recipe.framework == "dino" and step >= 0 and step != self._teacher_updated_at:
+            self.model.update_teacher(self.teacher_momentum(step))
+            self._teacher_updated_at = step
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.model, self.recipe.optimizer, batch_size=self.total_batch_size())

@@ -4,8 +4,10 @@ Lightning's DDP launcher starts rank 1 by running this script again, and the kil
 needs a process it can kill, so these runs cannot live inside the pytest process.
 
     python tests/lightning_runs.py step --devices 2 --out step.pt      # one SimCLR step, DDP or not
+    python tests/lightning_runs.py step --preset sslight_dino --devices 2 --out step.pt   # 3 DINO / SwAV steps
     python tests/lightning_runs.py presets --out presets.json           # every preset under 2-process DDP
     python tests/lightning_runs.py train --dir RUN [--kill-at-epoch 2] [--resume]
+    python tests/lightning_runs.py train --presets sslight_dino,sslight_swav --dir RUN --kill-at-epoch 2 --resume
 """
 
 from __future__ import annotations
@@ -28,9 +30,32 @@ import lightning as L  # noqa: E402
 from smooth_infonce.integrations.backbones import list_backbones, register_backbone  # noqa: E402
 from smooth_infonce.integrations.digits import digit_images  # noqa: E402
 from smooth_infonce.integrations.lightning import PretrainDataModule, from_preset  # noqa: E402
+from smooth_infonce.integrations.recipes import get_preset  # noqa: E402
 
 TINY = dict(backbone__name="tiny_cnn", backbone__kwargs={"width": 8}, head__hidden_dim=32,
             head__output_dim=16, views__global_crops={"size": 16}, views__local_crops=None)
+TINY_LOCALS = {"count": 2, "size": 8, "scale": (0.05, 0.3)}
+
+
+def tiny_overrides(preset: str, keep_vit: bool = False) -> dict:
+    """A preset shrunk for the CPU: tiny_cnn at 16 px, small heads, queues and prototypes, two
+    8 px local crops where the preset has local crops. ``keep_vit``: the ViT presets keep
+    ViT-Tiny/16 (drop path included) at its smallest sizes, 32 px globals and 16 px locals."""
+    recipe = get_preset(preset)
+    overrides = dict(TINY, moco__queue_size=32, dino__num_prototypes=64, swav__num_prototypes=32)
+    if recipe.views.local_crops is not None:
+        overrides["views__local_crops"] = dict(TINY_LOCALS)
+    if keep_vit and recipe.backbone.name == "vit_tiny_patch16":
+        del overrides["backbone__name"], overrides["backbone__kwargs"]
+        overrides["views__global_crops"] = {"size": 32}
+        overrides["views__local_crops"] = dict(TINY_LOCALS, size=16)
+    return overrides
+
+
+def module_options(preset: str) -> dict:
+    """The smoothed-InfoNCE presets run the loss's reference backend on the CPU; DINO and SwAV
+    have lightly's losses, without backends."""
+    return {"backend": "reference"} if get_preset(preset).framework in ("moco", "simclr") else {}
 
 
 # --- one step: DDP against one process on the same global batch ---------------------------------
@@ -44,17 +69,19 @@ if "flat_linear" not in list_backbones():
 
 
 class FixedViews(Dataset):
-    """Two fixed random views per image: no augmentation randomness between the runs."""
+    """Two fixed random 8 px views per image (and ``num_local`` 4 px ones): no augmentation
+    randomness between the runs."""
 
-    def __init__(self, count: int = 16) -> None:
+    def __init__(self, count: int = 16, num_local: int = 0) -> None:
         gen = torch.Generator().manual_seed(0)
         self.views = torch.randn(count, 2, 3, 8, 8, generator=gen)
+        self.locals = torch.randn(count, num_local, 3, 4, 4, generator=gen)
 
     def __len__(self) -> int:
         return len(self.views)
 
     def __getitem__(self, index: int):
-        return [self.views[index, 0], self.views[index, 1]], 0
+        return [self.views[index, 0], self.views[index, 1], *self.locals[index]], 0
 
 
 class RecordStep(L.Callback):
@@ -66,8 +93,17 @@ class RecordStep(L.Callback):
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         grads = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
         losses = module.all_gather(self.loss)  # each process's mean over its own rows
+        record = {"loss": losses.float().mean(), "grad": grads, "world_size": trainer.world_size}
+        if module.recipe.framework == "dino":
+            record["center"] = module.criterion.center.clone()
+            record["teacher"] = torch.cat([p.flatten() for p in module.model.teacher_head.parameters()])
+        if module.recipe.framework == "swav":  # the rows' order differs between the runs: compare Gram matrices
+            queue = module.model.queue
+            record["queue_gram"] = torch.einsum("vqd,vqe->vde", queue, queue)
+            record["queue_filled"] = int(module.model.queue_filled)
+            record["queue_in_use"] = module.model.queue_in_use(module.current_epoch)
         if trainer.is_global_zero:
-            torch.save({"loss": losses.float().mean(), "grad": grads, "world_size": trainer.world_size}, self.out)
+            torch.save(record, self.out)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self.loss = None
@@ -76,17 +112,49 @@ class RecordStep(L.Callback):
         self.loss = loss.detach()
 
 
+class BatchNormInEvalMode(L.Callback):
+    """Batch norm normalises with statistics of the process's own rows, so one process and two
+    differ by design. SwAV's head has batch norm (lightly's SwaVProjectionHead), so the DDP
+    comparison keeps every batch-norm layer in eval mode: it then applies its fixed running
+    statistics to each row alone, and everything else of the step (distributed Sinkhorn, the
+    queue over the processes, gradient averaging) is compared exactly. Without this callback the
+    comparison fails."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        for layer in module.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.eval()
+
+
 def one_step(args) -> None:
+    """``--preset simclr``: one SimCLR step. ``sslight_dino`` / ``sslight_swav``: three steps (one per
+    epoch) of 16 images with 2 global and 2 local views, so that the centre, the teacher's EMA and
+    (SwAV) a full queue of two steps all enter the recorded third step."""
     L.seed_everything(0, workers=True)
-    module = from_preset("light_moco", framework="simclr", backbone__name="flat_linear", backbone__kwargs={},
-                         head__hidden_dim=16, head__output_dim=8, head__batch_norm=False,
-                         loss__smoothing=0.1, loss__schedule="constant", loss__warmup_epochs=0,
-                         views__local_crops=None, module_options={"backend": "reference"})
-    data = PretrainDataModule(module.recipe, dataset=FixedViews(), transform=None,
+    callbacks = [RecordStep(args.out)]
+    if args.preset == "simclr":
+        module = from_preset("light_moco", framework="simclr", backbone__name="flat_linear", backbone__kwargs={},
+                             head__hidden_dim=16, head__output_dim=8, head__batch_norm=False,
+                             loss__smoothing=0.1, loss__schedule="constant", loss__warmup_epochs=0,
+                             views__local_crops=None, module_options={"backend": "reference"})
+        dataset, steps = FixedViews(), 1
+    else:
+        common = dict(backbone__name="flat_linear", backbone__kwargs={}, head__hidden_dim=16, head__output_dim=8,
+                      views__local_crops={"count": 2, "size": 4, "scale": (0.05, 0.3)}, optimizer__warmup_epochs=0)
+        if args.preset == "sslight_dino":  # no batch norm in the head: the per-row computation is the same
+            module = from_preset("sslight_dino", head__batch_norm=False, dino__num_prototypes=32,
+                                 dino__freeze_last_layer_epochs=0, dino__teacher_momentum=0.9,
+                                 dino__warmup_teacher_temperature_epochs=3, **common)
+        else:  # a queue of two global batches, filling from the first step
+            module = from_preset("sslight_swav", swav__num_prototypes=24, swav__queue_size=32,
+                                 swav__queue_start_epoch=0, swav__freeze_prototypes_epochs=0, **common)
+            callbacks.append(BatchNormInEvalMode())
+        dataset, steps = FixedViews(num_local=2), 3
+    data = PretrainDataModule(module.recipe, dataset=dataset, transform=None,
                               batch_size=16 // args.devices, shuffle=False)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[RecordStep(args.out)])
+                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
 
 
@@ -97,10 +165,8 @@ def every_preset(args) -> None:
     seen = {}
     for preset in list_presets():
         L.seed_everything(0, workers=True)
-        overrides = dict(TINY, moco__queue_size=32)
-        if preset.startswith("sslight"):
-            overrides["views__local_crops"] = {"count": 2, "size": 8, "scale": (0.05, 0.3)}
-        module = from_preset(preset, module_options={"backend": "reference"}, **overrides)
+        # tiny_cnn for every preset here (the ViT presets run ViT-Tiny in the CPU test)
+        module = from_preset(preset, module_options=module_options(preset), **tiny_overrides(preset))
         data = PretrainDataModule(module.recipe, dataset=DigitImages(64), batch_size=8)
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -127,10 +193,19 @@ class RecordLosses(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "loss": float(outputs["loss"]),
+                  "lr": module.optimizers().param_groups[0]["lr"]}
+        framework = module.recipe.framework
+        if framework in ("moco", "simclr"):
+            record["alpha"] = module.criterion.effective_smoothing
+        elif framework == "dino":
+            record["teacher_temperature"] = float(module.criterion.teacher_temperature(epoch=trainer.current_epoch))
+            record["center_norm"] = float(module.criterion.center.norm())
+        else:
+            record["queue_in_use"] = bool(trainer.callback_metrics["train/queue_in_use"])  # in this step's loss
+            record["queue_filled"] = int(module.model.queue_filled)
         with self.path.open("a") as f:
-            f.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                                "loss": float(outputs["loss"]), "alpha": module.criterion.effective_smoothing,
-                                "lr": module.optimizers().param_groups[0]["lr"]}) + "\n")
+            f.write(json.dumps(record) + "\n")
             f.flush()
 
 
@@ -145,20 +220,48 @@ class DigitImages(Dataset):
         return self.images[index], self.labels[index]
 
 
-def train(args) -> None:
-    run = Path(args.dir)
-    run.mkdir(parents=True, exist_ok=True)
+# The runs `train` knows: light_moco (alpha warm-up, queue); DINO with the teacher temperature
+# rising over 3 epochs and the last layer frozen in epoch 0; SwAV with a queue of two steps that
+# fills from epoch 1 and is in use from its third step (so a checkpoint after epoch 1 holds a full
+# queue in use), prototypes frozen in epoch 0.
+TRAIN_RUNS = {
+    "light_moco": dict(moco__queue_size=48, loss__warmup_epochs=1, optimizer__warmup_epochs=1, **TINY),
+    "sslight_dino": dict(tiny_overrides("sslight_dino"), dino__warmup_teacher_temperature_epochs=3,
+                         optimizer__warmup_epochs=1),
+    "sslight_swav": dict(tiny_overrides("sslight_swav"), swav__queue_size=32, swav__queue_start_epoch=1,
+                         optimizer__warmup_epochs=1),
+}
+
+
+def train_one(preset: str, run: Path, epochs: int, kill_at_epoch: int | None, resume: bool) -> None:
     L.seed_everything(0, workers=True)
-    module = from_preset("light_moco", moco__queue_size=48, loss__warmup_epochs=1, optimizer__warmup_epochs=1,
-                         module_options={"backend": "reference"}, **TINY)
+    module = from_preset(preset, module_options=module_options(preset), **TRAIN_RUNS[preset])
     data = PretrainDataModule(module.recipe, dataset=DigitImages(64), batch_size=16)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run / "ckpt", save_last=True, save_top_k=-1,
                                                       every_n_epochs=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, deterministic=True, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, deterministic=True, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[RecordLosses(run / "losses.jsonl", args.kill_at_epoch), checkpoints])
-    trainer.fit(module, datamodule=data, ckpt_path=str(run / "ckpt" / "last.ckpt") if args.resume else None)
-    torch.save({"bank": module.criterion.memory_bank.bank.clone(), "state": module.state_dict()}, run / "final.pt")
+                        callbacks=[RecordLosses(run / "losses.jsonl", kill_at_epoch), checkpoints])
+    trainer.fit(module, datamodule=data, ckpt_path=str(run / "ckpt" / "last.ckpt") if resume else None)
+    final = {"state": module.state_dict()}
+    if module.recipe.framework == "moco":
+        final["bank"] = module.criterion.memory_bank.bank.clone()
+    torch.save(final, run / "final.pt")
+
+
+def train(args) -> None:
+    """One run in ``--dir``, or with ``--presets a,b`` one per preset in ``--dir/<preset>``, in turn:
+    a finished run (final.pt) is skipped, one with a checkpoint resumes (``--resume``), a fresh
+    one is killed at ``--kill-at-epoch``. Calling ``--kill-at-epoch 2 --resume`` again and again
+    kills and resumes each preset in turn, two presets in four processes."""
+    presets = args.presets.split(",")
+    for preset in presets:
+        run = Path(args.dir) if len(presets) == 1 else Path(args.dir) / preset
+        run.mkdir(parents=True, exist_ok=True)
+        if (run / "final.pt").exists():
+            continue
+        resume = args.resume and (run / "ckpt" / "last.ckpt").exists()
+        train_one(preset, run, args.epochs, None if resume else args.kill_at_epoch, resume)
 
 
 def main() -> None:
@@ -167,6 +270,7 @@ def main() -> None:
     step = sub.add_parser("step")
     step.add_argument("--devices", type=int, default=1)
     step.add_argument("--out", required=True)
+    step.add_argument("--preset", default="simclr", choices=("simclr", "sslight_dino", "sslight_swav"))
     presets = sub.add_parser("presets")
     presets.add_argument("--out", required=True)
     run = sub.add_parser("train")
@@ -174,6 +278,7 @@ def main() -> None:
     run.add_argument("--epochs", type=int, default=4)
     run.add_argument("--kill-at-epoch", type=int, default=None)
     run.add_argument("--resume", action="store_true")
+    run.add_argument("--presets", default="light_moco", help=f"comma-separated, of {sorted(TRAIN_RUNS)}")
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"step": one_step, "presets": every_preset, "train": train}[args.command](args)
