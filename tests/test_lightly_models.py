@@ -213,3 +213,87 @@ def test_a_symmetric_preset_trains_with_the_symmetric_loss():
         get_preset("sslight_moco", moco__symmetric="sum")
     with pytest.raises(ValueError, match="symmetric"):
         get_preset("light_moco", moco__symmetric="both")
+
+
+# --- DINO and SwAV models (SSLight's recipe through lightly's pieces) --------------------------------
+
+def _small(preset, **overrides):
+    return get_preset(preset, backbone__name="tiny_cnn", backbone__kwargs={"width": 4}, head__hidden_dim=16,
+                      head__output_dim=8, dino__num_prototypes=12, swav__num_prototypes=10, **overrides)
+
+
+def _views(batch=4, num_local=2):
+    return [torch.randn(batch, 3, 16, 16), torch.randn(batch, 3, 16, 16)] + [torch.randn(batch, 3, 8, 8)] * num_local
+
+
+def test_build_model_and_loss_for_dino():
+    from lightly.loss import DINOLoss
+
+    from smooth_infonce.integrations.lightly_models import DINOModel
+    from smooth_infonce.integrations.lightly_multicrop import SSLightDINOLoss
+
+    recipe = _small("sslight_dino")
+    model, criterion = build_model(recipe), build_loss(recipe)
+    assert isinstance(model, DINOModel) and isinstance(criterion, SSLightDINOLoss) and isinstance(criterion, DINOLoss)
+    assert criterion.loss_weights == (0.4, 0.6) and criterion.center.shape == (1, 1, 12)
+    assert float(criterion.teacher_temperature(epoch=49)) == pytest.approx(0.07)
+    assert not any(p.requires_grad for p in model.teacher_backbone.parameters())
+    assert not any(p.requires_grad for p in model.teacher_head.parameters())
+    for (name, student), teacher in zip(model.head.state_dict().items(), model.teacher_head.state_dict().values()):
+        assert torch.equal(student, teacher), name  # the teacher starts as the student
+    with pytest.raises(TypeError):  # smoothed-InfoNCE options do not apply to DINO
+        build_loss(recipe, backend="reference")
+
+    loss = model.training_loss(_views(), criterion, epoch=0)
+    loss.backward()
+    model.cancel_last_layer_gradients(epoch=1)  # past the frozen epoch: kept
+    assert model.head.last_layer.weight_v.grad is not None
+    model.cancel_last_layer_gradients(epoch=0)
+    assert all(p.grad is None for p in model.head.last_layer.parameters())
+    assert all(p.grad is None for p in model.teacher_backbone.parameters())
+    with torch.no_grad():
+        next(model.backbone.parameters()).add_(1.0)
+    model.update_teacher(0.0)  # momentum 0: the teacher becomes the student
+    assert torch.equal(next(model.backbone.parameters()), next(model.teacher_backbone.parameters()))
+
+
+def test_swav_model_queue_is_fifo_checkpointed_and_used_once_full():
+    from smooth_infonce.integrations.lightly_models import SwAVModel
+    from smooth_infonce.integrations.lightly_multicrop import SSLightSwaVLoss
+
+    recipe = _small("sslight_swav", swav__queue_start_epoch=1)
+    model, criterion = build_model(recipe), build_loss(recipe)
+    assert isinstance(model, SwAVModel) and isinstance(criterion, SSLightSwaVLoss)
+    assert model.prototypes.heads[0].bias is None  # SwAV's prototypes have no bias
+    model.set_queue_length(8)
+    assert tuple(model.queue.shape) == (2, 8, 8) and not model.queue_active(0) and model.queue_active(1)
+
+    model.training_loss(_views(), criterion, epoch=0)
+    assert int(model.queue_filled) == 0  # not filled before queue_start_epoch
+    model.training_loss(_views(), criterion, epoch=1)
+    assert int(model.queue_filled) == 4 and not model.queue_in_use(1)
+    older = model.queue[:, :4].clone()
+    newest = [torch.nn.functional.normalize(torch.randn(4, 8), dim=1) for _ in range(2)]
+    model.enqueue(newest)
+    assert int(model.queue_filled) == 8 and model.queue_in_use(1)
+    torch.testing.assert_close(model.queue[:, :4], torch.stack(newest))  # newest first
+    torch.testing.assert_close(model.queue[:, 4:], older)  # the older rows moved back
+    model.enqueue(newest)
+    assert int(model.queue_filled) == 8  # capped at the length; the oldest fell off
+    torch.testing.assert_close(model.queue[:, 4:], torch.stack(newest))
+
+    norms = model.prototypes.heads[0].weight.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # normalised at the step's start
+
+    restored = build_model(recipe)  # an empty queue takes the saved length when loading
+    restored.load_state_dict(model.state_dict())
+    assert torch.equal(restored.queue, model.queue) and int(restored.queue_filled) == 8
+    restored.set_queue_length(8)  # the run's length: kept
+    assert int(restored.queue_filled) == 8
+    restored.set_queue_length(16)  # another length: starts empty
+    assert int(restored.queue_filled) == 0 and restored.queue.shape[1] == 16
+
+    loss = model.training_loss(_views(), criterion, epoch=1)
+    loss.backward()
+    model.cancel_prototype_gradients(epoch=0)
+    assert all(p.grad is None for p in model.prototypes.parameters())
