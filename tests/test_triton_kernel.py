@@ -1,9 +1,11 @@
 """The fused Triton backend against the exact reference op.
 
-Without CUDA the kernels run under the Triton interpreter (exact numpy execution of the same
-kernel code, with small tiles so that a few dozen rows already span several tiles and splits).
-The interpreter does not check GPU compile rules, so tests marked `gpu` repeat the important
-checks on a real device (bf16 at larger shapes, memory, determinism, S6-style ragged shapes).
+Tests marked `interpreter` run the kernels on CPU tensors under the Triton interpreter (exact numpy
+execution of the same kernel code, with small tiles so that a few dozen rows already span several
+tiles and splits): in this process without CUDA, in a child process with CUDA
+(tests/test_interpreter_subprocess.py). The interpreter does not check GPU compile rules, so tests
+marked `gpu` repeat the important checks on a real device (bf16 at larger shapes, memory,
+determinism, S6-style ragged shapes).
 """
 
 import os
@@ -39,6 +41,9 @@ if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("no CUDA and the Triton interpreter is off (TRITON_INTERPRET=1 was set too late)",
                 allow_module_level=True)
 gpu = pytest.mark.gpu
+# CPU tensors through the kernels: needs the interpreter (on a CUDA machine such tests run in a child
+# process, tests/conftest.py and tests/test_interpreter_subprocess.py)
+interpreter = pytest.mark.interpreter
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Tolerances against an fp64 reference on the same input values: per-row loss |diff| <=
@@ -144,6 +149,7 @@ def problems(draw, dtypes=FULL_PRECISION_DTYPES):
     return prob, temperature, smoothing, neighbors, dtype, draw(st.booleans())
 
 
+@interpreter
 @settings(max_examples=25, deadline=None)
 @given(case=problems())
 def test_matches_reference(case):
@@ -151,6 +157,7 @@ def test_matches_reference(case):
     assert_matches_reference(prob, temperature, smoothing, neighbors, dtype, deterministic)
 
 
+@interpreter
 @settings(max_examples=6, deadline=None)
 @given(case=problems(dtypes=st.just(torch.bfloat16)))
 def test_matches_reference_bf16(case):
@@ -159,6 +166,7 @@ def test_matches_reference_bf16(case):
     assert_matches_reference(prob, temperature, smoothing, neighbors, dtype, deterministic)
 
 
+@interpreter
 @pytest.mark.parametrize("neighbors", [None, 4])
 def test_larger_in_batch_case(neighbors):
     """~200 rows: many tiles per row block and several splits; D = 100 takes the multi-block-D path."""
@@ -166,6 +174,7 @@ def test_larger_in_batch_case(neighbors):
     assert_matches_reference(prob, 0.05, 0.3, neighbors, torch.float32)
 
 
+@interpreter
 @pytest.mark.parametrize("layout", ["inbatch", "moco", "twotower"])
 def test_alpha_zero_is_plain_infonce(layout):
     """alpha = 0 is cross-entropy on the positives, whatever the mode."""
@@ -176,6 +185,7 @@ def test_alpha_zero_is_plain_infonce(layout):
         torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
 
 
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_small_upstream_gradient_half_precision(dtype):
     """A mean over a large batch makes g tiny; the fp16 dl/dz tiles must not underflow."""
@@ -184,6 +194,71 @@ def test_small_upstream_gradient_half_precision(dtype):
     assert_matches_reference(prob, 0.5, 0.1, None, dtype)
 
 
+def shared_direction_moco(n, m, dim, seed, spread=0.5):
+    """MoCo in fp16 where the queries, keys and queue entries share one direction (a collapsed or
+    early embedding): at small tau every queue entry has p_ij ~ 0, so each one's dl/dz is about
+    -g_i alpha / |Neg(i)|, and because the entries point the same way their rounding errors add up
+    in dA instead of cancelling as they do for isotropic data."""
+    gen = torch.Generator().manual_seed(seed)
+    u = unit(1, dim, gen)
+    anchors = F.normalize(u + spread * unit(n, dim, gen), dim=1).half()
+    queue = F.normalize(u + spread * unit(m, dim, gen), dim=1).half()
+    return anchors, anchors.clone(), queue, make_pairs(n, m, has_positive_key=True)
+
+
+def fp16_anchor_grad_row_errors(n=32, m=4096, dim=16, temperature=0.01, smoothing=0.1):
+    """Per-row relative error of the fp16 kernel's dA against the fp64 reference (same inputs),
+    row gradients g_i from 0.25 to 1 (a weighted loss), uniform smoothing."""
+    anchors, keys, queue, pairs = shared_direction_moco(n, m, dim, seed=0)
+    row_grad = torch.linspace(0.25, 1.0, n, dtype=torch.float64)
+    options = dict(temperature=temperature, smoothing=smoothing, neighbors=None)
+
+    def anchor_grad(fn, dtype):
+        x = anchors.to(dtype).requires_grad_()
+        losses = fn(x, queue.to(dtype), keys.to(dtype), pairs, **options)
+        return torch.autograd.grad((losses * row_grad.to(losses.dtype)).sum(), x)[0].double()
+
+    got, ref = anchor_grad(triton_row_losses, torch.float16), anchor_grad(reference_row_losses, torch.float64)
+    return (got - ref).norm(dim=1) / ref.norm(dim=1)
+
+
+@interpreter
+def test_fp16_gradient_unbiased_when_uniform_targets_are_tiny():
+    """Uniform smoothing over a long queue: alpha / |Neg| = 0.1 / 4096 = 2.4e-5 is below fp16's
+    smallest normal number (6.1e-5), and smaller still times g_i < 1. Rounding the dl/dz tile to
+    fp16 there (before its tensor-core dot) left per-row errors of 0.14% (median) to 0.6% (max),
+    one sign per row; the tile is now scaled into fp16's normal range first (GRAD_TILE_HEADROOM):
+    0.03% / 0.07%, the level of fp16 rounding of the result itself."""
+    errors = fp16_anchor_grad_row_errors()
+    assert errors.median() <= 6e-4, f"median per-row error {errors.median():.3g}"
+    assert errors.max() <= 2e-3, f"max per-row error {errors.max():.3g}"
+
+
+@interpreter
+@pytest.mark.parametrize("headroom,in_range", [(None, True), (2.0 ** 16, False)])
+def test_fp16_gradient_tile_keeps_its_largest_values(monkeypatch, headroom, in_range):
+    """The scaled dl/dz tile's largest possible entry, |g| (p - y) with p ~ 1 and y = 0 on the row
+    with the largest g, is GRAD_TILE_HEADROOM = 2^14: within fp16 (65504). The case reaches that
+    bound: with a headroom of 2^16 the same tile overflows to inf."""
+    import smooth_infonce.ops.triton as host
+
+    if headroom is not None:
+        monkeypatch.setattr(host, "GRAD_TILE_HEADROOM", headroom)
+    gen = torch.Generator().manual_seed(3)
+    anchors = unit(8, 16, gen)
+    queue = torch.cat([anchors[:4], unit(28, 16, gen)])  # rows 0-3: a queue entry equal to the anchor
+    keys = F.normalize(anchors + 2.0 * unit(8, 16, gen), dim=1)  # ... and a key far from it: p ~ 1 there
+    prob = Problem("moco", anchors.half().requires_grad_(), queue.half().requires_grad_(),
+                   keys.half().requires_grad_(), make_pairs(8, 32, has_positive_key=True),
+                   torch.ones(8, dtype=torch.float64))
+    if in_range:
+        assert_matches_reference(prob, 0.01, 0.0, None, torch.float16)
+    else:
+        _, grads = run(triton_row_losses, prob, temperature=0.01, smoothing=0.0, neighbors=None)
+        assert not torch.isfinite(grads[0]).all()
+
+
+@interpreter
 def test_small_temperature_does_not_overflow():
     prob = make_problem("moco", 40, 70, 33, torch.float32, seed=5)
     assert_matches_reference(prob, 0.01, 0.2, 3, torch.float32)
@@ -210,6 +285,7 @@ def moco_with_own_samples(queue_ids, n=6, dim=17, seed=0):
     return anchors, keys, queue, ids, queue_ids, pairs
 
 
+@interpreter
 @pytest.mark.parametrize("smoothing,neighbors", SMOOTHING_MODES)
 @pytest.mark.parametrize("queue_ids", [
     [0, 3, -1, 1, 1, 5, 2, -1, 3, 3, 4, 0],  # 0-2 own entries per row; k = 10 exceeds |Neg(i)|
@@ -246,6 +322,7 @@ def test_moco_own_samples_masked_equals_deleted(smoothing, neighbors, queue_ids)
         torch.testing.assert_close(masked[0], masked.new_zeros(()), rtol=0, atol=1e-12)
 
 
+@interpreter
 @pytest.mark.parametrize("smoothing,neighbors", SMOOTHING_MODES)
 def test_rows_with_few_or_no_negatives_match_reference(smoothing, neighbors):
     """Rows with fewer negatives than k (S(i) = all of them) and rows with none (alpha_i = 0: the
@@ -279,6 +356,7 @@ def test_rows_with_few_or_no_negatives_match_reference(smoothing, neighbors):
         torch.testing.assert_close(got, all_negatives, rtol=1e-12, atol=1e-12)
 
 
+@interpreter
 def test_allow_tf32_follows_torch(monkeypatch):
     """allow_tf32=None takes torch's fp32 matmul setting; True / False override it; the resolved
     precision reaches the kernels (fp32 inputs only)."""
@@ -312,6 +390,7 @@ def test_allow_tf32_follows_torch(monkeypatch):
 
 # --- determinism, gradcheck -------------------------------------------------------------------
 
+@interpreter
 @pytest.mark.parametrize("layout,neighbors", [("inbatch", 3), ("twotower", None)])
 def test_deterministic_mode_is_bitwise_reproducible(layout, neighbors):
     prob = make_problem(layout, 48, 60, 33, torch.float32, seed=11)
@@ -331,6 +410,7 @@ def test_deterministic_mode_is_bitwise_reproducible(layout, neighbors):
 
 @pytest.mark.parametrize("layout,neighbors,deterministic", [
     ("inbatch", 2, False), ("moco", None, True), ("twotower", 1, True), ("supervised", None, False)])
+@interpreter
 def test_gradcheck_fp64(layout, neighbors, deterministic):
     prob = make_problem(layout, 6, 7, 5, torch.float64, seed=2)
     inputs = [t.detach().clone().requires_grad_() for t in leaves(prob)]
@@ -347,6 +427,7 @@ def test_gradcheck_fp64(layout, neighbors, deterministic):
 
 # --- the neighbour search ---------------------------------------------------------------------
 
+@interpreter
 def test_neighbor_ties_resolved_like_reference():
     """Duplicate candidates (exactly equal similarities): the lower column wins, as the reference's
     stable sort. Coordinates are multiples of 1/4, so every dot product is exact in any order."""
@@ -370,6 +451,7 @@ def test_neighbor_ties_resolved_like_reference():
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 70), m=st.integers(2, 140), dim=st.sampled_from([4, 33, 100]),
        k=st.integers(1, 12), self_excluded=st.booleans(), seed=st.integers(0, 2**20))
+@interpreter
 def test_top_k_matches_brute_force(n, m, dim, k, self_excluded, seed):
     gen = torch.Generator().manual_seed(seed)
     anchors, candidates = unit(n, dim, gen), unit(m, dim, gen)
@@ -391,6 +473,7 @@ def test_top_k_matches_brute_force(n, m, dim, k, self_excluded, seed):
 
 # --- torch.compile / custom-op registration ----------------------------------------------------
 
+@interpreter
 @pytest.mark.parametrize("layout", ["moco", "moco_ids"])
 def test_custom_op_registration_opcheck(layout):
     prob = make_problem(layout, 20, 40, 17, torch.float32, seed=1)
@@ -402,18 +485,72 @@ def test_custom_op_registration_opcheck(layout):
         torch.library.opcheck(torch.ops.smooth_infonce.triton_row_losses.default, tuple(args))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
+@interpreter
+def test_custom_ops_opcheck_non_contiguous_inputs():
+    """Transposed (non-contiguous) inputs: the fake kernels give the real ops' strides (contiguous
+    gradients from the backward), the check torch.compile relies on."""
+    prob = make_problem("moco", 20, 40, 16, torch.float32, seed=1)
+    p = prob.pairs
+
+    def transposed(t):
+        return t.detach().T.contiguous().T.requires_grad_(t.requires_grad)
+
+    anchors, candidates, keys = (transposed(t) for t in (prob.anchors, prob.candidates, prob.keys))
+    assert not anchors.is_contiguous()
+    w_pos, w_smooth = row_target_weights(p, 0.3, None, torch.float32)
+    args = RowLossInputs(anchors, candidates, keys, p.anchor_ids, p.candidate_ids, w_pos, w_smooth,
+                         p.self_offset, p.ids_exclude, 0.2, 0, False, False)
+    torch.library.opcheck(torch.ops.smooth_infonce.triton_row_losses.default, tuple(args))
+    _, lse, cols = torch.ops.smooth_infonce.triton_row_losses(*args)
+    request = (torch.rand(20), lse, cols, True, True, True)
+    torch.library.opcheck(torch.ops.smooth_infonce.triton_row_losses_backward.default,
+                          request + tuple(args), test_utils=("test_schema", "test_faketensor"))
+    grads = torch.ops.smooth_infonce.triton_row_losses_backward(*request, *args)
+    assert all(g.is_contiguous() for g in grads)
+
+
+@interpreter
+@pytest.mark.parametrize("neighbors", [None, 2])
+def test_row_without_valid_columns_is_zero_in_both_backends(neighbors):
+    """A row whose every column is excluded (its own ids everywhere; reachable only unchecked,
+    validate=False) has loss 0 and zero gradient, in the kernel and in the reference (they gave
+    -inf and NaN), and leaves the other rows and the candidates' gradients finite and equal."""
+    gen = torch.Generator().manual_seed(5)
+    anchors, candidates = unit(5, 17, gen).requires_grad_(), unit(9, 17, gen).requires_grad_()
+    anchor_ids = torch.tensor([0, 1, 2, 3, 4])
+    candidate_ids = torch.zeros(9, dtype=torch.long)  # row 0 excludes every column, the others none
+    pairs = make_pairs(5, 9, anchor_ids=anchor_ids, candidate_ids=candidate_ids, ids_exclude=True)
+    options = dict(temperature=0.1, smoothing=0.3, neighbors=neighbors)
+    rows = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.5], dtype=torch.float64)
+    results = []
+    for fn in (triton_row_losses, reference_row_losses):
+        losses = fn(anchors, candidates, None, pairs, **options)
+        results.append((losses, *torch.autograd.grad((losses * rows).sum(), (anchors, candidates))))
+    for got, expected in zip(*results):
+        assert torch.isfinite(got).all() and torch.isfinite(expected).all()
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    losses, anchor_grad, _ = results[0]
+    assert losses[0] == 0 and (anchor_grad[0] == 0).all()  # row 0: every candidate has id 0
+
+
+@interpreter
+@pytest.mark.parametrize("backend,contiguous", [("aot_eager", True), ("inductor", True), ("inductor", False)])
+def test_torch_compile_fullgraph(backend, contiguous):
+    """Inductor checks each custom-op output against the fake kernel's strides: with a transposed
+    input the backward's gradients are contiguous in both (the fake copied the input's strides)."""
     prob = make_problem("inbatch", 40, 40, 17, torch.float32, seed=4)
-    x = prob.anchors
+    x = prob.anchors if contiguous else prob.anchors.detach().T.contiguous().T.requires_grad_()
 
     def loss(x):
         y = F.normalize(x * 2.0, dim=1)
         return triton_row_losses(y, y, None, prob.pairs, temperature=0.1, smoothing=0.1, neighbors=2).mean()
 
-    compiled = torch.compile(loss, backend=backend, fullgraph=True)
-    got = compiled(x)
-    (grad,) = torch.autograd.grad(got, x)
+    torch._dynamo.reset()
+    # a graph from inductor's on-disk cache would hide a change of the fake kernels (the backward
+    # graph is compiled at the first backward call: inside the patch too)
+    with torch._inductor.config.patch(force_disable_caches=not contiguous):
+        got = torch.compile(loss, backend=backend, fullgraph=True)(x)
+        (grad,) = torch.autograd.grad(got, x)
     expected = loss(x)
     (expected_grad,) = torch.autograd.grad(expected, x)
     torch.testing.assert_close(got, expected)

@@ -7,7 +7,9 @@ says which pairs are which; the MoCo key logit z_i0 = <a_i, k_i> / tau is column
     l_i = LSE_{j in V(i)} z_ij - sum_j y_ij z_ij,   y_ij = w_pos[i] on P(i), w_smooth[i] on S(i)
     dl_i / dz_ij = p_ij - y_ij  on V(i), 0 elsewhere
 
-with the per-row weights of `smooth_infonce.ops.row_target_weights`, shared with the kernel.
+with the per-row weights of `smooth_infonce.ops.row_target_weights`, shared with the kernel. A row
+with an empty V(i) (reachable only unchecked, ``validate=False``) has loss 0 and zero gradient in
+both backends (its LSE over nothing would be -inf).
 
 How it is computed, exactly (each step below is one line of the math):
 
@@ -54,6 +56,8 @@ def reference_row_losses(
     """
     dtype = compute_dtype(anchors, candidates, positive_keys)
     a, c = anchors.to(dtype), candidates.to(dtype)
+    if c is a:  # in-batch: one tensor as both inputs; torch.compile traces apply() only with distinct ones
+        c = a.view_as(a)
     w_pos, w_smooth = row_target_weights(pairs, smoothing, neighbors, dtype)
     key_logits = None  # MoCo: z_i0 = <a_i, k_i> / tau, the positive column 0
     if positive_keys is not None:
@@ -96,11 +100,14 @@ class _CrossEntropy(torch.autograd.Function):
         row_max = logits.amax(dim=1)  # m_i
         if key_logits is not None:
             row_max = torch.maximum(row_max, key_logits)
+        # a row without any valid column (only unchecked, validate=False) has m_i = -inf: a finite
+        # m_i gives it p = 0 instead of exp(-inf + inf) = NaN, and it gets loss 0 below
+        row_max = row_max.clamp_min(torch.finfo(row_max.dtype).min)
         p = logits.sub_(row_max[:, None]).exp_()  # exp(z_ij - m_i), in place: the logits are used up
         key_p = None if key_logits is None else torch.exp(key_logits - row_max)  # exp(z_i0 - m_i)
-        total = p.sum(dim=1) if key_p is None else p.sum(dim=1) + key_p  # sum over V(i)
+        total = p.sum(dim=1) if key_p is None else p.sum(dim=1) + key_p  # sum over V(i): >= 1, or 0 if empty
         lse = row_max + torch.log(total)
-        grad_logits = p.div_(total[:, None])  # p_ij
+        grad_logits = p.div_(total.clamp_min(1)[:, None])  # p_ij (0 on a row without columns)
         if positive is not None:
             grad_logits.addcmul_(positive, w_pos[:, None], value=-1)  # - y_ij on P(i)
         if neighbors:
@@ -109,7 +116,7 @@ class _CrossEntropy(torch.autograd.Function):
 
         ctx.save_for_backward(a, c, grad_logits, grad_key)
         ctx.temperature = temperature
-        return lse - target_logits
+        return torch.where(total > 0, lse - target_logits, 0.0)  # empty row: loss 0 (and p - y = 0)
 
     @staticmethod
     @once_differentiable

@@ -38,7 +38,13 @@ on), so the loss gets the precision the eager loss would get: exact IEEE fp32 do
 1e-6 relative to an fp64 reference, no tensor cores), TF32 tensor cores (about 1e-3) when torch
 allows them; True / False override it (`resolve_allow_tf32`). fp16 / bf16 inputs always use tensor
 cores; the gradient's dl/dz tile is rounded to the input dtype before its dot, as FlashAttention
-does (split into two bf16 terms for bf16).
+does (split into two bf16 terms for bf16), after scaling it so that its largest possible entry is
+2^14 (`GRAD_TILE_HEADROOM`): small entries, such as the uniform targets alpha / |Neg(i)| of a long
+queue, then stay out of fp16's subnormal range, where their rounding error was large and had one
+sign (undone exactly on the host: powers of two).
+
+A row without any valid column (reachable only unchecked, ``validate=False``) has loss 0 and zero
+gradient, as in the reference op.
 
 Tile sizes come from one table per (GPU architecture, dot kind, D range), `TILE_TABLE`, chosen so
 that every launch compiles for sm_90 and sm_80 without register spills (checked offline with the
@@ -270,6 +276,10 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # not): rows aligned to 16 elements load as vectors; ragged D (D = 100) cost up to 255 registers
 # and a few spills in the gradient kernels for its element-wise masks and scalar loads.
 _D_ALIGN = 16
+# The backward kernels' dl/dz tiles are scaled so that their largest possible entry is this (see
+# `_backward`): a power of two, 4x below fp16's largest finite value (65504), so the tile never
+# overflows when rounded to fp16, while alpha / |Neg| targets of a 2^20-entry queue stay normal.
+GRAD_TILE_HEADROOM = 2.0 ** 14
 
 
 @dataclass
@@ -464,6 +474,12 @@ def _forward(p: _Problem) -> Tuple[Tensor, Tensor, Tensor]:
     losses = lse - cross * p.inv_tau
     if key_logits is not None:
         losses = losses - p.w_pos * key_logits
+    # A row without any valid column (possible only unchecked, validate=False): loss 0 and zero
+    # gradient, as the reference gives. Its LSE over nothing is -inf; it is kept as +inf for the
+    # backward, so that p = exp(-inf - LSE) = 0 there instead of NaN.
+    empty = torch.isneginf(lse)
+    losses = torch.where(empty, 0.0, losses)
+    lse = torch.where(empty, float("inf"), lse)
     top_cols = torch.empty((n, 0), dtype=torch.long, device=p.a.device)
     if p.neighbors:  # neighbour targets w_smooth[i] on the (up to) k selected columns
         _, top_cols = _merge_top_k(split_top_sims, split_top_cols, p.neighbors)
@@ -478,10 +494,13 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor,
     grad = grad.to(p.acc).contiguous()
     lse = lse.to(p.acc).contiguous()
     anchor_ids, candidate_ids = p.ids()
-    # The kernels see g / scale with scale a power of two >= max |g| (exact): the dl/dz tiles they
-    # round to fp16 then keep their range instead of underflowing when g is small (a mean over a
-    # large batch); the kernel results are multiplied back by scale.
+    # The kernels see g * GRAD_TILE_HEADROOM / scale, scale a power of two >= max |g|: every entry
+    # of a dl/dz tile, g_i (p_ij - y_ij) with |p_ij - y_ij| <= 1, lies within 2^14 (fp16 holds up to
+    # 65504), and the small ones stay out of fp16's subnormals (below 2^-14) when the tile is rounded
+    # to fp16: a tiny g (a mean over a large batch) or a tiny target alpha / |Neg(i)| (uniform
+    # smoothing over a long queue). Powers of two: exact; the results are multiplied back.
     scale = torch.exp2(torch.ceil(torch.log2(grad.abs().amax().clamp_min(1e-30)))) if n else grad.new_ones(())
+    scale = scale / GRAD_TILE_HEADROOM
     common = (p.a, p.c, anchor_ids, candidate_ids, p.w_pos, p.w_neg, p.inv_tau_tensor, lse, grad / scale)
     grad_split = p.a.dtype == torch.bfloat16  # dl/dz as hi + lo bf16 terms (kernels._grad_dot)
     da = dc = dk = None
@@ -600,7 +619,8 @@ _THREE_TENSORS = Tuple[Tensor, Tensor, Tensor]
 @torch.library.custom_op("smooth_infonce::triton_row_losses", mutates_args=())
 @_with_signature(RowLossInputs, returns=_THREE_TENSORS)
 def _row_losses_op(*args):
-    """(row losses (N,), row log-sum-exp (N,), neighbour columns (N, k) int64)."""
+    """(row losses (N,), row log-sum-exp (N,) (+inf for a row without valid columns, so that its
+    backward has p = 0), neighbour columns (N, k) int64)."""
     x = RowLossInputs(*args)
     p = _prepare(**x._asdict())
     if x.anchors.shape[0] == 0:
@@ -630,10 +650,10 @@ def _row_losses_backward_op(*args):
     if r.need_candidate_grad and dc is None:
         dc = torch.zeros(x.candidates.shape, dtype=p.acc, device=x.candidates.device)
 
-    def out(g, like, needed):
+    def out(g, like, needed):  # contiguous whatever the input's strides (the fake kernel says so)
         if not needed:
             return like.new_empty((0,))
-        return torch.zeros_like(like) if g is None else g.to(like.dtype)
+        return like.new_zeros(like.shape) if g is None else g.to(like.dtype).contiguous()
 
     keys = x.positive_keys if x.positive_keys is not None else x.anchors
     return (out(da, x.anchors, r.need_anchor_grad), out(dc, x.candidates, r.need_candidate_grad),
@@ -644,7 +664,9 @@ def _row_losses_backward_op(*args):
 def _row_losses_backward_fake(*args):
     r, x = BackwardRequest(*args[:len(BackwardRequest._fields)]), RowLossInputs(*args[len(BackwardRequest._fields):])
     keys = x.positive_keys if x.positive_keys is not None else x.anchors
-    return tuple(torch.empty_like(t) if needed else t.new_empty((0,))
+    # contiguous gradients, as the real op returns them: not empty_like, which copies the strides
+    # of a non-contiguous (say transposed) input and made compiled graphs fail their stride asserts
+    return tuple(t.new_empty(t.shape) if needed else t.new_empty((0,))
                  for t, needed in ((x.anchors, r.need_anchor_grad), (x.candidates, r.need_candidate_grad),
                                    (keys, r.need_key_grad)))
 
