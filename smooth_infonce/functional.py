@@ -94,7 +94,13 @@ def smooth_infonce(
         validate: check values too (non-finite inputs, ids, weights, rows without positives, too
             few negatives, equal batch sizes across ranks). These synchronise with the device;
             ``validate=False`` reads nothing back from it (a training loop's hot path): bad values
-            then give unspecified results. Shapes, dtypes and devices are always checked.
+            then give unspecified results, except that a row without any valid column (no
+            positive and no negative) has loss 0 and zero gradient in both backends. Shapes,
+            dtypes and devices are always checked. Under ``torch.compile`` the value checks are
+            data-dependent: with ``validate=True``, ``fullgraph=True`` fails ("Could not guard on
+            data-dependent expression") and a plain ``torch.compile`` breaks the graph at each
+            check (they then run eagerly); ``validate=False`` compiles as one graph, with both
+            backends (the Triton kernel is one opaque custom op).
         options: a `LossOptions`; the remaining keywords (``temperature``, ``smoothing``,
             ``neighbors``, ``reduction``, ``normalize``, ``backend``, ``deterministic``,
             ``allow_tf32``, ``few_negatives``) are its fields, given directly or overriding it.

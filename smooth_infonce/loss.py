@@ -44,7 +44,9 @@ class SmoothInfoNCELoss(nn.Module):
             current alpha (``smoothing``), which starts at the schedule's epoch-0 value.
         gather_distributed: compare against the in-batch candidates of every rank.
         validate: value checks that synchronise with the device (non-finite inputs, too few
-            negatives); shape, dtype and device checks always run.
+            negatives); shape, dtype and device checks always run. Under ``torch.compile`` they
+            are data-dependent: ``fullgraph=True`` needs ``validate=False``, and with
+            ``validate=True`` a plain ``torch.compile`` breaks the graph at them (`smooth_infonce`).
 
     Example:
         >>> import torch

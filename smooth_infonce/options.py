@@ -50,6 +50,10 @@ class LossOptions:
             mass on its positives, loss 0 and zero gradient when the positive is its only column,
             as lightly's NTXentLoss gives). The training-loop adapters use "use_all".
 
+    The options are plain Python values: ``torch.compile`` specialises on them (a new value, a
+    recompile), and the value checks (``validate``, an argument of the calls, not an option) are
+    what decides whether a call compiles as one graph (`smooth_infonce`).
+
     Example:
         >>> from smooth_infonce import LossOptions, SmoothingSchedule
         >>> opts = LossOptions(temperature=0.2, smoothing=0.1, neighbors=5)
@@ -106,7 +110,10 @@ class LossOptions:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return _FIELD_NAMES  # read once below: torch.compile cannot trace dataclasses.fields(cls)
+
+
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossOptions))
 
 
 def add_option_properties(cls: type) -> type:

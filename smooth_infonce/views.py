@@ -86,7 +86,8 @@ def multi_view_loss(
         labels: (B,) class labels: in-batch rows with equal labels are positives (SupCon-style).
         gather_distributed: in-batch: compare against the views of every rank.
         validate: the value checks (non-finite embeddings, ids, weights, too few negatives); they
-            synchronise with the device. Shapes, dtypes and devices are always checked.
+            synchronise with the device (under ``torch.compile``: a data-dependent graph break,
+            which ``fullgraph=True`` rejects). Shapes, dtypes and devices are always checked.
     """
     check_views(views, queue)
     batch, device = views[0].shape[0], views[0].device
