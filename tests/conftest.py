@@ -2,14 +2,30 @@
 
 The Triton interpreter flag is read when a kernel is decorated, so it is set here, before any test
 imports smooth_infonce: without CUDA the kernels run (slowly, exactly) on the CPU.
+
+Where the kernels run (the default test command must pass on a CPU machine and on a GPU machine):
+
+- tests marked ``interpreter`` pass CPU tensors to the Triton kernels: they need the interpreter,
+  which is on here only without CUDA (or with TRITON_INTERPRET=1 set by hand). On a CUDA machine
+  this process runs the kernels on the GPU, so those tests are skipped here with a reason and run,
+  all together, in a child process with the interpreter on and CUDA hidden
+  (`tests/test_interpreter_subprocess.py`);
+- tests marked ``gpu`` need a CUDA device and are skipped without one;
+- every other test runs on the CPU either way (the reference backend, or ``backend="auto"``,
+  which picks the reference for CPU tensors).
 """
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# whether the kernels of this process run under the interpreter (read by smooth_infonce.ops.triton
+# when it is imported, so fixed for the whole run)
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -19,3 +35,22 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+INTERPRETER_ELSEWHERE = ("the Triton interpreter is off in this process (CUDA is present, or "
+                         "TRITON_INTERPRET=0): this test runs in a child process with TRITON_INTERPRET=1 and "
+                         "CUDA hidden, tests/test_interpreter_subprocess.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter: runs the Triton kernels on CPU tensors under the interpreter (in a "
+        "child process when CUDA is present)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if INTERPRETER:
+        return
+    skip = pytest.mark.skip(reason=INTERPRETER_ELSEWHERE)
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)

@@ -140,6 +140,7 @@ def test_schedules():
         SmoothingSchedule(1.0)
 
 
+@pytest.mark.interpreter  # CPU tensors through the kernels (tests/conftest.py)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("k", [None, 3])
 def test_public_api_reaches_the_triton_backend(deterministic, k):
