@@ -59,9 +59,12 @@ def registered():
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def make_image_folder(root: Path) -> Path:
     """train/ and val/ ImageFolders of random 32 px RGB images, 5 classes x 4 (val: x 2). Five
     classes: solo-learn's linear model reports top-5 accuracy."""
-    root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for split, count in (("train", 4), ("val", 2)):
         for label in range(5):
@@ -369,6 +372,10 @@ def test_min_lr_per_256_follows_the_batch(image_folder):
 
 @pytest.fixture(scope="module")
 def solo_clone() -> Path:
+    return solo_clone_or_skip()
+
+
+def solo_clone_or_skip() -> Path:
     try:
         return find_solo_clone(None, SCRIPTS["pretrain"])
     except SoloLearnNotFound:

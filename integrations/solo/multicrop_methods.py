@@ -116,6 +116,13 @@ class SSLightDINO(RecipeOptimizer, DINO):
         _add_weights_cfg(cfg)
         return cfg
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # solo-learn's MomentumUpdater starts from base_tau and is not in the checkpoint: a resumed
+        # run takes the teacher momentum of its step, as the uninterrupted run would
+        self.momentum_updater.update_tau(cur_step=self.trainer.global_step,
+                                         max_steps=self.trainer.estimated_stepping_batches)
+
     def multicrop_forward(self, X: Tensor) -> Dict[str, Any]:
         # solo-learn's DINO stops at the features of the small crops; SSLight's student sees them
         out = super().multicrop_forward(X)
