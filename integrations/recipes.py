@@ -503,7 +503,8 @@ def view_loss_weights(framework: str, num_global: int, num_local: int,
     - ``"simclr"``: one weight per view in call order; the first global view, an anchor too in the
       in-batch layout, weighs as a global query view.
     """
-    _check(framework in FRAMEWORKS, f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    _check(framework in ("moco", "simclr"), f"per-view weights are for moco and simclr, not {framework!r} "
+                                            "(dino and swav weigh pairs: `multicrop.pair_weights`)")
     if loss_weights is None or num_local == 0:
         return None
     weights = query_view_weights(num_global, num_local, loss_weights)
@@ -556,7 +557,10 @@ class Recipe:
                    f"{self.framework} takes targets from exactly 2 global crops, got {self.views.global_crops.count}")
 
     def view_weights(self) -> Optional[Tuple[float, ...]]:
-        """The ``weights=`` argument of the loss for this recipe's views (see `view_loss_weights`)."""
+        """The ``weights=`` argument of the smoothed InfoNCE loss for this recipe's views (see
+        `view_loss_weights`); None for dino and swav, whose pairs are weighed by `pair_weights`."""
+        if self.framework in ("dino", "swav"):
+            return None
         return view_loss_weights(self.framework, self.views.global_crops.count, self.views.num_local,
                                  self.views.loss_weights)
 

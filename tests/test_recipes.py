@@ -299,3 +299,11 @@ def test_light_moco_warms_alpha_and_lr_together_as_the_authors_warm_flag():
     peak = recipe.optimizer.scaled_lr(batch)
     assert lrs[:6] == sorted(lrs[:6]) and lrs[0] < peak / 10 and lrs[5] < peak  # rising through epoch 2
     assert lrs[6] == pytest.approx(peak, rel=1e-3)  # epoch 3: the cosine starts at the peak
+
+
+def test_per_view_weights_are_for_the_contrastive_frameworks_only():
+    from smooth_infonce.integrations.recipes import view_loss_weights
+
+    assert get_preset("sslight_dino").view_weights() is None  # pairs are weighed instead
+    with pytest.raises(ValueError, match="pair_weights"):
+        view_loss_weights("dino", 2, 6, (0.4, 0.6))
