@@ -116,7 +116,7 @@ class _CrossEntropy(torch.autograd.Function):
 
         ctx.save_for_backward(a, c, grad_logits, grad_key)
         ctx.temperature = temperature
-        return torch.where(total > 0, lse - target_logits, 0.0)  # empty row: loss 0 (and p - y = 0)
+        return torch.where(total == 0, 0.0, lse - target_logits)  # empty row: loss 0 (p - y = 0); NaN stays NaN
 
     @staticmethod
     @once_differentiable
