@@ -447,7 +447,7 @@ from smooth_infonce.integrations.solo import CONFIG_PACKAGE, register
 register()
 from solo.args.pretrain import parse_cfg
 from solo.data.pretrain_dataloader import (FullTransformPipeline, NCropAugmentation, build_transform_pipeline,
-                                           prepare_dataloader, prepare_datasets)
+                                           prepare_datasets)
 from solo.methods import METHODS
 from solo.utils.checkpointer import Checkpointer
 
@@ -466,12 +466,29 @@ transform = FullTransformPipeline([NCropAugmentation(build_transform_pipeline(cf
                                    for aug in cfg.augmentations])
 dataset = prepare_datasets(cfg.data.dataset, transform, train_data_path=cfg.data.train_path,
                            data_format=cfg.data.format, no_labels=cfg.data.no_labels)
-loader = prepare_dataloader(dataset, batch_size=cfg.optimizer.batch_size, num_workers=0)
 
 
-class EpochSeed(Callback):  # the data order and augmentations of an epoch depend on the epoch only
-    def on_train_epoch_start(self, trainer, module):
-        seed_everything(100 + trainer.current_epoch)
+# The data order and augmentations of an epoch depend on the epoch only: Lightning sets the epoch,
+# and the RNG is seeded when the epoch's iterator starts (num_workers=0: the crops are drawn in this
+# process after that). A resumed run creates its iterator at another point of its hooks than an
+# uninterrupted one, so seeding in an epoch-start hook is not enough.
+class EpochSampler(torch.utils.data.Sampler):
+    def __init__(self, size):
+        self.size, self.epoch = size, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        seed_everything(100 + self.epoch)
+        return iter(torch.randperm(self.size).tolist())
+
+
+loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optimizer.batch_size, sampler=EpochSampler(len(dataset)),
+                                     drop_last=True, num_workers=0)
 
 
 class LogLosses(Callback):
@@ -489,7 +506,7 @@ class KillAfterFirstCheckpoint(Callback):
 checkpointer = Checkpointer(cfg, logdir=ckpt_dir, frequency=1)
 trainer = Trainer(accelerator="cpu", devices=1, max_epochs=cfg.max_epochs, limit_train_batches=3, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  deterministic=True, callbacks=[checkpointer, EpochSeed(), LogLosses(), KillAfterFirstCheckpoint()])
+                  deterministic=True, callbacks=[checkpointer, LogLosses(), KillAfterFirstCheckpoint()])
 trainer.fit(model, loader, ckpt_path=resume if resume != "-" else None)
 """
 
@@ -498,8 +515,8 @@ def test_kill_and_resume_through_solo_learns_checkpoint_continues_exactly(tmp_pa
     """Three epochs uninterrupted vs. SIGKILL right after the epoch-2 checkpoint (solo-learn's
     Checkpointer) and a resume from it in a new process (Lightning's ckpt_path, as main_pretrain.py):
     the losses of epoch 3 and the final weights, momentum encoder and queue (keys, indexes, pointer)
-    agree to 1e-6. Data order and augmentations are seeded per epoch (solo-learn's checkpoints hold
-    no RNG state)."""
+    agree to 1e-6. Data order and augmentations are seeded per epoch by the sampler, when the
+    epoch's iterator starts (solo-learn's checkpoints hold no RNG state)."""
     script = tmp_path / "run.py"
     script.write_text(KILL_AND_RESUME)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
