@@ -357,3 +357,62 @@ def test_ddp_chunked_equals_one_process_unchunked_with_one_allreduce_per_bucket(
         assert sorted(r["allreduces"]) == sorted(set(r["allreduces"])), r["allreduces"]
         for name, p in model.named_parameters():
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-9, atol=1e-12)
+
+
+# --- Lightning: the wiring proposed for PretrainModule(chunk_size=...), under manual optimisation -------
+
+def test_lightning_manual_optimisation_wiring_equals_the_automatic_step():
+    """One SimCLR step of `PretrainModule` (no batch norm) through Lightning: the cached step under
+    manual optimisation with `lightning_hooks` gives the automatic single pass's gradients."""
+    import lightning as L
+    from torch.utils.data import DataLoader, Dataset
+
+    from smooth_infonce.integrations.lightning import PretrainModule
+    from smooth_infonce.integrations.recipes import get_preset
+
+    class ChunkedPretrainModule(PretrainModule):  # the lines proposed for PretrainModule itself
+        def __init__(self, recipe, *, chunk_size=None, **options):
+            super().__init__(recipe, **options)
+            self.chunk_size = chunk_size
+            self.automatic_optimization = chunk_size is None  # the step back-propagates chunk by chunk
+
+        def training_step(self, batch, batch_idx):
+            if self.chunk_size is None:
+                return super().training_step(batch, batch_idx)
+            views, _, _ = batch
+            self.set_schedules()
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            loss = cached_training_loss(self.model, views, self.criterion, self.chunk_size,
+                                        weights=self.recipe.view_weights(), **lightning_hooks(self))
+            optimizer.step()
+            return loss
+
+        def on_before_optimizer_step(self, optimizer):
+            self.recorded = torch.cat([p.grad.flatten() for p in self.model.parameters() if p.grad is not None])
+
+    class FixedViews(Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.views = torch.randn(12, 2, 3, 8, 8, generator=g)
+
+        def __len__(self):
+            return len(self.views)
+
+        def __getitem__(self, index):  # (views, target, sample id), as PretrainDataModule's batches
+            return [self.views[index, 0], self.views[index, 1]], 0, index
+
+    recipe = get_preset("light_moco", framework="simclr", backbone__name="tiny_cnn", backbone__kwargs={"width": 4},
+                        head__hidden_dim=16, head__output_dim=8, head__batch_norm=False, loss__smoothing=0.1,
+                        loss__schedule="constant", loss__warmup_epochs=0, views__local_crops=None)
+    grads = {}
+    for chunk_size in (None, 5):
+        L.seed_everything(0)
+        module = ChunkedPretrainModule(recipe, chunk_size=chunk_size, backend="reference")
+        # no batch norm: per-chunk batch statistics differ from the whole batch's by design
+        module.model.backbone = group_norm_backbone(0.0)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=DataLoader(FixedViews(), batch_size=12))
+        grads[chunk_size] = module.recorded
+    torch.testing.assert_close(grads[5], grads[None], rtol=1e-5, atol=1e-6)
