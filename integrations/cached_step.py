@@ -269,6 +269,11 @@ def cached_step(embed: Embed, inputs: Sequence[Tensor], loss_of: LossOf, chunk_s
 
     Batch norm in train mode normalises each chunk with that chunk's statistics (as per-device
     batch norm under DDP with chunk-sized batches); its running statistics move once per chunk.
+
+    Mixed precision: the embeddings keep the dtype the encoder gives (the loss sees what it sees
+    in a single pass), and so do their cached gradients. Under fp16 autocast with loss scaling
+    those gradients are held unscaled in fp16 (scaling applies from pass 2 on), so very small ones
+    can underflow where a single pass would keep them: prefer bf16, which has float32's range.
     """
     if modules is None:
         if not isinstance(embed, nn.Module):
