@@ -36,9 +36,11 @@ Outputs in ``--out``: ``results.md`` / ``results.csv`` / ``results.json`` (the t
 run's history) and ``curves.png`` (training loss and kNN top-1 per epoch).
 
 Augmented views: with ``--view-cache V`` (the default for digits), V augmented views of every
-training image are made once with lightly's transforms and shared by all runs; each epoch draws
-two different ones per image. On a 2-core CPU the PIL augmentations cost more than the tiny
-network, so this makes the comparison affordable and identical in data for every run.
+training image are made once with lightly's transforms and shared by all runs of a view sampling
+(dino / swav: V global crops and 3 V local crops per image for each of baseline and SSLight); each
+epoch draws two different global ones per image (and six different local ones). On a 2-core CPU
+the PIL augmentations cost more than the tiny network, so this makes the comparison affordable and
+identical in data for every run.
 ``--view-cache 0`` augments on the fly (the default for ``--data``).
 
 Code: the images in `smooth_infonce.integrations.digits`, the Trainer call and the training-curve
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -97,9 +100,14 @@ RUN_SPECS: Dict[str, RunSpec] = {
 }
 RUNS = ("plain", "uniform", "neighbors")  # --compare smoothing (the default)
 MASKING_RUNS = ("plain", "plain-masked", "neighbors-masked")  # --compare masking (MoCo)
-COMPARISONS = {"smoothing": RUNS, "masking": MASKING_RUNS}
-DEFAULT_LR_PER_256 = {"simclr": 0.6, "moco": 0.12}
+# --framework dino | swav: SSLight's view sampling against its baseline (the presets
+# <framework>_baseline and sslight_<framework>, crops scaled to the image size)
+VIEW_RUNS = ("baseline", "sslight")
+COMPARISONS = {"smoothing": RUNS, "masking": MASKING_RUNS, "views": VIEW_RUNS}
+CONTRASTIVE_FRAMEWORKS, MULTICROP_FRAMEWORKS = ("simclr", "moco"), ("dino", "swav")
+DEFAULT_LR_PER_256 = {"simclr": 0.6, "moco": 0.12, "dino": 0.3, "swav": 0.3}
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+MIN_IMAGE_SIZE = 8  # smaller views carry next to nothing to learn from (a digit is 8 x 8 px)
 
 
 @dataclass
@@ -137,10 +145,18 @@ class DemoConfig:
     def __post_init__(self) -> None:
         self.runs = tuple(self.runs)
         self.seeds = tuple(self.seeds)
-        unknown = set(self.runs) - set(RUN_SPECS)
+        if self.framework in MULTICROP_FRAMEWORKS:
+            if set(self.runs) - set(VIEW_RUNS):
+                raise ValueError(f"--framework {self.framework} compares view sampling: runs from {VIEW_RUNS}, "
+                                 f"got {list(self.runs)}")
+            if self.lr_per_256 is None:
+                self.lr_per_256 = DEFAULT_LR_PER_256[self.framework]
+        known = VIEW_RUNS if self.framework in MULTICROP_FRAMEWORKS else tuple(RUN_SPECS)
+        unknown = set(self.runs) - set(known)
         if unknown:
-            raise ValueError(f"unknown runs {sorted(unknown)}; choose from {tuple(RUN_SPECS)}")
-        masked = [run for run in self.runs if RUN_SPECS[run].masked]
+            raise ValueError(f"unknown runs {sorted(unknown)} for --framework {self.framework}; choose from "
+                             f"{tuple(RUN_SPECS)} (simclr, moco) or {VIEW_RUNS} (dino, swav)")
+        masked = [run for run in self.runs if run in RUN_SPECS and RUN_SPECS[run].masked]
         if masked and self.framework != "moco":
             raise ValueError(f"runs {masked} mask own keys in the MoCo queue: they need --framework moco")
         if self.lr_per_256 is None:  # tuned on the digits: MoCo diverges at SimCLR's rate
@@ -174,7 +190,10 @@ class DemoConfig:
 # --- recipe ------------------------------------------------------------------------------------------
 
 def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
-    """``light_moco`` scaled down to a CPU-sized run (every change is an override)."""
+    """``light_moco`` scaled down to a CPU-sized run (every change is an override); for dino and
+    swav `multicrop_recipe`."""
+    if config.framework in MULTICROP_FRAMEWORKS:
+        return multicrop_recipe(config, run, views)
     spec = RUN_SPECS[run]
     return get_preset(
         "light_moco",
@@ -194,9 +213,50 @@ def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
     )
 
 
+def multicrop_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
+    """SSLight's DINO or SwAV preset (``run``: ``baseline`` or ``sslight``) scaled down to the data:
+    its crop scales, local-crop count and pair weights as published, crop sizes scaled from 224 px
+    to ``--image-size`` (SSLight's 128 px locals -> 9 px at 16 px, the baseline's 96 px -> 7 px),
+    ``views``' photometric augmentations, and the demo's small network, head and optimiser. A
+    20-epoch run of about 10 steps per epoch needs a faster teacher (EMA from 0.99, not 0.996),
+    a shorter teacher-temperature warm-up and, for SwAV, a short queue from epoch 5."""
+    preset = get_preset(f"sslight_{config.framework}" if run == "sslight" else f"{config.framework}_baseline")
+    published, size = preset.views, config.image_size
+    local = published.local_crops
+    scaled_views = dataclasses.replace(
+        views, global_crops=CropSpec(2, size, published.global_crops.scale),
+        local_crops=CropSpec(local.count, max(4, round(size * local.size / 224)), local.scale),
+        loss_weights=published.loss_weights)
+    epochs = config.epochs
+    return preset.override(
+        name=f"demo_{config.framework}_{run}",
+        backbone=dict(name=config.backbone, cifar_stem=True,
+                      kwargs={"width": config.width} if config.backbone == "tiny_cnn" else {}),
+        head=dict(hidden_dim=256, output_dim=64),
+        dino=dict(num_prototypes=256, teacher_momentum=0.99, warmup_teacher_temperature_epochs=max(1, epochs // 4)),
+        swav=dict(num_prototypes=30, queue_size=4 * config.batch_size, queue_start_epoch=min(5, epochs)),
+        optimizer=dict(name="sgd", lr_per_256=config.lr_per_256, min_lr_per_256=0.0, weight_decay=config.weight_decay,
+                       warmup_epochs=1, warmup_start_lr_per_256=0.0, exclude_bias_norm=True, exclude_depthwise=True),
+        views=scaled_views,
+        epochs=epochs,
+        batch_size=config.batch_size,
+    )
+
+
+def describe_views(recipe: Recipe) -> str:
+    """A multi-crop run's loss and view sampling, for the table."""
+    views = recipe.views
+    crops = " + ".join(f"{c.count} x {c.size} px ({c.scale[0]:g}, {c.scale[1]:g})"
+                       for c in (views.global_crops, views.local_crops))
+    weights = "plain mean" if views.loss_weights is None else "lambda ({:g}, {:g})".format(*views.loss_weights)
+    return f"{recipe.framework.upper() if recipe.framework == 'dino' else 'SwAV'}, {crops}, {weights}"
+
+
 # --- reporting ------------------------------------------------------------------------------------------------
 
 def describe_loss(result: RunResult) -> str:
+    if result.description:
+        return result.description
     target = "uniform" if result.neighbors is None else f"k = {result.neighbors} neighbours"
     loss = "InfoNCE" if result.smoothing == 0 else f"smoothed, alpha {result.smoothing:g}, {target}"
     return loss + (", own keys masked" if result.masked else "")
@@ -345,18 +405,31 @@ def _run_demo(config: DemoConfig) -> Dict:
         "raw pixels": evaluation.raw_pixels(config.knn_k),
     }
 
-    if config.view_cache:
-        say(f"augmenting: {config.view_cache} views of every training image, shared by all runs")
-        cache = build_view_cache(train, views, config.view_cache, seed=0, progress=config.progress and is_rank_zero())
+    caches: Dict[str, List[Tuple[torch.Tensor, int]]] = {}
+    if config.view_cache:  # one cache per view sampling (multi-crop runs differ in theirs)
+        for run in config.runs:
+            recipe = demo_recipe(config, run, views)
+            crops = [recipe.views.global_crops] + ([recipe.views.local_crops] if recipe.views.num_local else [])
+            key = repr(crops)
+            if key not in caches:
+                say(f"augmenting: {config.view_cache} views per crop group of every training image ({run})")
+                caches[key] = [(build_view_cache(train, recipe.views, config.view_cache * max(1, crop.count // 2),
+                                                 seed=0, progress=config.progress and is_rank_zero(), crop=crop),
+                                crop.count) for crop in crops]
     results: List[RunResult] = []
     for seed in config.seeds:
         for run in config.runs:
-            # a fresh view stream per run: every run of a seed sees the same views in the same batches
-            data, transform = (CachedViews(cache, train.labels, seed), None) if config.view_cache else (train, "recipe")
             recipe = demo_recipe(config, run, views)
+            # a fresh view stream per run: every run of a seed sees the same views in the same batches
+            if config.view_cache:
+                crops = [recipe.views.global_crops] + ([recipe.views.local_crops] if recipe.views.num_local else [])
+                data, transform = CachedViews(caches[repr(crops)], train.labels, seed), None
+            else:
+                data, transform = train, "recipe"
             say(f"training {run} (seed {seed}, {config.epochs} epochs)")
             _, result = pretrain(recipe, data, evaluation, seed=seed, run=run,
-                                 mask_own_keys=RUN_SPECS[run].masked, transform=transform,
+                                 mask_own_keys=run in RUN_SPECS and RUN_SPECS[run].masked, transform=transform,
+                                 description=describe_views(recipe) if run in VIEW_RUNS else "",
                                  accelerator=config.accelerator, devices=config.trainer_devices(),
                                  strategy=config.strategy, workers=config.workers, knn_k=config.knn_k,
                                  progress=config.progress, say=say)
@@ -368,8 +441,8 @@ def _run_demo(config: DemoConfig) -> Dict:
     seconds = time.perf_counter() - start
     header = (f"# smooth-infonce demo: {config.framework}, {config.backbone} "
               f"({'width ' + str(config.width) + ', ' if config.backbone == 'tiny_cnn' else ''}"
-              f"{config.image_size} px), {config.epochs} epochs, batch {config.batch_size}, "
-              f"tau {config.temperature}"
+              f"{config.image_size} px), {config.epochs} epochs, batch {config.batch_size}"
+              f"{', tau ' + str(config.temperature) if config.framework in CONTRASTIVE_FRAMEWORKS else ''}"
               f"{', queue ' + str(config.queue_size) if config.framework == 'moco' else ''}, seeds {list(config.seeds)}"
               f"\n\nData: {source}; {len(train)} pre-training / memory images, {len(test)} held-out test images. "
               f"Trained by Lightning ({config.accelerator}). Frozen backbone features; kNN k = {config.knn_k}. "
@@ -439,15 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smooth-infonce-demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     what = parser.add_argument_group("what to compare")
-    what.add_argument("--compare", choices=tuple(COMPARISONS), default="smoothing",
-                      help="smoothing: plain vs uniform vs neighbour-smoothed InfoNCE; masking (MoCo): plain MoCo vs "
-                           "MoCo with own-image keys masked in the queue vs smoothed MoCo with masking")
-    what.add_argument("--runs", nargs="+", choices=tuple(RUN_SPECS), default=None, metavar="RUN",
+    what.add_argument("--compare", choices=tuple(COMPARISONS), default=None,
+                      help="smoothing (default for simclr, moco): plain vs uniform vs neighbour-smoothed InfoNCE; "
+                           "masking (MoCo): plain MoCo vs MoCo with own-image keys masked in the queue vs smoothed "
+                           "MoCo with masking; views (default for dino, swav): SSLight's view sampling vs its "
+                           "baseline")
+    what.add_argument("--runs", nargs="+", choices=tuple(RUN_SPECS) + VIEW_RUNS, default=None, metavar="RUN",
                       help=f"the runs to train instead of those of --compare, from {', '.join(RUN_SPECS)} "
-                           "(*-masked: MoCo only)")
-    what.add_argument("--framework", choices=("moco", "simclr"), default=None,
-                      help="MoCo (momentum key encoder + queue) or SimCLR (in-batch negatives); default simclr, "
-                           "moco with --compare masking")
+                           f"(*-masked: MoCo only), or {', '.join(VIEW_RUNS)} (dino, swav)")
+    what.add_argument("--framework", choices=CONTRASTIVE_FRAMEWORKS + MULTICROP_FRAMEWORKS, default=None,
+                      help="SimCLR (in-batch negatives), MoCo (momentum key encoder + queue), with (smoothed) "
+                           "InfoNCE; or DINO / SwAV with SSLight's pair-weighted multi-crop loss; default simclr, "
+                           "moco with --compare masking, dino with --compare views")
     what.add_argument("--seeds", nargs="+", type=non_negative_int, default=list(d.seeds),
                       help="one run per seed and run; the table gives mean ± std over the seeds")
     train = parser.add_argument_group("training")
@@ -457,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", default=d.backbone,
                        help="a registered backbone (tiny_cnn, resnet18, mobilenetv3_large_100, ...) or timm:<name>")
     train.add_argument("--width", type=positive_int, default=d.width, help="tiny_cnn width")
-    train.add_argument("--image-size", type=positive_int, default=d.image_size, help="side of the training views in px")
+    train.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, f"a side of at least {MIN_IMAGE_SIZE} px"),
+                       default=d.image_size, help="side of the training views in px (the digits are 8 px originals)")
     train.add_argument("--temperature", type=float_in(0, math.inf, low_open=True, high_open=True),
                        default=d.temperature, help="InfoNCE temperature tau")
     train.add_argument("--smoothing", type=float_in(0, 1, high_open=True), default=d.smoothing,
@@ -477,8 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an ImageFolder directory (one sub-folder per class) instead of the digits")
     data.add_argument("--max-images", type=positive_int, default=None, help="use a random subset of the images")
     data.add_argument("--view-cache", type=non_negative_int, default=None,
-                      help="augmented views cached per image (0: augment on the fly); default 8 for the digits, "
-                           "0 with --data")
+                      help="augmented views cached per image and crop group (local crops: this times half their "
+                           "count; 0: augment on the fly); default 8 for the digits, 0 with --data")
     data.add_argument("--knn-k", type=positive_int, default=d.knn_k, help="neighbours of the kNN evaluation")
     hardware = parser.add_argument_group("hardware (passed to Lightning's Trainer)")
     hardware.add_argument("--accelerator", choices=ACCELERATORS, default=None,
@@ -510,10 +587,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoConfig:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     compare, device = args.pop("compare"), args.pop("device")
+    if compare is None:
+        compare = "views" if args["framework"] in MULTICROP_FRAMEWORKS else "smoothing"
     if args["runs"] is None:
         args["runs"] = list(COMPARISONS[compare])
     if args["framework"] is None:
-        args["framework"] = "moco" if any(RUN_SPECS[r].masked for r in args["runs"]) else "simclr"
+        if any(run in VIEW_RUNS for run in args["runs"]):
+            args["framework"] = "dino"
+        else:
+            args["framework"] = "moco" if any(RUN_SPECS[r].masked for r in args["runs"]) else "simclr"
+    if (compare == "views") != (args["framework"] in MULTICROP_FRAMEWORKS):
+        parser.error(f"--compare {compare} does not apply to --framework {args['framework']}: views compares dino "
+                     "or swav runs, smoothing and masking compare simclr or moco runs")
     if device is not None and args["accelerator"] is not None and args["accelerator"] != device:
         parser.error(f"--device {device} and --accelerator {args['accelerator']} disagree; give one of them")
     args["accelerator"] = args["accelerator"] or device or "cpu"
@@ -570,7 +655,8 @@ def check_data(parser: argparse.ArgumentParser, config: DemoConfig) -> None:
     if config.batch_size > train:
         parser.error(f"--batch-size {config.batch_size} is larger than the {train} training images "
                      f"(every epoch drops its last incomplete batch)")
-    smoothed = [r for r in config.runs if RUN_SPECS[r].smoothing and RUN_SPECS[r].mode == "neighbors"]
+    smoothed = [r for r in config.runs
+                if r in RUN_SPECS and RUN_SPECS[r].smoothing and RUN_SPECS[r].mode == "neighbors"]
     if smoothed and config.framework == "moco" and config.neighbors > config.queue_size:
         parser.error(f"--neighbors {config.neighbors} is larger than the MoCo queue (--queue-size "
                      f"{config.queue_size})")

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from .backbones import Backbone
 from .digits import ImageList
 from .evaluation import EvalData
-from .recipes import Recipe, ViewSpec
+from .recipes import CropSpec, Recipe, ViewSpec
 
 # tqdm refreshes: smooth on a terminal, a line every few seconds in a log file.
 BAR_INTERVAL = 0.2 if sys.stderr.isatty() else 5.0
@@ -41,31 +41,48 @@ def seed_everything(seed: int) -> None:
 
 
 class CachedViews(Dataset):
-    """Every item: ``([view, view], label)``, two different views drawn from a fixed cache of
-    augmented views per image (a dataset for `PretrainDataModule` with ``transform=None``)."""
+    """Every item: ``(views, label)``, the recipe's views drawn from fixed caches of augmented views
+    per image (a dataset for `PretrainDataModule` with ``transform=None``): ``count`` different
+    views from each ``(cache, count)`` group, globals first (``cache``: (images, per_image, 3, H, W))."""
 
-    def __init__(self, cache: Tensor, labels: Sequence[int], seed: int) -> None:
-        self.cache, self.labels = cache, list(labels)  # cache: (images, views, 3, H, W)
+    def __init__(self, groups: Sequence[Tuple[Tensor, int]], labels: Sequence[int], seed: int) -> None:
+        self.groups, self.labels = [(cache, count) for cache, count in groups], list(labels)
+        for cache, count in self.groups:
+            if count > cache.shape[1]:
+                raise ValueError(f"{count} views per item from a cache of {cache.shape[1]} views per image")
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return self.cache.shape[0]
+        return self.groups[0][0].shape[0]
 
     def __getitem__(self, index: int) -> Tuple[List[Tensor], int]:
-        first, second = torch.randperm(self.cache.shape[1], generator=self.generator)[:2].tolist()
-        return [self.cache[index, first], self.cache[index, second]], self.labels[index]
+        views = []
+        for cache, count in self.groups:
+            chosen = torch.randperm(cache.shape[1], generator=self.generator)[:count].tolist()
+            views += [cache[index, view] for view in chosen]
+        return views, self.labels[index]
 
 
-def build_view_cache(images: ImageList, views: ViewSpec, per_image: int, seed: int, progress: bool) -> Tensor:
-    """(images, per_image, 3, H, W): ``per_image`` augmented global crops of every image."""
+def build_view_cache(images: ImageList, views: ViewSpec, per_image: int, seed: int, progress: bool,
+                     crop: Optional[CropSpec] = None) -> Tensor:
+    """(images, per_image, 3, H, W): ``per_image`` augmented crops of the group ``crop`` (default:
+    the global crops) of every image. The cache is shared by the views of a group, so their blur
+    and solarisation probabilities must agree (digits: none)."""
     from tqdm.auto import tqdm
 
     from .lightly_models import build_crop_transform
 
-    one_view = build_crop_transform(views.global_crops, views)
+    crop = views.global_crops if crop is None else crop
+    first = 0 if crop is views.global_crops else views.global_crops.count
+    probs = {(views.view_probs(views.blur_prob)[v], views.view_probs(views.solarize_prob)[v])
+             for v in range(first, first + crop.count)}
+    if len(probs) > 1:
+        raise ValueError(f"views of one cached group differ in blur / solarisation ({sorted(probs)}): augment on "
+                         "the fly instead (view cache 0)")
+    one_view = build_crop_transform(crop, views, view=first)
     seed_everything(seed)
     cache = [torch.stack([one_view(images.image(i)) for _ in range(per_image)])
-             for i in tqdm(range(len(images)), desc=f"augmenting ({per_image} views / image)",
+             for i in tqdm(range(len(images)), desc=f"augmenting ({per_image} views of {crop.size} px / image)",
                            disable=not progress, leave=False, mininterval=BAR_INTERVAL)]
     return torch.stack(cache)
 
@@ -81,6 +98,7 @@ class RunResult:
     linear_top1: float
     seconds: float
     masked: bool = False
+    description: str = ""  # the loss, where the smoothing fields do not say it (dino, swav)
     loss_per_epoch: List[float] = field(default_factory=list)
     knn_per_epoch: List[float] = field(default_factory=list)
     smoothing_per_epoch: List[float] = field(default_factory=list)
@@ -130,7 +148,7 @@ def _recorder_class():
         def on_train_epoch_end(self, trainer, module) -> None:
             result = self.result
             result.loss_per_epoch.append(self.total / max(self.count, 1))
-            result.smoothing_per_epoch.append(float(module.criterion.smoothing))
+            result.smoothing_per_epoch.append(float(getattr(module.criterion, "smoothing", 0.0)))
             knn = self.evaluation.knn(module.model.backbone, module.device, self.knn_k)
             result.knn_per_epoch.append(knn)
             module.log("knn", knn, prog_bar=True, on_step=False, on_epoch=True)
@@ -150,7 +168,7 @@ def _recorder_class():
 def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed: int, run: str,
              mask_own_keys: bool = False, transform: Optional[str] = None, accelerator: str = "cpu",
              devices: Union[int, str, Sequence[int]] = 1, strategy: str = "auto", workers: int = 0,
-             knn_k: int = 20, progress: bool = True, say=None) -> Tuple[Backbone, RunResult]:
+             knn_k: int = 20, progress: bool = True, say=None, description: str = "") -> Tuple[Backbone, RunResult]:
     """Pre-train ``recipe`` with `PretrainModule` on Lightning's Trainer; kNN top-1 after every
     epoch, kNN and linear probe at the end.
 
@@ -165,7 +183,7 @@ def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed:
     from .lightning import PretrainDataModule, build_module
 
     result = RunResult(run, seed, recipe.loss.smoothing, recipe.loss.mode if recipe.loss.smoothing else "-",
-                       recipe.loss.neighbors_or_none, 0.0, 0.0, 0.0, masked=mask_own_keys)
+                       recipe.loss.neighbors_or_none, 0.0, 0.0, 0.0, masked=mask_own_keys, description=description)
     with quiet_lightning():
         L.seed_everything(seed, workers=True, verbose=False)  # the same initialisation and batches per seed
         module = build_module(recipe, mask_own_keys=mask_own_keys)

@@ -4,6 +4,7 @@ through the Lightning module; its command-line errors; the install hint of a mis
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -142,6 +143,9 @@ def bad_flags(tmp_path):
         "device and accelerator disagree": (["--device", "cpu", "--accelerator", "mps"], "disagree"),
         "out is a file": (["--out", str(not_a_folder)], "is not a directory"),
         "knn-k above the data": (["--max-images", "20", "--batch-size", "4", "--knn-k", "50"], "--knn-k 50"),
+        "tiny images": (["--image-size", "3"], "argument --image-size: expected a side of at least 8 px, got 3"),
+        "views comparison of SimCLR": (["--compare", "views", "--framework", "simclr"], "does not apply"),
+        "smoothing runs with DINO": (["--framework", "dino", "--runs", "plain"], "compares view sampling"),
     }
     if not torch.cuda.is_available():
         cases["--device cuda without CUDA"] = (["--device", "cuda"], "no CUDA device")
@@ -216,3 +220,17 @@ def test_a_missing_extra_names_the_extra_to_install():
     assert "pip install 'smooth-infonce[lightly]'" in found["lightly"]
     assert "pip install 'smooth-infonce[lightly]'" in found["lightly_models"]
     assert "pip install 'smooth-infonce[demo]'" in found["demo"] and "lightly" in found["demo"]
+
+
+@pytest.mark.parametrize("framework", ["dino", "swav"])
+def test_dino_and_swav_compare_sslight_views_with_the_baseline(framework, tmp_path):
+    """--framework dino | swav: the presets' view sampling, crops scaled to the image size."""
+    config = demo.parse_args(TINY + ["--framework", framework, "--no-plot", "--out", str(tmp_path)])
+    assert config.runs == ("baseline", "sslight")
+    outcome = demo.run_demo(config)
+    rows = {row["run"]: row for row in outcome["rows"]}
+    name = "DINO" if framework == "dino" else "SwAV"
+    assert rows["baseline"]["loss"] == f"{name}, 2 x 16 px (0.14, 1) + 6 x 7 px (0.05, 0.14), plain mean"
+    assert rows["sslight"]["loss"] == f"{name}, 2 x 16 px (0.3, 1) + 6 x 9 px (0.05, 0.3), lambda (0.4, 0.6)"
+    for result in outcome["results"]:
+        assert 0.0 <= result.knn_top1 <= 1.0 and math.isfinite(result.loss_per_epoch[0])
