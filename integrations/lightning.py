@@ -27,10 +27,21 @@ SwAV runs have none).
 
 MoCo masks a query's own image in the queue: the data module hands the dataset index of every
 image to the loss (``ids``), which stores it beside each enqueued key.
+
+Random streams under DDP: each process's torch (CPU and its CUDA device), numpy and python RNGs
+are seeded at ``setup`` from the run's seed and the process's global rank (`seed_streams`), so
+two processes never crop and jitter their images in lockstep; data-loading workers follow
+Lightning's convention (`pl_worker_init_function`: the process's stream, the worker id and the
+rank), and are started afresh every epoch (``persistent_workers=False``) so that their streams
+follow from the process's. Every checkpoint holds every process's streams (gathered when it is
+written); a resumed run restores each process's own, so a run killed after an epoch's checkpoint
+resumes bit for bit on every process, with or without workers.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -38,7 +49,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 try:
     import lightning as L
@@ -53,6 +64,60 @@ from .optim import build_optimizer, set_schedules
 from .recipes import Recipe, get_preset
 
 RNG_STATE_KEY = "smooth_infonce_rng_state"
+RNG_STATE_FORMAT = 2  # one state per process (format 1, before it: a single state, rank 0's)
+
+
+def seed_streams(seed: int, rank: int, step: int = 0) -> None:
+    """Seed this process's torch (CPU and every CUDA device), numpy and python RNGs from the run's
+    ``seed``, the process's global ``rank`` and ``step`` (0 for a fresh run): distinct streams for
+    distinct ranks, the same streams for the same ``(seed, rank, step)``."""
+    words = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(4, np.uint64)
+    torch.manual_seed(int(words[0]))  # CPU and CUDA
+    np.random.seed(np.random.SeedSequence([int(seed), int(rank), int(step), 1]).generate_state(4))
+    random.seed((int(words[1]) << 64) | int(words[2]))
+
+
+def rng_state(device: Optional[torch.device] = None) -> dict:
+    """This process's RNG streams as tensors, plain numbers and tuples (``torch.load(weights_only=True)``
+    reads them back): torch's CPU generator, the CUDA generator of ``device`` (when it is a CUDA
+    device that has been used), numpy's and python's global ones."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.copy()), int(position), int(has_gauss), float(cached))}
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: Optional[torch.device] = None) -> None:
+    """Restore what `rng_state` returned (its CUDA state on ``device``, where it has one)."""
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _as_plain(state: dict) -> dict:
+    """`rng_state` with its tensors as (bytes, dtype name): what the pickling collectives carry."""
+    def plain(tensor: Tensor) -> tuple:
+        return tensor.numpy().tobytes(), str(tensor.dtype).removeprefix("torch.")
+
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    out = {key: plain(value) for key, value in state.items() if isinstance(value, Tensor)}
+    return {**out, "numpy": (kind, plain(keys), position, has_gauss, cached), "python": state["python"]}
+
+
+def _from_plain(state: dict) -> dict:
+    """The inverse of `_as_plain`."""
+    def tensor(plain: tuple) -> Tensor:
+        data, dtype = plain
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype).copy())
+
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    out = {key: tensor(value) for key, value in state.items() if key not in ("numpy", "python")}
+    return {**out, "numpy": (kind, tensor(keys), position, has_gauss, cached), "python": state["python"]}
 
 
 class IndexedViews(Dataset):
@@ -78,14 +143,23 @@ class PretrainDataModule(L.LightningDataModule):
     ``(image, target)`` pairs (PIL images for the recipe's transform; with ``transform=None`` the
     dataset must return the list of view tensors itself).
 
-    ``batch_size`` is per process; under DDP Lightning shards the data with a distributed sampler.
-    Views of one size are stacked by the default collate, so multi-crop batches come out as a list
-    of (B, 3, H, W) tensors, globals first.
+    ``batch_size`` is per process; under DDP the data is sharded by a distributed sampler (seeded
+    with ``PL_GLOBAL_SEED`` as Lightning's), whose epoch is set before the loader starts, so that a
+    resumed run's first epoch is shuffled as the uninterrupted run's (Lightning sets it only after
+    the workers have drawn their first indices). Views of one size are stacked by the default
+    collate, so multi-crop batches come out as a list of (B, 3, H, W) tensors, globals first.
+
+    Workers are seeded by Lightning's `pl_worker_init_function` (from the process's own stream, the
+    worker id and the global rank) and, unless ``persistent_workers=True``, started afresh every
+    epoch: their streams then follow from the process's, which the checkpoint holds, and a resumed
+    run draws the views of the uninterrupted one. Persistent workers carry their streams on from
+    the first epoch, which no checkpoint can hold: a resumed run then draws other views.
     """
 
     def __init__(self, recipe: Recipe, *, root: Optional[str] = None, dataset: Optional[Dataset] = None,
                  batch_size: int = 256, num_workers: int = 0, drop_last: bool = True, shuffle: bool = True,
-                 transform: Optional[Callable] = "recipe") -> None:  # type: ignore[assignment]
+                 transform: Optional[Callable] = "recipe",  # type: ignore[assignment]
+                 persistent_workers: bool = False) -> None:
         super().__init__()
         if (root is None) == (dataset is None):
             raise ValueError("PretrainDataModule needs exactly one of root (an ImageFolder) or dataset")
@@ -93,6 +167,7 @@ class PretrainDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.recipe, self.root, self.dataset = recipe, root, dataset
         self.batch_size, self.num_workers, self.drop_last, self.shuffle = batch_size, num_workers, drop_last, shuffle
+        self.persistent_workers = persistent_workers and num_workers > 0
         self.transform = build_view_transform(recipe.views) if transform == "recipe" else transform
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -102,9 +177,21 @@ class PretrainDataModule(L.LightningDataModule):
             self.dataset = ImageFolder(self.root)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(IndexedViews(self.dataset, self.transform), batch_size=self.batch_size, shuffle=self.shuffle,
-                          num_workers=self.num_workers, drop_last=self.drop_last,
-                          persistent_workers=self.num_workers > 0)
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        dataset = IndexedViews(self.dataset, self.transform)
+        trainer = self.trainer  # None outside a run
+        rank = trainer.global_rank if trainer is not None else None
+        seed_worker = functools.partial(pl_worker_init_function, rank=rank) if self.num_workers else None
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, drop_last=self.drop_last,
+                       persistent_workers=self.persistent_workers, worker_init_fn=seed_worker)
+        if (trainer is not None and trainer.world_size > 1
+                and getattr(trainer._accelerator_connector, "use_distributed_sampler", True)):
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                         shuffle=self.shuffle, seed=int(os.getenv("PL_GLOBAL_SEED", 0)))
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+            return DataLoader(dataset, sampler=sampler, **options)
+        return DataLoader(dataset, shuffle=self.shuffle, **options)
 
 
 class PretrainModule(L.LightningModule):
@@ -113,6 +200,9 @@ class PretrainModule(L.LightningModule):
     Args:
         recipe: a `Recipe` (``get_preset(name, **overrides)``).
         mask_own_keys: MoCo: leave queue entries of a query's own image out of its negatives.
+        seed: the run's seed, from which every process's random streams derive (`seed_streams`);
+            by default ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else rank 0's
+            ``torch.initial_seed()``, logged.
         loss_options: more keywords of the recipe's loss (`build_loss`): `SmoothNTXentLoss`'s
             (``backend``, ``deterministic``, ``allow_tf32``, ...) for MoCo and SimCLR,
             `SSLightDINOLoss`'s or `SSLightSwaVLoss`'s for DINO and SwAV.
@@ -121,9 +211,12 @@ class PretrainModule(L.LightningModule):
     gradient accumulation), per 256 images, as the recipe states.
     """
 
-    def __init__(self, recipe: Recipe, *, mask_own_keys: bool = True, **loss_options: Any) -> None:
+    def __init__(self, recipe: Recipe, *, mask_own_keys: bool = True, seed: Optional[int] = None,
+                 **loss_options: Any) -> None:
         super().__init__()
         self.recipe = recipe
+        self.seed: Optional[int] = seed
+        self.run_seed: Optional[int] = None  # resolved at setup; a resumed run's is its checkpoint's
         self.mask_own_keys = mask_own_keys and recipe.framework == "moco"
         self.model = build_model(recipe)
         if recipe.framework in ("moco", "simclr"):
@@ -159,6 +252,20 @@ class PretrainModule(L.LightningModule):
     def teacher_momentum(self, step: int) -> float:
         """DINO: the teacher's EMA factor after optimiser step ``step`` (cosine over the run)."""
         return self.recipe.dino.teacher_momentum_at(step, self.trainer.estimated_stepping_batches)
+
+    def setup(self, stage: str) -> None:
+        # every process's streams from (seed, rank): before the first epoch's loader draws from
+        # them, and before a checkpoint (restored after setup) replaces them with the saved ones
+        if stage != "fit":
+            return
+        seed = self.seed if self.seed is not None else os.environ.get("PL_GLOBAL_SEED")
+        if seed is None:
+            seed = self.trainer.strategy.broadcast(torch.initial_seed(), src=0)
+            if self.trainer.is_global_zero:
+                warnings.warn(f"no seed given (PretrainModule(seed=...) or seed_everything): the run's random "
+                              f"streams derive from seed {seed}", stacklevel=2)
+        self.run_seed = int(seed)
+        seed_streams(self.run_seed, self.trainer.global_rank)
 
     def on_train_start(self) -> None:
         if self.recipe.framework == "swav":
@@ -227,20 +334,51 @@ class PretrainModule(L.LightningModule):
     # --- checkpoints: the RNG streams too, so a resumed run draws the same views -----------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # tensors and plain numbers only, so that torch.load(weights_only=True) reads it back
-        kind, keys, position, has_gauss, cached = np.random.get_state()
-        checkpoint[RNG_STATE_KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                     "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, cached)}
+        # every process's streams: Lightning calls this hook on every process and writes rank 0's
+        # dict, so the states are gathered here (tensors, plain numbers, tuples: weights_only loads)
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else None
+        states = [rng_state(device)]
+        world_size = trainer.world_size if trainer is not None else 1
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * world_size  # tensors as bytes: plain objects cross the pickling collective
+            torch.distributed.all_gather_object(gathered, _as_plain(states[0]))
+            states = [_from_plain(state) for state in gathered]
+        checkpoint[RNG_STATE_KEY] = {"format": RNG_STATE_FORMAT, "seed": self.run_seed, "world_size": len(states),
+                                     "ranks": states}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get(RNG_STATE_KEY)
-        if state is None:
-            warnings.warn("checkpoint without RNG state: the resumed run draws other views", stacklevel=2)
+        trainer = self._trainer
+        if trainer is None:  # load_from_checkpoint outside a run: the process's streams stay as they are
             return
-        kind, keys, position, has_gauss, cached = state["numpy"]
-        torch.set_rng_state(state["torch"])
-        np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
-        random.setstate(state["python"])
+        state = checkpoint.get(RNG_STATE_KEY)
+        rank, world_size, device = trainer.global_rank, trainer.world_size, trainer.strategy.root_device
+        if state is None:
+            if rank == 0:
+                warnings.warn("checkpoint without RNG state: the resumed run draws other views", stacklevel=2)
+            return
+        if "ranks" in state:
+            states, self.run_seed = list(state["ranks"]), state["seed"] if state["seed"] is not None else self.run_seed
+        else:  # format 1: one state, rank 0's, given to every process before
+            states = [state]
+            if rank == 0:
+                warnings.warn("checkpoint with one RNG state (written before every process's were kept): rank 0 "
+                              "restores it" + (f", ranks 1 to {world_size - 1} draw streams derived from the seed "
+                                               "and the step: the resumed run draws other views on them"
+                                               if world_size > 1 else ""), stacklevel=2)
+        if len(states) == world_size:
+            set_rng_state(states[rank], device)
+            return
+        if "ranks" in state and rank == 0:
+            warnings.warn(f"the checkpoint holds the RNG streams of {len(states)} processes, this run has "
+                          f"{world_size}: rank 0 restores rank 0's, every other rank draws streams derived from the "
+                          "seed, its rank and the step; the resumed run draws other views than an uninterrupted one",
+                          stacklevel=2)
+        if rank == 0:
+            set_rng_state(states[0], device)
+        else:
+            seed = self.run_seed if self.run_seed is not None else 0
+            seed_streams(seed, rank, step=int(checkpoint.get("global_step", 0)) + 1)
 
 
 def build_module(recipe: Recipe, **options: Any) -> PretrainModule:
