@@ -8,17 +8,22 @@ needs a process it can kill, so these runs cannot live inside the pytest process
     python tests/lightning_runs.py presets --out presets.json           # every preset under 2-process DDP
     python tests/lightning_runs.py train --dir RUN [--kill-at-epoch 2] [--resume]
     python tests/lightning_runs.py train --presets sslight_dino,sslight_swav --dir RUN --kill-at-epoch 2 --resume
+    python tests/lightning_runs.py train --devices 2 --variable-size --record-views --num-workers 0,2 --dir RUN ...
+    python tests/lightning_runs.py views --out views.pt    # 2-process DDP: the views each rank draws
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import random
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -181,12 +186,51 @@ def every_preset(args) -> None:
 # --- a run that checkpoints every epoch, can be killed, and resumed --------------------------------
 
 
-class RecordLosses(L.Callback):
-    """Appends every step's loss to losses.jsonl; with ``kill_at_epoch`` the process kills itself
-    with SIGKILL when that epoch starts (the previous epoch's checkpoint is on disk by then)."""
+def rank_file(run: Path, name: str, rank: int) -> Path:
+    """``name`` in ``run`` for rank 0 (losses.jsonl), ``name`` with ``.rank<r>`` before its suffix
+    for the other ranks (losses.rank1.jsonl)."""
+    return run / name if rank == 0 else run / f"{Path(name).stem}.rank{rank}{Path(name).suffix}"
 
-    def __init__(self, path: Path, kill_at_epoch: int | None) -> None:
-        self.path, self.kill_at_epoch = path, kill_at_epoch
+
+def digest(tensors) -> str:
+    """A hash of the tensors' bytes: equal digests, bit-identical tensors."""
+    sha = hashlib.sha1()
+    for tensor in tensors:
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
+def rng_digest() -> str:
+    """A hash of this process's torch, numpy and python RNG states."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return digest([torch.get_rng_state(), torch.from_numpy(keys.astype(np.int64)), torch.tensor([position, has_gauss]),
+                   torch.tensor(cached), torch.tensor(random.getstate()[1], dtype=torch.int64)])
+
+
+class RecordLosses(L.Callback):
+    """Appends every step's loss to losses.jsonl (rank r > 0: losses.rank<r>.jsonl); with
+    ``kill_at_epoch`` the process kills itself with SIGKILL when that epoch starts (the previous
+    epoch's checkpoint is on disk by then). ``record_views``: each step's dataset indices and a
+    digest of its views too, and rng.jsonl the digest of the process's RNG streams when training
+    starts (after a resumed run's restore) and at every checkpoint."""
+
+    def __init__(self, path: Path, kill_at_epoch: int | None, record_views: bool = False) -> None:
+        self.path, self.kill_at_epoch, self.record_views = path, kill_at_epoch, record_views
+
+    def setup(self, trainer, module, stage) -> None:
+        self.rank = trainer.global_rank
+        self.path = rank_file(self.path.parent, self.path.name, self.rank)
+
+    def write_rng(self, event: str, trainer) -> None:
+        if self.record_views:
+            with rank_file(self.path.parent, "rng.jsonl", self.rank).open("a") as f:
+                f.write(json.dumps({"event": event, "epoch": trainer.current_epoch, "rng": rng_digest()}) + "\n")
+
+    def on_fit_start(self, trainer, module) -> None:  # after a checkpoint's restore, before the loader
+        self.write_rng("start", trainer)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:  # just before the module's hook
+        self.write_rng("save", trainer)
 
     def on_train_epoch_start(self, trainer, module) -> None:
         if trainer.current_epoch == self.kill_at_epoch:
@@ -204,14 +248,25 @@ class RecordLosses(L.Callback):
         else:
             record["queue_in_use"] = bool(trainer.callback_metrics["train/queue_in_use"])  # in this step's loss
             record["queue_filled"] = int(module.model.queue_filled)
+        if self.record_views:
+            views, _, index = batch
+            record["ids"], record["views"] = index.tolist(), digest(views)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
 
 class DigitImages(Dataset):
-    def __init__(self, count: int) -> None:
-        self.images, self.labels = digit_images(count, size=16)
+    """``count`` digits at 16 px; ``variable_size``: image i at 12 + 3 (i % 5) px, as the images of
+    an ImageFolder differ in size (the recipe's crops then draw a number of values that depends on
+    the image). ``repeat``: each digit ``repeat`` times in a row (index i is digit i // repeat)."""
+
+    def __init__(self, count: int, variable_size: bool = False, repeat: int = 1) -> None:
+        images, labels = digit_images(-(-count // repeat), size=16)
+        self.images = [images[i // repeat] for i in range(count)]
+        self.labels = [labels[i // repeat] for i in range(count)]
+        if variable_size:
+            self.images = [image.resize((12 + 3 * (i % 5),) * 2) for i, image in enumerate(self.images)]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -233,35 +288,79 @@ TRAIN_RUNS = {
 }
 
 
-def train_one(preset: str, run: Path, epochs: int, kill_at_epoch: int | None, resume: bool) -> None:
+def train_one(preset: str, run: Path, args, num_workers: int, kill_at_epoch: int | None, resume: bool) -> None:
+    """One run; under DDP every rank records its own losses (with ``--record-views`` its indices,
+    views and RNG digests) and writes its own final state (final.pt, final.rank1.pt)."""
     L.seed_everything(0, workers=True)
     module = from_preset(preset, module_options=module_options(preset), **TRAIN_RUNS[preset])
-    data = PretrainDataModule(module.recipe, dataset=DigitImages(64), batch_size=16)
+    data = PretrainDataModule(module.recipe, dataset=DigitImages(64, variable_size=args.variable_size),
+                              batch_size=16, num_workers=num_workers)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run / "ckpt", save_last=True, save_top_k=-1,
                                                       every_n_epochs=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, deterministic=True, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[RecordLosses(run / "losses.jsonl", kill_at_epoch), checkpoints])
+    record = RecordLosses(run / "losses.jsonl", kill_at_epoch, record_views=args.record_views)
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                        max_epochs=args.epochs, deterministic=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[record, checkpoints])
     trainer.fit(module, datamodule=data, ckpt_path=str(run / "ckpt" / "last.ckpt") if resume else None)
-    final = {"state": module.state_dict()}
+    final = {"state": module.state_dict(), "world_size": trainer.world_size}
     if module.recipe.framework == "moco":
         final["bank"] = module.criterion.memory_bank.bank.clone()
-    torch.save(final, run / "final.pt")
+    torch.save(final, rank_file(run, "final.pt", trainer.global_rank))
 
 
 def train(args) -> None:
-    """One run in ``--dir``, or with ``--presets a,b`` one per preset in ``--dir/<preset>``, in turn:
+    """One run in ``--dir``, or with ``--presets a,b`` one per preset in ``--dir/<preset>``, in turn
+    (with ``--num-workers 0,2`` one per preset and worker count, ``--dir/<preset>-workers<n>``):
     a finished run (final.pt) is skipped, one with a checkpoint resumes (``--resume``), a fresh
     one is killed at ``--kill-at-epoch``. Calling ``--kill-at-epoch 2 --resume`` again and again
-    kills and resumes each preset in turn, two presets in four processes."""
-    presets = args.presets.split(",")
+    kills and resumes each run in turn, two runs in four processes."""
+    presets, workers = args.presets.split(","), [int(n) for n in args.num_workers.split(",")]
     for preset in presets:
-        run = Path(args.dir) if len(presets) == 1 else Path(args.dir) / preset
-        run.mkdir(parents=True, exist_ok=True)
-        if (run / "final.pt").exists():
-            continue
-        resume = args.resume and (run / "ckpt" / "last.ckpt").exists()
-        train_one(preset, run, args.epochs, None if resume else args.kill_at_epoch, resume)
+        for num_workers in workers:
+            run = Path(args.dir)
+            if len(presets) * len(workers) > 1:
+                run = run / (preset if len(workers) == 1 else f"{preset}-workers{num_workers}")
+            run.mkdir(parents=True, exist_ok=True)
+            if (run / "final.pt").exists():
+                continue
+            resume = args.resume and (run / "ckpt" / "last.ckpt").exists()
+            train_one(preset, run, args, num_workers, None if resume else args.kill_at_epoch, resume)
+
+
+class SameImagesOnEveryRank(DigitImages):
+    """Every digit twice in a row: with 2 processes and no shuffling rank 0 is handed indices 0, 2,
+    4, ... and rank 1 indices 1, 3, 5, ...: the same images in the same order."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count, repeat=2)
+
+
+class RecordViews(L.Callback):
+    def __init__(self) -> None:
+        self.views = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.views.append(([view.clone() for view in batch[0]], batch[2].clone()))
+
+
+def rank_views(args) -> None:
+    """2-process DDP, one step of light_moco on `SameImagesOnEveryRank`, for seed 0, seed 0 again,
+    seed 1, and seed 0 with 2 workers: each rank writes its (views, indices) of each run (``--out``
+    for rank 0, with ``.rank1`` before the suffix for rank 1)."""
+    seen = {}
+    for name, seed, workers in (("seed0", 0, 0), ("seed0_again", 0, 0), ("seed1", 1, 0), ("seed0_workers", 0, 2)):
+        L.seed_everything(seed, workers=True)
+        module = from_preset("light_moco", module_options=module_options("light_moco"), **TRAIN_RUNS["light_moco"])
+        data = PretrainDataModule(module.recipe, dataset=SameImagesOnEveryRank(16), batch_size=4, shuffle=False,
+                                  num_workers=workers)
+        views = RecordViews()
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[views])
+        trainer.fit(module, datamodule=data)
+        seen[name] = views.views
+    out = Path(args.out)
+    torch.save(seen, rank_file(out.parent, out.name, trainer.global_rank))
 
 
 def main() -> None:
@@ -279,9 +378,15 @@ def main() -> None:
     run.add_argument("--kill-at-epoch", type=int, default=None)
     run.add_argument("--resume", action="store_true")
     run.add_argument("--presets", default="light_moco", help=f"comma-separated, of {sorted(TRAIN_RUNS)}")
+    run.add_argument("--devices", type=int, default=1)
+    run.add_argument("--num-workers", default="0", help="comma-separated: one run per count")
+    run.add_argument("--variable-size", action="store_true", help="image i at 12 + 3 (i % 5) px")
+    run.add_argument("--record-views", action="store_true")
+    views = sub.add_parser("views")
+    views.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"step": one_step, "presets": every_preset, "train": train}[args.command](args)
+    {"step": one_step, "presets": every_preset, "train": train, "views": rank_views}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,33 @@
 """The Lightning module: every preset trains on CPU, DDP equals one process, a killed run resumes
 exactly (queue, alpha and lr schedules, momentum encoder, RNG; DINO's centre and teacher, SwAV's
-queue in use), through real Lightning and lightly."""
+queue in use), through real Lightning and lightly; under 2-process DDP too, every rank from its
+own RNG streams, with and without workers; ranks do not augment in lockstep."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 L = pytest.importorskip("lightning")
 
-from smooth_infonce.integrations.lightning import PretrainDataModule, from_preset  # noqa: E402
+from smooth_infonce.integrations.lightning import (  # noqa: E402
+    RNG_STATE_KEY,
+    PretrainDataModule,
+    from_preset,
+    rng_state,
+    seed_streams,
+)
 from smooth_infonce.integrations.recipes import list_presets  # noqa: E402
 
 from lightning_runs import DigitImages, module_options, tiny_overrides  # noqa: E402
@@ -28,8 +40,8 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           check=False)
 
 
-def read_losses(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+def read_losses(run: Path, name: str = "losses.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines()]
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -164,3 +176,143 @@ def test_killed_dino_and_swav_runs_resume_exactly(tmp_path):
     assert [r["queue_in_use"] for r in swav] == [False] * 6 + [True] * 10
     assert "criterion.center" in torch.load(straight / "sslight_dino" / "final.pt")["state"]
     assert {"model.queue", "model.queue_filled"} <= set(torch.load(straight / "sslight_swav" / "final.pt")["state"])
+
+
+# --- DDP: every rank's streams in the checkpoint; ranks not in lockstep --------------------------------
+
+
+def test_killed_ddp_run_resumes_exactly_on_every_rank(tmp_path):
+    """light_moco under 2-process DDP, images of 12 to 24 px through the recipe's own crops (the
+    ranks' streams then diverge), killed at the start of epoch 2 and resumed, with 0 and with 2
+    workers (two runs in four launches, see lightning_runs.train): every rank equals the
+    uninterrupted run bit for bit (indices, views, losses, weights, BN buffers, queue, its ids and
+    pointer). Before each rank kept its own streams, rank 1 resumed with rank 0's: its views
+    differed at every resumed step, and through shuffle-BN and the queue rank 0's losses too.
+    Then a resume of the 2-process checkpoint on one process runs and warns."""
+    common = ("train", "--devices", "2", "--variable-size", "--record-views", "--epochs", "3",
+              "--num-workers", "0,2")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = run_script(*common, "--dir", str(straight))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for expected in (-9, -9, 0):  # 0 workers killed; resumed, 2 workers killed; resumed
+        done = run_script(*common, "--dir", str(killed), "--kill-at-epoch", "2", "--resume")
+        assert done.returncode == expected, done.stderr[-3000:]
+
+    for run in ("light_moco-workers0", "light_moco-workers2"):
+        for rank, suffix in ((0, ""), (1, ".rank1")):
+            reference = read_losses(straight / run, f"losses{suffix}.jsonl")
+            resumed = read_losses(killed / run, f"losses{suffix}.jsonl")
+            assert [r["step"] for r in resumed] == [r["step"] for r in reference] == list(range(1, 7)), (run, rank)
+            for ours, theirs in zip(resumed, reference):  # steps 5 and 6 after the resume
+                assert ours == theirs, (run, rank, ours["step"])  # ids, views digest, loss, lr, alpha: exact
+            a = torch.load(straight / run / f"final{suffix}.pt")
+            b = torch.load(killed / run / f"final{suffix}.pt")
+            assert a["world_size"] == b["world_size"] == 2
+            assert {"criterion.memory_bank.bank", "criterion.bank_ids", "criterion.memory_bank.bank_ptr",
+                    "model.backbone.net.0.1.running_mean"} <= a["state"].keys()
+            for name, tensor in a["state"].items():  # weights, BN buffers, queue, ids, pointer
+                assert torch.equal(b["state"][name], tensor), (run, rank, name)
+
+            # every rank restored its own streams: the ranks' differ, and each resumed rank starts
+            # from what it held when the checkpoint of epoch 1 was written
+            events = read_losses(killed / run, f"rng{suffix}.jsonl")
+            saved = [e["rng"] for e in events if e["event"] == "save" and e["epoch"] == 1]
+            starts = [e["rng"] for e in events if e["event"] == "start"]
+            assert len(starts) == 2 and starts[1] == saved[-1], (run, rank)
+        rank0, rank1 = (read_losses(straight / run, f"rng{s}.jsonl") for s in ("", ".rank1"))
+        assert all(x["rng"] != y["rng"] for x, y in zip(rank0, rank1)), run
+        assert all(x["views"] != y["views"] for x, y in zip(*(read_losses(straight / run, f"losses{s}.jsonl")
+                                                               for s in ("", ".rank1"))))
+
+    # the checkpoint holds both ranks' streams, and loads with weights_only=True
+    checkpoint = torch.load(killed / "light_moco-workers0" / "ckpt" / "epoch=1-step=4.ckpt", weights_only=True)
+    state = checkpoint[RNG_STATE_KEY]
+    assert state["world_size"] == 2 and state["seed"] == 0 and len(state["ranks"]) == 2
+    assert not torch.equal(state["ranks"][0]["torch"], state["ranks"][1]["torch"])
+
+    # a resume on another world size (one process) runs, and says what it cannot reproduce
+    other = tmp_path / "one_process"
+    (other / "ckpt").mkdir(parents=True)
+    shutil.copy(killed / "light_moco-workers0" / "ckpt" / "epoch=1-step=4.ckpt", other / "ckpt" / "last.ckpt")
+    done = run_script("train", "--devices", "1", "--variable-size", "--epochs", "3", "--dir", str(other),
+                      "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the checkpoint holds the RNG streams of 2 processes, this run has 1" in done.stderr
+    assert [r["epoch"] for r in read_losses(other)] == [2] * 4  # 64 images in batches of 16 on one process
+
+
+def test_ranks_draw_different_views_and_a_run_is_reproducible_from_its_seed(tmp_path):
+    """2-process DDP, each rank handed the same images in the same order (see
+    lightning_runs.rank_views): the ranks' crops differ, with and without workers; the same seed
+    draws the same views again, another seed others."""
+    out = tmp_path / "views.pt"
+    done = run_script("views", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = torch.load(out), torch.load(tmp_path / "views.rank1.pt")
+    for name in ("seed0", "seed0_again", "seed1", "seed0_workers"):
+        (views0, ids0), (views1, ids1) = rank0[name][0], rank1[name][0]
+        assert ids0.tolist() == [0, 2, 4, 6] and ids1.tolist() == [1, 3, 5, 7]  # digits 0, 1, 2, 3 on both
+        for view0, view1 in zip(views0, views1):  # each of the two global crops
+            assert view0.shape == view1.shape == (4, 3, 16, 16)
+            assert all(not torch.equal(a, b) for a, b in zip(view0, view1)), name  # per image
+    for rank in (rank0, rank1):
+        assert all(torch.equal(a, b) for a, b in zip(rank["seed0"][0][0], rank["seed0_again"][0][0]))
+        assert not any(torch.equal(a, b) for a, b in zip(rank["seed0"][0][0], rank["seed1"][0][0]))
+        assert not any(torch.equal(a, b) for a, b in zip(rank["seed0"][0][0], rank["seed0_workers"][0][0]))
+
+
+def _module_on(rank: int, world_size: int):
+    module = from_preset("light_moco", module_options={"backend": "reference"}, **tiny_overrides("light_moco"))
+    module._trainer = SimpleNamespace(global_rank=rank, world_size=world_size,
+                                      strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module.run_seed = 7
+    return module
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_checkpoint_per_rank_other_world_size_and_old_format():
+    """The hooks alone, on stand-in trainers: each rank restores its own streams; on another world
+    size rank 0 restores rank 0's and the others derive distinct ones from the seed, rank and step,
+    with a warning on rank 0; a checkpoint of the older format (one state) restores it with a
+    warning."""
+    states = []
+    for rank in (0, 1):
+        seed_streams(7, rank)
+        states.append(rng_state())
+    checkpoint = {"global_step": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _module_on(0, 1).on_save_checkpoint(checkpoint)  # one process: no collective
+    assert checkpoint[RNG_STATE_KEY]["world_size"] == 1 and checkpoint[RNG_STATE_KEY]["seed"] == 7
+    checkpoint[RNG_STATE_KEY].update(world_size=2, ranks=states)  # as two ranks would have gathered
+
+    draws = {}
+    for rank in (0, 1):
+        torch.manual_seed(123)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _module_on(rank, 2).on_load_checkpoint(checkpoint)
+        draws[rank] = _draws()
+        seed_streams(7, rank)
+        assert draws[rank] == _draws()  # its own state
+    assert draws[0] != draws[1]
+
+    for rank, world_size in ((0, 3), (1, 3), (2, 3)):
+        with pytest.warns(UserWarning, match="holds the RNG streams of 2 processes, this run has 3") if rank == 0 \
+                else warnings.catch_warnings():
+            _module_on(rank, world_size).on_load_checkpoint(checkpoint)
+        draws[(rank, world_size)] = _draws()
+    assert draws[(0, 3)] == draws[0]  # rank 0's own
+    assert len({str(d) for d in (draws[0], draws[1], draws[(1, 3)], draws[(2, 3)])}) == 4  # all distinct
+    seed_streams(7, 2, step=5)  # the seed, the rank and the step after the checkpoint's
+    assert _draws() == draws[(2, 3)]
+
+    old = {"global_step": 4, RNG_STATE_KEY: {key: states[1][key] for key in ("torch", "numpy", "python")}}
+    with pytest.warns(UserWarning, match="one RNG state"):
+        _module_on(0, 1).on_load_checkpoint(old)
+    assert _draws() == draws[1]
+    with pytest.warns(UserWarning, match="checkpoint without RNG state"):
+        _module_on(0, 1).on_load_checkpoint({"global_step": 4})
