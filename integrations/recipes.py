@@ -315,8 +315,10 @@ class OptimizerSpec:
 
     Learning rates are given per 256 images and scaled linearly with the total batch:
     ``lr = lr_per_256 * batch_size / 256`` (the same for ``min_lr_per_256`` and
-    ``warmup_start_lr_per_256``). The schedule is per iteration: linear warm-up from the start lr
-    over ``warmup_epochs``, then cosine from lr to min_lr.
+    ``warmup_start_lr_per_256``). The schedule is per iteration: linear warm-up over
+    ``warmup_epochs`` from the start lr at the first step to the peak at the last warm-up step (the
+    ``np.linspace`` of DINO's and SwAV's code and solo-learn's scheduler), then cosine from lr to
+    min_lr.
 
     Attributes:
         name: ``"sgd"`` (with momentum), ``"lars"`` (SGD with layer-wise trust ratio) or
@@ -365,8 +367,8 @@ class OptimizerSpec:
         floor = self.min_lr_per_256 * batch_size / 256
         start = self.warmup_start_lr_per_256 * batch_size / 256
         warmup = self.warmup_epochs * steps_per_epoch
-        if step < warmup:
-            return start + (peak - start) * (step + 1) / warmup
+        if step < warmup:  # np.linspace(start, peak, warm-up steps), as DINO's, SwAV's and solo-learn's schedulers
+            return start + (peak - start) * step / max(1, warmup - 1)
         if self.lr_schedule == "constant":
             return peak
         total = max(1, epochs * steps_per_epoch - warmup)

@@ -183,7 +183,7 @@ def test_dino_teacher_schedules_equal_lightlys_and_dinos():
 def test_warmup_start_and_weight_decay_schedule():
     spec = get_preset("swav_baseline").optimizer
     kwargs = dict(steps_per_epoch=10, epochs=200, batch_size=1024)
-    assert spec.learning_rate(0, **kwargs) == pytest.approx(0.075 + (1.2 - 0.075) / 100)
+    assert spec.learning_rate(0, **kwargs) == pytest.approx(0.075)  # the warm-up starts at SwAV's start_warmup
     assert spec.learning_rate(99, **kwargs) == pytest.approx(1.2)
     vit = get_preset("dino_vit_baseline").optimizer
     decay = [vit.weight_decay_at(s, steps_per_epoch=10, epochs=200) for s in (0, 1000, 2000)]
@@ -257,7 +257,7 @@ def test_learning_rate_warmup_then_cosine_per_iteration():
     spec = OptimizerSpec(lr_per_256=0.48, min_lr_per_256=0.0012, warmup_epochs=2)
     kwargs = dict(steps_per_epoch=10, epochs=12, batch_size=1024)
     lrs = [spec.learning_rate(step, **kwargs) for step in range(120)]
-    assert lrs[0] == pytest.approx(1.92 / 20) and lrs[19] == pytest.approx(1.92)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1.92 / 19) and lrs[19] == pytest.approx(1.92)
     assert all(a <= b for a, b in zip(lrs[:20], lrs[1:20]))
     assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
     assert spec.learning_rate(120, **kwargs) == pytest.approx(0.0048)

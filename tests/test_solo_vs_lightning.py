@@ -27,8 +27,8 @@ Why this configuration (the two paths only agree to rounding where the computati
   backbone, head without BN), so batching does not change the maths; drop path is set to 0 (random
   per sample, it would draw differently in the two runs).
 - the lr is constant on both sides (``scheduler.name=none`` / ``lr_schedule="constant"``, no
-  warm-up): solo-learn's warm-up + cosine scheduler and the recipe's per-step formula count steps
-  differently during the warm-up (`test_lr_warmup_is_the_same`, a strict xfail: a real difference).
+  warm-up), to keep the schedules out of this comparison; `test_lr_warmup_is_the_same` and
+  `test_lr_after_the_warmup_is_the_same` compare them on their own.
 - the teacher temperatures are 5/128 -> 9/128 instead of the recipe's 0.04 -> 0.07: lightly keeps
   its temperature schedule in a float32 tensor and solo-learn in float64 numpy, so 0.04 is not the
   same number on both sides (0.04 vs 0.03999999910593033; `test_recipe_temperatures_are_float32_in_lightly`
@@ -380,11 +380,7 @@ def test_lr_after_the_warmup_is_the_same(image_folder):
     assert solo_lrs[warmup] == max(solo_lrs) and solo_lrs[-1] < solo_lrs[warmup]  # peak, then the cosine
 
 
-@pytest.mark.xfail(strict=True, reason="the warm-up is one step apart: solo-learn's scheduler (like the "
-                   "np.linspace(start, peak, warm-up steps) of DINO's and SwAV's code) gives step 0 the start lr "
-                   "and reaches the peak at step W - 1; OptimizerSpec.learning_rate gives step k "
-                   "start + (peak - start) (k + 1) / W, so it never takes the start lr")
 def test_lr_warmup_is_the_same(image_folder):
     solo_lrs, recipe_lrs, warmup = lr_schedules(image_folder)
-    assert solo_lrs[0] == 0.0 and recipe_lrs[0] > 0  # the first step: lr 0 in solo-learn, peak / W here
+    assert solo_lrs[0] == recipe_lrs[0] == 0.0  # the first step at the start lr, as DINO's np.linspace
     assert recipe_lrs[:warmup] == pytest.approx(solo_lrs[:warmup], rel=1e-12, abs=0)
