@@ -156,14 +156,19 @@ def compute_loss(
     symmetric: Optional[str] = None,
     gather_distributed: bool = False,
     validate: bool = True,
+    candidates_normalized: bool = False,
 ) -> Tensor:
     """`smooth_infonce` without the argument checks (the caller has made them). ``smoothing``
     overrides ``options.smoothing`` (an adapter's scheduled alpha); ``validate`` still decides the
-    checks that need the resolved layout (per-row counts, equal batches across ranks)."""
+    checks that need the resolved layout (per-row counts, equal batches across ranks).
+    ``candidates_normalized``: the candidates' rows are unit vectors already (the lightly drop-in's
+    bank, normalised when each key was enqueued), so ``normalize`` leaves them as they are instead
+    of an O(M D) pass per call; the public `smooth_infonce` always normalises what it is given."""
     smoothing = options.smoothing if smoothing is None else smoothing
     if options.normalize:
         anchors = _l2_normalize(anchors)
-        candidates = None if candidates is None else _l2_normalize(candidates)
+        if candidates is not None and not candidates_normalized:
+            candidates = _l2_normalize(candidates)
         positive_keys = None if positive_keys is None else _l2_normalize(positive_keys)
     row_losses = resolve_backend(options, anchors.device)
 

@@ -72,6 +72,8 @@ def multi_view_loss(
     labels: Optional[Tensor] = None,
     gather_distributed: bool = False,
     validate: bool = True,
+    queue_finite: bool = False,
+    queue_normalized: bool = False,
 ) -> Tensor:
     """The loss of one call form (see the module docstring).
 
@@ -88,12 +90,18 @@ def multi_view_loss(
         validate: the value checks (non-finite embeddings, ids, weights, too few negatives); they
             synchronise with the device (under ``torch.compile``: a data-dependent graph break,
             which ``fullgraph=True`` rejects). Shapes, dtypes and devices are always checked.
+        queue_finite: the caller already knows every value of ``queue`` is finite (the lightly
+            drop-in's bank: each key was checked on its way in, a restored or assigned bank once):
+            ``validate`` then skips its O(K D) check of the queue.
+        queue_normalized: the rows of ``queue`` are already unit vectors, normalised as
+            ``options.normalize`` would (the drop-in's bank): they are not normalised again.
+            Ignored with ``normalize=False``.
     """
     check_views(views, queue)
     batch, device = views[0].shape[0], views[0].device
     dtype = compute_dtype(*views, queue)
     if validate:
-        check_finite(**{f"out{v}": view for v, view in enumerate(views)}, queue=queue)
+        check_finite(**{f"out{v}": view for v, view in enumerate(views)}, queue=None if queue_finite else queue)
 
     if queue is not None:
         if labels is not None:
@@ -110,7 +118,7 @@ def multi_view_loss(
             torch.cat(queries), queue.detach(), positive_keys=views[1].repeat(len(queries), 1),
             ids=None if ids is None else ids.repeat(len(queries)), candidate_ids=queue_ids,
             weights=view_row_weights(weights, len(queries), batch, device, dtype=dtype, validate=validate),
-            options=options, smoothing=smoothing, validate=validate,
+            options=options, smoothing=smoothing, validate=validate, candidates_normalized=queue_normalized,
         )
 
     if ids is not None or queue_ids is not None:
@@ -138,6 +146,8 @@ def symmetric_moco_loss(
     ids: Optional[Tensor] = None,
     queue_ids: Optional[Tensor] = None,
     validate: bool = True,
+    queue_finite: bool = False,
+    queue_normalized: bool = False,
 ) -> Tensor:
     """light-moco's symmetric MoCo loss: query0 against key1 and query1 against key0, both against
     the same queue as it was before this step, combined by ``"sum"`` (the authors' code) or
@@ -145,7 +155,8 @@ def symmetric_moco_loss(
 
     Both directions are one MoCo call with the queries stacked and the keys swapped, so the rows
     of the two directions share one pass over the queue: the mean over the 2B rows is the
-    ``"mean"`` of the two directions, twice it their ``"sum"``.
+    ``"mean"`` of the two directions, twice it their ``"sum"``. ``queue_finite`` /
+    ``queue_normalized``: as in `multi_view_loss`.
     """
     check_choice("combine", combine, tuple(s for s in SYMMETRIC if s is not None))
     check_views((query0, key0, query1, key1), queue)
@@ -153,6 +164,7 @@ def symmetric_moco_loss(
         raise ValueError(f"symmetric_moco_loss combines two mean losses; options.reduction must be 'mean', "
                          f"got {options.reduction!r}")
     loss = multi_view_loss((torch.cat([query0, query1]), torch.cat([key1, key0])), options,
-                           smoothing=smoothing, queue=queue, validate=validate,
-                           ids=None if ids is None else ids.repeat(2), queue_ids=queue_ids)
+                           smoothing=smoothing, queue=queue, validate=validate, queue_finite=queue_finite,
+                           queue_normalized=queue_normalized, ids=None if ids is None else ids.repeat(2),
+                           queue_ids=queue_ids)
     return 2 * loss if combine == "sum" else loss

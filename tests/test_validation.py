@@ -132,3 +132,28 @@ def test_validate_false_skips_value_checks_only():
     assert torch.isnan(SmoothInfoNCELoss(validate=False)(x, poisoned))
     with pytest.raises(ValueError, match="out1 must have 4 rows"):
         SmoothInfoNCELoss(validate=False)(x, torch.randn(3, 8))
+
+
+def test_a_given_queue_is_checked_and_normalised_on_every_call():
+    """Only a caller that knows its queue (the lightly drop-in's bank, checked on its way in) may
+    skip its check or normalisation; every public form checks and normalises the queue it is given."""
+    from smooth_infonce.options import LossOptions
+    from smooth_infonce.views import multi_view_loss
+
+    poisoned = y.clone()
+    poisoned[1, 3] = math.nan
+    with pytest.raises(ValueError, match=r"queue has non-finite values .* first at row 1"):
+        multi_view_loss((x, y), LossOptions(), queue=poisoned)
+    with pytest.raises(ValueError, match=r"candidates has non-finite values .* first at row 1"):
+        smooth_infonce(x, poisoned, positive_keys=y)
+    assert torch.isnan(multi_view_loss((x, y), LossOptions(), queue=poisoned, queue_finite=True))
+    with pytest.raises(ValueError, match=r"out1 has non-finite values"):  # the views are still checked
+        multi_view_loss((x, poisoned), LossOptions(), queue=y, queue_finite=True)
+    # a queue of rows of norm 2: normalised unless the caller says its rows are unit already
+    queue = 2 * torch.nn.functional.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1)
+    a, k = x.double(), y.double()
+    given = multi_view_loss((a, k), LossOptions(), queue=queue)
+    torch.testing.assert_close(given, smooth_infonce(a, queue, positive_keys=k), rtol=0, atol=0)
+    torch.testing.assert_close(given, multi_view_loss((a, k), LossOptions(), queue=queue / 2, queue_normalized=True),
+                               rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(given, multi_view_loss((a, k), LossOptions(), queue=queue, queue_normalized=True))
