@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Optional, Sequence, Union
+import weakref
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,17 @@ from .lightly_multicrop import SSLightDINOLoss, SSLightSwaVLoss
 from .recipes import Recipe
 
 NO_ID = -1  # a bank entry whose sample id is unknown: never masked
+UNIT_TOLERANCE = 16  # bank rows within this many epsilons of unit norm need no normalisation
+
+
+class _BankState(NamedTuple):
+    """What is known about one version of the bank tensor (module docstring of the class: "The
+    bank's checks"): ``finite`` every value is finite; ``unit`` every row is a unit vector to the
+    bank dtype's rounding (``None``: not yet looked at)."""
+    bank: "weakref.ref[Tensor]"
+    version: int
+    finite: bool
+    unit: Optional[bool]
 
 
 
@@ -94,6 +106,18 @@ class SmoothNTXentLoss(NTXentLoss):
       alpha is the schedule's epoch-0 value.
     - ``neighbors`` larger than the memory bank is rejected at construction; an embedding width
       other than the bank's raises an error naming ``memory_bank_size``.
+
+    The bank's checks: what enters the bank is checked once, not the whole bank on every call.
+    With ``validate`` every key is checked for finite values by the call that enqueues it, so a
+    bank the drop-in filled is known finite and is not checked again. With ``normalize`` the keys
+    are stored as unit rows, so the loss does not normalise the K bank rows again (the result is
+    the one normalising them gives, to float rounding). A bank the drop-in did not write itself,
+    the initial one, one loaded by ``load_state_dict``, assigned, changed in place, moved or cast
+    (``.to``, ``.double()``), is checked once, at the next call, as the loss checks a given queue:
+    non-finite values raise (with ``validate``), and its rows are normalised by every call unless
+    they are unit vectors already (looked at once, with ``validate``). lightly's random initial
+    bank is looked at when the loss is built (on the CPU). The bank itself is never modified by
+    these checks.
 
     Refused on purpose where lightly accepts: ``temperature <= 0`` (lightly only rejects
     ``|temperature| < 1e-8``; a negative temperature inverts the loss).
@@ -182,6 +206,11 @@ class SmoothNTXentLoss(NTXentLoss):
         self.register_buffer("bank_ids", torch.full((size,), NO_ID, dtype=torch.long),
                              persistent=self.persistent_bank)
         self.register_buffer("bank_enqueued", torch.zeros((), dtype=torch.long), persistent=self.persistent_bank)
+        self._bank_state: Optional[_BankState] = None
+        if self.has_memory_bank and self.memory_bank.bank.device.type == "cpu":
+            # lightly's random initial bank, looked at once (on the CPU: no device to wait for)
+            state = self._assess_bank(check=True)
+            self._bank_state = state._replace(finite=bool(torch.isfinite(self.memory_bank.bank).all()))
 
     # --- options ------------------------------------------------------------------------------
 
@@ -237,10 +266,13 @@ class SmoothNTXentLoss(NTXentLoss):
                                    gather_distributed=self.gather_distributed, validate=self.validate)
         self._check_bank_width(out0)
         keys = self._keys(out1)
+        state = self._assess_bank(check=self.validate)
         bank, bank_ids = self._read_bank(out0.device)
         loss = multi_view_loss((out0, keys, *more_views), self.options, smoothing=self.effective_smoothing,
                                queue=bank, ids=ids, queue_ids=None if ids is None else bank_ids,
-                               weights=weights, validate=self.validate)
+                               weights=weights, validate=self.validate, queue_finite=state.finite,
+                               queue_normalized=bool(state.unit))
+        self._bank_checked(state)
         if out0.requires_grad:  # lightly's rule: no update for evaluation
             self._enqueue(keys, ids)
         return loss
@@ -261,10 +293,13 @@ class SmoothNTXentLoss(NTXentLoss):
         check_views((query0, key0, query1, key1))
         self._check_bank_width(query0)
         key0, key1 = self._keys(key0), self._keys(key1)
+        state = self._assess_bank(check=self.validate)
         bank, bank_ids = self._read_bank(query0.device)
         loss = symmetric_moco_loss(query0, key0, query1, key1, bank, self.options, combine=combine,
                                    smoothing=self.effective_smoothing, ids=ids,
-                                   queue_ids=None if ids is None else bank_ids, validate=self.validate)
+                                   queue_ids=None if ids is None else bank_ids, validate=self.validate,
+                                   queue_finite=state.finite, queue_normalized=bool(state.unit))
+        self._bank_checked(state)
         if query0.requires_grad:
             self._enqueue(key0, ids)
             self._enqueue(key1, ids)
@@ -282,6 +317,29 @@ class SmoothNTXentLoss(NTXentLoss):
         """The keys as the bank stores them: unit rows (like lightly's) unless ``normalize=False``."""
         return F.normalize(keys, dim=1) if self.options.normalize else keys
 
+    def _assess_bank(self, check: bool) -> _BankState:
+        """What is known about the bank as it is now. A bank the drop-in did not leave this way
+        (initial, loaded, assigned, changed in place, moved or cast: another tensor or another
+        version of it) is known to be neither finite nor unit; with ``check`` its rows are looked
+        at once (one read back from the device): unit vectors to the dtype's rounding or not. Its
+        finiteness is left to the loss call (`_bank_checked`)."""
+        bank = self.memory_bank.bank
+        version = _version(bank)
+        state = self._bank_state
+        if state is None or version is None or state.bank() is not bank or state.version != version:
+            state = _BankState(weakref.ref(bank), version if version is not None else -1, False, None)
+        if check and state.unit is None:
+            state = state._replace(unit=_rows_are_unit(bank))
+        if version is not None:
+            self._bank_state = state
+        return state
+
+    def _bank_checked(self, state: _BankState) -> None:
+        """After a loss call that read the bank in ``state``: with ``validate`` it checked the
+        bank's values (or knew them finite already), so this version of the bank is finite."""
+        if self.validate and self._bank_state is state:
+            self._bank_state = state._replace(finite=True)
+
     def _read_bank(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """A copy of the bank (K, dim) in its own dtype and of its ids, read before any enqueue.
         The core computes mixed dtypes in float32, so an fp32 bank is never rounded to the
@@ -295,17 +353,36 @@ class SmoothNTXentLoss(NTXentLoss):
         """Write the keys (and their ids, -1 if unknown) at the pointer with lightly's rule: the
         keys that do not fit before the bank's end are dropped and the pointer wraps to 0. Under
         ``gather_distributed`` the keys and ids of every rank are written, in rank order."""
-        keys = keys.detach()  # ids were checked by the loss call before
+        keys = keys.detach()  # keys and ids were checked by the loss call before (with validate)
         ids = torch.full((keys.shape[0],), NO_ID, dtype=torch.long, device=keys.device) if ids is None else ids
         if self.gather_distributed and lightly_dist.world_size() > 1:
+            # every rank's keys were checked by that rank's own call
             keys, ids = concat_all_gather(keys.contiguous()), concat_all_gather(ids.to(keys.device).contiguous())
         size, ptr = self.memory_bank.size[0], int(self.memory_bank.bank_ptr)
         written = min(keys.shape[0], size - ptr)
         bank = self.memory_bank.bank
-        bank[ptr:ptr + written] = keys[:written].to(device=bank.device, dtype=bank.dtype)
+        state = self._assess_bank(check=False)
+        stored = keys[:written].to(device=bank.device, dtype=bank.dtype)
+        if self.options.normalize and _narrower(keys.dtype, bank.dtype):
+            # keys normalised in half precision are unit rows only to its rounding: store them as
+            # the loss would normalise them in the bank's dtype, so the bank needs no normalising
+            stored = F.normalize(stored, dim=1)
+        bank[ptr:ptr + written] = stored
         self.bank_ids[ptr:ptr + written] = ids[:written].to(self.bank_ids.device)
         self.memory_bank.bank_ptr[0] = 0 if ptr + keys.shape[0] >= size else ptr + written
         self.bank_enqueued += written
+        version = _version(bank)
+        if version is not None:  # the entries written are what was checked (and normalised)
+            unit_rows = self.options.normalize and bank.dtype in (torch.float32, torch.float64)
+            self._bank_state = state._replace(version=version, finite=state.finite and self.validate,
+                                              unit=state.unit and unit_rows)
+
+    def __getstate__(self) -> dict:
+        """Pickled or deep-copied, the copy's bank is checked again (what is known about this one
+        is not carried over)."""
+        state = super().__getstate__()
+        state["_bank_state"] = None
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -330,6 +407,30 @@ class SmoothNTXentLoss(NTXentLoss):
         bank = f", memory_bank_size={tuple(self.memory_bank.size)}" if self.has_memory_bank else ""
         return (f"temperature={o.temperature}, smoothing={self.smoothing}, neighbors={o.neighbors}"
                 f"{bank}, persistent_bank={self.persistent_bank}")
+
+
+def _version(tensor: Tensor) -> Optional[int]:
+    """The tensor's version counter (every in-place change increments it); None where there is
+    none (an inference-mode tensor): such a bank is checked by every call."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps > torch.finfo(than).eps
+
+
+@torch.no_grad()
+def _rows_are_unit(bank: Tensor) -> bool:
+    """Whether every row of a float32 / float64 bank has norm 1 within ``UNIT_TOLERANCE`` epsilons
+    of its dtype (norms taken in float64): normalising such rows again changes the loss only at
+    float rounding. One read back from the device."""
+    if bank.dtype not in (torch.float32, torch.float64):
+        return False
+    deviation = (torch.linalg.vector_norm(bank.double(), dim=1) - 1).abs().max()
+    return bool(deviation <= UNIT_TOLERANCE * torch.finfo(bank.dtype).eps)
 
 
 def _option_defaults() -> dict:

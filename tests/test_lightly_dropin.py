@@ -4,6 +4,7 @@ gradients, bank mechanics, state dicts."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -678,3 +679,193 @@ def test_triton_backend_equals_the_reference_mixed_dtypes_and_symmetric(with_ids
         results[backend] = (value.detach(), grad.float(), symmetric.detach(), loss.memory_bank.bank, loss.bank_ids)
     for got, expected in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# --- issue 18: the bank is checked once, on the way in, not on every call -------------------------
+
+def _old_path_call(loss_fn, bank, bank_ids, query, key, more, *, ids=None, weights=None):
+    """What the drop-in computed before issue 18: the core's MoCo form with the bank as a given
+    queue, checked for finite values and normalised on every call."""
+    from smooth_infonce.views import multi_view_loss
+
+    return multi_view_loss((query, torch.nn.functional.normalize(key, dim=1), *more), loss_fn.options,
+                           smoothing=loss_fn.effective_smoothing, queue=bank, ids=ids,
+                           queue_ids=None if ids is None else bank_ids, weights=weights)
+
+
+def _old_path_symmetric(loss_fn, bank, bank_ids, query0, key0, query1, key1, *, combine, ids=None):
+    from smooth_infonce.views import symmetric_moco_loss
+
+    n = torch.nn.functional.normalize
+    return symmetric_moco_loss(query0, n(key0, dim=1), query1, n(key1, dim=1), bank, loss_fn.options,
+                               combine=combine, smoothing=loss_fn.effective_smoothing, ids=ids,
+                               queue_ids=None if ids is None else bank_ids)
+
+
+def _spy_bank_work(monkeypatch, seen=None):
+    """Record the row counts of what the core normalises and of what it checks for finite values."""
+    from smooth_infonce import functional, views
+
+    seen = {"normalized": [], "checked": []} if seen is None else seen
+    normalize, check_finite = functional._l2_normalize, views.check_finite
+
+    def spy_normalize(x):
+        seen["normalized"].append(x.shape[0])
+        return normalize(x)
+
+    def spy_check_finite(**named):
+        seen["checked"] += [x.shape[0] for x in named.values() if x is not None]
+        return check_finite(**named)
+
+    monkeypatch.setattr(functional, "_l2_normalize", spy_normalize)
+    monkeypatch.setattr(views, "check_finite", spy_check_finite)
+    return seen
+
+
+@pytest.mark.parametrize("smoothing,neighbors,with_ids", [(0.0, None, False), (0.2, None, True), (0.2, 3, False),
+                                                          (0.1, 3, True)])
+def test_bank_checked_once_gives_the_previous_losses_and_gradients_float64(monkeypatch, smoothing, neighbors,
+                                                                           with_ids):
+    """float64, steps that wrap a 40-entry bank: forward, multi-query with weights and symmetric,
+    loss and gradients (queries and keys) equal to the previous behaviour (the bank checked and
+    normalised on every call) at 1e-12, while the core neither checks nor normalises the bank after
+    the first call; the bank gets no gradient."""
+    size, dim, batch = 40, 8, 6
+    torch.manual_seed(7)
+    loss_fn = SmoothNTXentLoss(0.1, memory_bank_size=(size, dim), smoothing=smoothing, neighbors=neighbors,
+                               wait_for_full_bank=False).double()
+    generator = torch.Generator().manual_seed(8)
+    loss_fn.memory_bank.bank = torch.nn.functional.normalize(  # assigned: checked once at the next call
+        torch.randn(size, dim, generator=generator, dtype=torch.float64), dim=1)
+    seen = _spy_bank_work(monkeypatch)
+    for step in range(6):
+        views = [torch.randn(batch, dim, generator=generator, dtype=torch.float64) for _ in range(4)]
+        ids = torch.arange(batch) + batch * (step % 4) if with_ids else None
+        bank, bank_ids = loss_fn.memory_bank.bank.clone(), loss_fn.bank_ids.clone()
+        got_leaves = [v.clone().requires_grad_() for v in views]
+        old_leaves = [v.clone().requires_grad_() for v in views]
+        if step % 3 == 0:
+            got = loss_fn(got_leaves[0], got_leaves[1], ids=ids)
+            monkeypatch.undo()  # the oracle's own work is not counted
+            expected = _old_path_call(loss_fn, bank, bank_ids, old_leaves[0], old_leaves[1], (), ids=ids)
+        elif step % 3 == 1:
+            got = loss_fn(*got_leaves, ids=ids, weights=(0.5, 0.3, 0.2))
+            monkeypatch.undo()
+            expected = _old_path_call(loss_fn, bank, bank_ids, old_leaves[0], old_leaves[1], old_leaves[2:],
+                                      ids=ids, weights=(0.5, 0.3, 0.2))
+        else:
+            got = loss_fn.symmetric(*got_leaves, combine="sum", ids=ids)
+            monkeypatch.undo()
+            expected = _old_path_symmetric(loss_fn, bank, bank_ids, *old_leaves, combine="sum", ids=ids)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+        for g, e in zip(torch.autograd.grad(got, got_leaves, allow_unused=True),
+                        torch.autograd.grad(expected, old_leaves, allow_unused=True)):
+            assert (g is None) == (e is None)
+            if g is not None:
+                torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-12)
+        assert loss_fn.memory_bank.bank.grad is None and not loss_fn.memory_bank.bank.requires_grad
+        seen = _spy_bank_work(monkeypatch, seen)
+    # the core checked the bank (40 rows) once, at the first call after the assignment, and never
+    # normalised it (its rows were looked at once: unit already); it normalised only the queries
+    # and keys (6 or 12 rows)
+    assert seen["checked"].count(size) == 1 and size not in seen["normalized"]
+    assert len(seen["normalized"]) >= 12
+    assert int(loss_fn.bank_enqueued) > size  # the bank wrapped
+
+
+def test_float32_bank_is_not_normalised_or_checked_per_call_and_matches_lightly(monkeypatch):
+    """The default float32 bank (lightly's random start, assessed at construction): no per-call
+    work on the K rows, lightly's loss and bank at alpha 0."""
+    reference, drop_in = _pair_with_same_bank(0.2, (64, 8), smoothing=0.0)
+    seen = _spy_bank_work(monkeypatch)
+    for step in range(5):
+        out0, out1 = _embeddings(16, 8, seed=30 + step)
+        torch.testing.assert_close(drop_in(out0, out1), reference(out0, out1), atol=ATOL, rtol=1e-5)
+        assert torch.equal(drop_in.memory_bank.bank, reference.memory_bank.bank)
+    assert 64 not in seen["checked"] and 64 not in seen["normalized"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_key_is_caught_before_it_enters_the_bank(bad):
+    loss_fn = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8))
+    bank = loss_fn.memory_bank.bank.clone()
+    query, key = _embeddings(8, 8, seed=40)
+    key = key.detach().clone()
+    key[5, 2] = bad
+    with pytest.raises(ValueError, match=r"out1 has non-finite values .* first at row 5"):
+        loss_fn(query, key)
+    with pytest.raises(ValueError, match=r"out1 has non-finite values"):
+        loss_fn.symmetric(query, key, query, key.flip(0))
+    assert torch.equal(loss_fn.memory_bank.bank, bank) and int(loss_fn.bank_enqueued) == 0
+    # unchecked (validate=False) it enters; the next checked call finds it in the bank
+    loss_fn.validate = False
+    loss_fn(query, key)
+    loss_fn.validate = True
+    with pytest.raises(ValueError, match=r"queue has non-finite values .* first at row 5"):
+        loss_fn(*_embeddings(8, 8, seed=41))
+
+
+def test_a_non_finite_restored_assigned_or_edited_bank_is_caught():
+    query, key = _embeddings(8, 8, seed=42)
+    trained = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8), persistent_bank=True)
+    trained(query, key)
+    state = trained.state_dict()
+    state["memory_bank.bank"] = state["memory_bank.bank"].clone()
+    state["memory_bank.bank"][20, 1] = math.nan
+    resumed = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8), persistent_bank=True)
+    resumed(query, key)  # checked once, and known finite since
+    resumed.load_state_dict(state)  # copied into the bank in place: checked again
+    with pytest.raises(ValueError, match=r"queue has non-finite values .* first at row 20"):
+        resumed(query, key)
+    with pytest.raises(ValueError, match=r"queue has non-finite values .* first at row 20"):
+        resumed.symmetric(query, key, query, key)
+
+    loss_fn = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8))
+    loss_fn(query, key)
+    loss_fn.memory_bank.bank = torch.full((32, 8), math.inf)  # assigned
+    with pytest.raises(ValueError, match=r"queue has non-finite values .* 32 row\(s\)"):
+        loss_fn(query, key)
+    loss_fn.memory_bank.bank = torch.randn(32, 8)
+    loss_fn(query, key)
+    loss_fn.memory_bank.bank[3, 0] = -math.inf  # edited in place
+    with pytest.raises(ValueError, match=r"queue has non-finite values .* first at row 3"):
+        loss_fn(query, key)
+    # a copy (deepcopy, pickle) does not inherit what was known about the original's bank
+    loss_fn.memory_bank.bank = torch.randn(32, 8)
+    loss_fn(query, key)
+    copied = copy.deepcopy(loss_fn)
+    assert copied._bank_state is None
+    copied.memory_bank.bank.data[7, 7] = math.nan  # .data: no version change
+    with pytest.raises(ValueError, match=r"queue has non-finite values .* first at row 7"):
+        copied(query, key)
+
+
+def test_a_bank_that_is_not_unit_is_normalised_by_every_call_as_before():
+    """An assigned bank of rows of norm 3 (or a float32 bank cast to float64, unit only to float32
+    rounding) is not taken as unit: the loss normalises it, as the core does a given queue."""
+    torch.manual_seed(9)
+    loss_fn = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8), smoothing=0.1, neighbors=3, wait_for_full_bank=False)
+    loss_fn.memory_bank.bank = 3 * torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
+    for step in range(3):
+        query, key = _embeddings(8, 8, seed=50 + step)
+        bank = loss_fn.memory_bank.bank.clone()
+        torch.testing.assert_close(loss_fn(query, key), _old_path_call(loss_fn, bank, None, query, key, ()),
+                                   atol=0, rtol=0)
+    assert loss_fn._bank_state.unit is False
+    cast = SmoothNTXentLoss(0.2, memory_bank_size=(32, 8)).double()
+    cast(*(x.double() for x in _embeddings(8, 8, seed=53)))
+    assert cast._bank_state.unit is False
+
+
+def test_half_precision_keys_are_stored_as_unit_rows_of_the_bank():
+    """bf16 keys normalised in bf16 are unit rows only to bf16 rounding: the fp32 bank stores them
+    normalised in fp32 (what the loss normalised them to before), so the bank stays unit."""
+    torch.manual_seed(0)
+    loss_fn = SmoothNTXentLoss(0.05, memory_bank_size=(32, 16))
+    query = torch.randn(8, 16).bfloat16().requires_grad_()
+    key = torch.randn(8, 16).bfloat16()
+    loss_fn(query, key)
+    stored = loss_fn.memory_bank.bank[:8]
+    expected = torch.nn.functional.normalize(torch.nn.functional.normalize(key, dim=1).float(), dim=1)
+    assert torch.equal(stored, expected)
+    assert loss_fn._bank_state.unit is True
