@@ -25,6 +25,16 @@ benchmarks/results/<name> to record a run.
     .venv/bin/python benchmarks/kernel_throughput.py          # GPU if present, else CPU mode
     .venv/bin/python benchmarks/kernel_throughput.py --quick  # 10 timed runs per number (GPU), 3 (CPU)
     .venv/bin/python benchmarks/kernel_throughput.py --shapes S1,S3 --providers triton-uniform,reference-fp32
+    .venv/bin/python benchmarks/kernel_throughput.py --warmup --budget 120 --out DIR/name-compile  # compile only
+
+GPU order: the kernels and the GEMM ceiling at every shape first, S6 with them, then the peers, then
+torch.compile's reference (the longest compile) last, so a run stopped by --budget keeps what
+matters most. The JSON is rewritten after every shape (``"partial": true`` until the run ends).
+
+--warmup compiles the Triton kernels of the benchmark's shapes (every kernel provider at S0-S4 and
+every S6 configuration) in parallel processes sharing Triton's on-disk cache, and records per task
+the first fwd+bwd (compile + run) and the second (run only): the compile cost of a cold cache,
+apart from the run cost the benchmark then measures.
 """
 
 from __future__ import annotations
@@ -45,7 +55,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# last on the path: an installed smooth_infonce (or gpu_check.sh's path shim, which maps
+# smooth_infonce.integrations too) comes first; the bare tree is only a fallback for the core package
+sys.path.append(str(ROOT))
 
 from smooth_infonce.ops.reference import reference_row_losses  # noqa: E402
 from smooth_infonce.testing import make_problem  # noqa: E402
@@ -291,7 +303,10 @@ def reference_compiled(problem):
 
 
 def lightly_ntxent(problem):
-    from lightly.loss import NTXentLoss
+    try:
+        from lightly.loss import NTXentLoss
+    except ImportError:
+        raise Skip("lightly not importable (pip install 'smooth-infonce[lightly]')") from None
 
     p = problem.cast(torch.float32)
     if problem.layout == "inbatch":
@@ -453,7 +468,11 @@ def run_gpu_shape(shape, providers, quick):
                 step()
                 torch.cuda.synchronize()
                 row["compile_s"] = time.perf_counter() - start
+            start = time.perf_counter()
             row["peak_extra_mib"] = peak_extra_bytes(step) / 2**20
+            # the first fwd+bwd of this provider here: includes compiling its kernels where the
+            # Triton cache does not have them yet (gpu_check.sh's warm-up stage fills it first)
+            row["first_call_s"] = time.perf_counter() - start
             row["fwdbwd_ms"], row["runs"] = bench_ms(step, quick)
             with torch.enable_grad():
                 row["fwd_ms"], _ = bench_ms(fn, quick)
@@ -477,39 +496,56 @@ def run_gpu_shape(shape, providers, quick):
         torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    gemm = next((r for r in rows if r["provider"] == "gemm-bf16" and r.get("status") == "ok"), None)
+    return rows
+
+
+def add_gemm_fractions(rows):
+    """Each row's useful TFLOP/s over the same shape's bf16 GEMM rate of this run."""
     for r in rows:
+        gemm = next((g for g in rows if g["shape"] == r["shape"] and g["provider"] == "gemm-bf16"
+                     and g.get("status") == "ok"), None)
         if gemm and "useful_tflops" in r:
             r["fraction_of_gemm_ceiling"] = r["useful_tflops"] / gemm["op_tflops"]
-    return rows
+
+
+S6_DIMS = (64, 96, 384, 768)
+S6_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def s6_base(d):
+    return build_problem("twotower", 1000, 3001, d, torch.float64, "cuda", seed=d)
+
+
+def s6_triton_loss(p, tau, k):
+    from smooth_infonce.ops.triton import triton_row_losses
+
+    return triton_row_losses(p.anchors, p.candidates, None, p.pairs, temperature=tau, smoothing=SMOOTHING,
+                             neighbors=k).mean()
 
 
 def run_s6(quick):
     """S6: ragged 1000 x 3001 (two-tower), D in 64/96/384/768, tau 0.01..1: correctness only."""
-    from smooth_infonce.ops.triton import triton_row_losses
-
     gates = {"float32": 1e-5, "bfloat16": 3e-3, "float64": 1e-9}
     rows = []
-    for d in (64, 96, 384, 768):
+    for d in S6_DIMS:
         for tau in ((0.01, 1.0) if quick else (0.01, 0.1, 1.0)):
             for k in (None, NEIGHBORS):
                 if out_of_time():
                     print(f"S6: time budget spent, D={d} tau={tau} k={k} not checked", flush=True)
                     continue
-                base = build_problem("twotower", 1000, 3001, d, torch.float64, "cuda", seed=d)
+                base = s6_base(d)
                 ref = base.cast(torch.float64)
                 ref_loss = reference_row_losses(ref.anchors, ref.candidates, None, ref.pairs, temperature=tau,
                                                 smoothing=SMOOTHING, neighbors=k).mean()
                 ref_grads = torch.autograd.grad(ref_loss, ref.leaves)
-                for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                for dtype in S6_DTYPES:
                     p = base.cast(dtype)
                     # the fp64 reference of exactly these (rounded) inputs
                     exact = p.cast(torch.float64)
                     exact_loss = reference_row_losses(exact.anchors, exact.candidates, None, exact.pairs,
                                                       temperature=tau, smoothing=SMOOTHING, neighbors=k).mean()
                     exact_grads = torch.autograd.grad(exact_loss, exact.leaves)
-                    loss = triton_row_losses(p.anchors, p.candidates, None, p.pairs, temperature=tau,
-                                             smoothing=SMOOTHING, neighbors=k).mean()
+                    loss = s6_triton_loss(p, tau, k)
                     grads = torch.autograd.grad(loss, p.leaves)
                     row = dict(shape="S6", N=1000, M=3001, D=d, temperature=tau, neighbors=k,
                                dtype=str(dtype).replace("torch.", ""),
@@ -524,43 +560,208 @@ def run_s6(quick):
     return rows
 
 
-def run_gpu(args):
+# The order of a GPU run: what matters most first, so that a run stopped by --budget keeps it. Phase
+# 1: the kernels and the GEMM ceiling at every shape (and S6); phase 2: the peers; phase 3:
+# torch.compile's reference, whose cold compile takes the longest.
+PHASES = (("triton-uniform", "triton-neighbors", "gemm-bf16"), None, ("reference-compiled",))
+
+
+def provider_phases(providers):
+    first, last = PHASES[0], PHASES[2]
+    return [[p for p in providers if p in first], [p for p in providers if p not in first and p not in last],
+            [p for p in providers if p in last]]
+
+
+def gpu_environment() -> dict:
     import triton
 
-    shapes = args.shapes or list(GPU_SHAPES) + ["S6"]
-    providers = args.providers or [*GPU_PROVIDERS, *CEILINGS]
     props = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True).stdout.strip().splitlines()[0]
     except (OSError, IndexError):
         driver = "unknown"
+    return dict(gpu=props.name, sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
+                driver=driver, cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version())
+
+
+def run_gpu(args):
+    shapes = args.shapes or list(GPU_SHAPES) + ["S6"]
+    providers = args.providers or [*GPU_PROVIDERS, *CEILINGS]
+    environment = gpu_environment()
+    stem = Path(args.out or default_stem(slug(environment["gpu"])))
     results, s6 = [], []
+
+    def report(partial):
+        add_gemm_fractions(results)
+        return dict(
+            mode="gpu", date=datetime.datetime.now().isoformat(timespec="seconds"), partial=partial,
+            **environment, lightly=_version("lightly"), inf_cl=_version("inf_cl"), memeff=_version("memeff"),
+            settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS,
+                          timing=f"triton.testing.do_bench median, >= {GPU_QUICK_RUNS if args.quick else GPU_RUNS} "
+                                 "runs after warm-up; L2 flushed before each run (cold L2); bwd = fwd+bwd - fwd; "
+                                 "first_call_s: the provider's first fwd+bwd in this process (includes compiling "
+                                 "what the Triton cache lacks)",
+                          order="phase 1: triton-uniform, triton-neighbors, gemm-bf16 at every shape, and S6; "
+                                "phase 2: the other providers; phase 3: reference-compiled",
+                          budget_s=args.budget,
+                          memory="torch.cuda.max_memory_allocated during one fwd+bwd minus allocated before",
+                          useful_flops="8NMD (4NMD for the frozen MoCo queue, S3), charged to every provider",
+                          inputs="triton-uniform / -neighbors: bf16; triton-fp32: fp32 IEEE dots; reference, "
+                                 "lightly, Inf-CL, memeff: fp32 inputs (reference-bf16-autocast: fp32 under "
+                                 "bf16 autocast)",
+                          semantics="Inf-CL (one direction) and memeff (CLIP, both directions) run their own "
+                                    "losses on the same-sized square problem; at S1/S2 they do not mask self"),
+            results=results, correctness_s6=s6,
+        )
+
+    for index, phase in enumerate(provider_phases(providers)):
+        for shape in shapes:
+            if shape == "S6":
+                if index == 0:
+                    s6 = run_s6(args.quick)
+            elif phase:
+                results += run_gpu_shape(shape, phase, args.quick)
+            else:
+                continue
+            write_json(report(partial=True), stem)  # a run stopped from outside keeps what it measured
+    write(report(partial=False), stem, plot_gpu)
+    print(summary(report(partial=False)))
+
+
+# ================================================================================================
+# Compile warm-up (--warmup): the Triton compile cost of the benchmark's shapes, apart from the run
+# ================================================================================================
+
+def warmup_tasks(shapes, providers):
+    """(shape, what) pairs: every Triton kernel provider at the timed shapes, and every S6
+    configuration (D, neighbours, dtype): the launches the benchmark makes, hence its kernels."""
+    tasks = []
     for shape in shapes:
         if shape == "S6":
-            s6 = run_s6(args.quick)
-        else:
-            results += run_gpu_shape(shape, providers, args.quick)
+            tasks += [("S6", f"{d}:{k or 0}:{str(dtype).replace('torch.', '')}")
+                      for d in S6_DIMS for k in (None, NEIGHBORS) for dtype in S6_DTYPES]
+            continue
+        for provider in providers:
+            if provider.startswith("triton") and not (provider == "triton-fp32" and shape == "S4"):
+                tasks.append((shape, provider))
+    return tasks
+
+
+def warm_task(shape, what):
+    """The first fwd+bwd of one task (compile + run) and a second (run only), in seconds."""
+    if shape == "S6":
+        d, k, dtype = what.split(":")
+        p = s6_base(int(d)).cast(getattr(torch, dtype))
+
+        def step():
+            return torch.autograd.grad(s6_triton_loss(p, 0.1, int(k) or None), p.leaves)
+    else:
+        layout, n, m, d = GPU_SHAPES[shape]
+        fn, p = GPU_PROVIDERS[what](build_problem(layout, n, m, d, torch.bfloat16, "cuda"))
+
+        def step():
+            return torch.autograd.grad(fn(), p.leaves)
+    seconds = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return dict(first_s=seconds[0], second_s=seconds[1], compile_s=max(0.0, seconds[0] - seconds[1]))
+
+
+def warmup_worker(tasks):
+    """Child process: its share of the tasks, one JSON line each."""
+    start = time.perf_counter()
+    x = torch.randn(64, 64, device="cuda", requires_grad=True)  # CUDA context, cuBLAS, autograd
+    torch.autograd.grad((x @ x).sum(), x)
+    torch.cuda.synchronize()
+    print(json.dumps(dict(init_s=time.perf_counter() - start)), flush=True)
+    for shape, what in tasks:
+        row = dict(shape=shape, task=what)
+        try:
+            row.update(warm_task(shape, what), status="ok")
+        except Exception as err:  # a kernel that does not compile or launch here: recorded, the others go on
+            row.update(status="error", note=f"{type(err).__name__}: {err}"[:800])
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+
+
+def triton_cache_dir() -> Path:
+    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+def count_cubins(cache: Path) -> int:
+    return sum(1 for _ in cache.rglob("*.cubin")) if cache.is_dir() else 0
+
+
+def run_warmup(args):
+    shapes = args.shapes or list(GPU_SHAPES) + ["S6"]
+    providers = args.providers or list(GPU_PROVIDERS)
+    tasks = warmup_tasks(shapes, providers)
+    jobs = max(1, min(args.jobs or min(8, max(1, (os.cpu_count() or 2) // 2)), len(tasks)))
+    cache = triton_cache_dir()
+    before = count_cubins(cache)
+    start = time.monotonic()
+    deadline = start + (args.budget if args.budget is not None else 3600)
+    shares = [tasks[i::jobs] for i in range(jobs)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--warmup-worker", json.dumps(share)],
+                              stdout=subprocess.PIPE, text=True) for share in shares]
+    rows, inits, stopped = [], [], False
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            stopped = True
+        for line in out.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                (inits if "init_s" in row else rows).append(row)
+    done = {(r["shape"], r["task"]) for r in rows}
+    rows += [dict(shape=s, task=t, status="skipped", note="time budget (--budget) spent") for s, t in tasks
+             if (s, t) not in done]
+    wall = time.monotonic() - start
+    ok = [r for r in rows if r["status"] == "ok"]
+    environment = gpu_environment()
     report = dict(
-        mode="gpu", date=datetime.datetime.now().isoformat(timespec="seconds"),
-        gpu=props.name, sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
-        driver=driver, cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__,
-        lightly=_version("lightly"), inf_cl=_version("inf_cl"), memeff=_version("memeff"),
-        settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS,
-                      timing=f"triton.testing.do_bench median, >= {GPU_QUICK_RUNS if args.quick else GPU_RUNS} "
-                             "runs after warm-up; L2 flushed before each run (cold L2); bwd = fwd+bwd - fwd",
-                      memory="torch.cuda.max_memory_allocated during one fwd+bwd minus allocated before",
-                      useful_flops="8NMD (4NMD for the frozen MoCo queue, S3), charged to every provider",
-                      inputs="triton-uniform / -neighbors: bf16; triton-fp32: fp32 IEEE dots; reference, "
-                             "lightly, Inf-CL, memeff: fp32 inputs (reference-bf16-autocast: fp32 under "
-                             "bf16 autocast)",
-                      semantics="Inf-CL (one direction) and memeff (CLIP, both directions) run their own "
-                                "losses on the same-sized square problem; at S1/S2 they do not mask self"),
-        results=results, correctness_s6=s6,
+        mode="warmup", date=datetime.datetime.now().isoformat(timespec="seconds"), **environment,
+        jobs=jobs, wall_s=wall, stopped_by_budget=stopped, triton_cache=str(cache), cubins_before=before,
+        cubins_after=count_cubins(cache), cold_cache=before == 0,
+        worker_init_s=[r["init_s"] for r in inits],
+        compile_s_sum=sum(r["compile_s"] for r in ok), run_s_sum=sum(r["second_s"] for r in ok),
+        settings=dict(tasks="every Triton kernel provider at S0-S4 (triton-fp32 not at S4) and every S6 "
+                            "configuration (D, neighbours, dtype), the benchmark's launches",
+                      timing="per task: first fwd+bwd (compile + run) and second (run); compile_s = first - "
+                             "second; tasks spread over `jobs` processes sharing the Triton cache, so the "
+                             "stage's wall time is below the sum of compile times and each task's compile "
+                             "time includes waiting for CPU with the other processes"),
+        results=rows,
     )
-    stem = args.out or default_stem(slug(props.name))
-    write(report, Path(stem), plot_gpu)
-    print(summary(report))
+    stem = Path(args.out or default_stem(slug(environment["gpu"]) + "-compile"))
+    write_json(report, stem)
+    print(warmup_summary(report))
+
+
+def warmup_summary(report) -> str:
+    lines = [f"{'shape':5s} {'task':22s} {'compile s':>9s} {'run ms':>9s}  status"]
+    for r in report["results"]:
+        if r["status"] == "ok":
+            lines.append(f"{r['shape']:5s} {r['task']:22s} {r['compile_s']:9.2f} {1e3 * r['second_s']:9.2f}  ok")
+        else:
+            lines.append(f"{r['shape']:5s} {r['task']:22s} {'-':>9s} {'-':>9s}  {r['status']}: {r.get('note', '')}")
+    ok = sum(r["status"] == "ok" for r in report["results"])
+    lines.append(f"Triton compile: {report['cubins_after'] - report['cubins_before']} new kernels "
+                 f"({'cold' if report['cold_cache'] else 'warm'} cache {report['triton_cache']}), "
+                 f"{report['wall_s']:.1f} s wall in {report['jobs']} processes, sum of per-task compile "
+                 f"{report['compile_s_sum']:.1f} s; {ok}/{len(report['results'])} tasks ok; process start "
+                 f"{max(report['worker_init_s'] or [0]):.1f} s")
+    return "\n".join(lines)
 
 
 PEERS = ["reference-fp32", "reference-bf16-autocast", "reference-compiled", "lightly-ntxent", "infcl", "memeff"]
@@ -644,11 +845,19 @@ def _version(module):
         return None
 
 
-def write(report, stem: Path, plot):
+def write_json(report, stem: Path):
     stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+
+
+def write(report, stem: Path, plot):
+    write_json(report, stem)
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    plot(report, png_path)
+    try:
+        plot(report, png_path)
+    except ImportError as err:  # the GPU image may have no matplotlib: the JSON holds everything
+        print(f"wrote {json_path}; no plot ({err}): plot it elsewhere from the JSON")
+        return
     print(f"wrote {json_path} and {png_path}")
 
 
@@ -666,15 +875,28 @@ def main(argv=None):
     parser.add_argument("--summary", metavar="JSON", help="print the summary table of an earlier GPU run and exit")
     parser.add_argument("--cpu", action="store_true", help="CPU mode even if CUDA is available")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds: providers not started by then are recorded as skipped (GPU mode)")
+                        help="seconds: providers not started by then are recorded as skipped (GPU mode; with "
+                        "--warmup: the stage's limit)")
+    parser.add_argument("--warmup", action="store_true",
+                        help="GPU: only compile the kernels of the benchmark's shapes, in parallel processes, and "
+                        "record each task's compile time apart from its run time (JSON at --out)")
+    parser.add_argument("--jobs", type=int, default=None, help="--warmup processes (default: min(8, cores / 2))")
+    parser.add_argument("--warmup-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.warmup_worker:
+        warmup_worker([tuple(t) for t in json.loads(args.warmup_worker)])
+        return
     if args.budget is not None:
         global DEADLINE
         DEADLINE = time.monotonic() + args.budget
     if args.summary:
         print(summary(json.loads(Path(args.summary).read_text())))
         return
-    if torch.cuda.is_available() and not args.cpu:
+    if args.warmup:
+        if not torch.cuda.is_available():
+            parser.error("--warmup needs a CUDA device")
+        run_warmup(args)
+    elif torch.cuda.is_available() and not args.cpu:
         run_gpu(args)
     else:
         run_cpu(args)
