@@ -194,8 +194,10 @@ run_stage benchmark
 
 if [ $HAVE_LIGHTLY = 1 ]; then
     echo "== 5. step memory: cached-gradient step vs single pass, bf16, 96 px ($(left) s left)"
-    step_memory_stage() {
-        "$PY" benchmarks/step_memory.py --device gpu --bf16 --image-size 96 --batches 256,1024,4096 \
+    step_memory_stage() {  # no --budget in step_memory.py (JSON at the end): sized to fit, a fresh process per point
+        local batches=256,1024,4096
+        [ "$SHARE" -lt 100 ] && batches=256,4096
+        "$PY" benchmarks/step_memory.py --device gpu --bf16 --image-size 96 --batches "$batches" \
             --time-batch 512 --time-rounds 3 --out "$OUT-step_memory"
     }
     run_stage step_memory

@@ -48,6 +48,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -709,23 +710,31 @@ def run_warmup(args):
     start = time.monotonic()
     deadline = start + (args.budget if args.budget is not None else 3600)
     shares = [tasks[i::jobs] for i in range(jobs)]
+    # stderr to files: a pipe nobody reads while another process is waited for could fill and block
+    errors = [tempfile.TemporaryFile(mode="w+") for _ in shares]
     procs = [subprocess.Popen([sys.executable, __file__, "--warmup-worker", json.dumps(share)],
-                              stdout=subprocess.PIPE, text=True) for share in shares]
+                              stdout=subprocess.PIPE, stderr=error, text=True) for share, error in zip(shares, errors)]
     rows, inits, stopped = [], [], False
-    for proc in procs:
+    for proc, share, error in zip(procs, shares, errors):
+        why, timed_out = None, False
         try:
             out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-            stopped = True
+            stopped = timed_out = True
+            why = "time budget (--budget) spent"
+        if proc.returncode != 0 and not timed_out:
+            error.seek(0)
+            why = f"warm-up process exited with code {proc.returncode}: {error.read()[-600:]}"
+        error.close()
         for line in out.splitlines():
             if line.startswith("{"):
                 row = json.loads(line)
                 (inits if "init_s" in row else rows).append(row)
-    done = {(r["shape"], r["task"]) for r in rows}
-    rows += [dict(shape=s, task=t, status="skipped", note="time budget (--budget) spent") for s, t in tasks
-             if (s, t) not in done]
+        done = {(r["shape"], r["task"]) for r in rows}
+        rows += [dict(shape=s, task=t, status="skipped" if timed_out else "error", note=why or "no result")
+                 for s, t in share if (s, t) not in done]
     wall = time.monotonic() - start
     ok = [r for r in rows if r["status"] == "ok"]
     environment = gpu_environment()
