@@ -105,7 +105,7 @@ MASKING_RUNS = ("plain", "plain-masked", "neighbors-masked")  # --compare maskin
 VIEW_RUNS = ("baseline", "sslight")
 COMPARISONS = {"smoothing": RUNS, "masking": MASKING_RUNS, "views": VIEW_RUNS}
 CONTRASTIVE_FRAMEWORKS, MULTICROP_FRAMEWORKS = ("simclr", "moco"), ("dino", "swav")
-DEFAULT_LR_PER_256 = {"simclr": 0.6, "moco": 0.12, "dino": 0.3, "swav": 0.3}
+DEFAULT_LR_PER_256 = {"simclr": 0.6, "moco": 0.12, "dino": 0.48, "swav": 0.3}  # dino, swav: the presets' (LARS)
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 MIN_IMAGE_SIZE = 8  # smaller views carry next to nothing to learn from (a digit is 8 x 8 px)
 
@@ -137,6 +137,7 @@ class DemoConfig:
     devices: str = "1"
     strategy: str = "auto"
     workers: int = 0
+    chunk_size: Optional[int] = None
     threads: Optional[int] = None
     out: str = "smooth_infonce_demo"
     plot: bool = True
@@ -146,6 +147,8 @@ class DemoConfig:
         self.runs = tuple(self.runs)
         self.seeds = tuple(self.seeds)
         if self.framework in MULTICROP_FRAMEWORKS:
+            if self.chunk_size is not None:
+                raise ValueError("--chunk-size is for simclr and moco (dino and swav have no cached-gradient step)")
             if set(self.runs) - set(VIEW_RUNS):
                 raise ValueError(f"--framework {self.framework} compares view sampling: runs from {VIEW_RUNS}, "
                                  f"got {list(self.runs)}")
@@ -217,9 +220,11 @@ def multicrop_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
     """SSLight's DINO or SwAV preset (``run``: ``baseline`` or ``sslight``) scaled down to the data:
     its crop scales, local-crop count and pair weights as published, crop sizes scaled from 224 px
     to ``--image-size`` (SSLight's 128 px locals -> 9 px at 16 px, the baseline's 96 px -> 7 px),
-    ``views``' photometric augmentations, and the demo's small network, head and optimiser. A
-    20-epoch run of about 10 steps per epoch needs a faster teacher (EMA from 0.99, not 0.996),
-    a shorter teacher-temperature warm-up and, for SwAV, a short queue from epoch 5."""
+    ``views``' photometric augmentations, the demo's small network and head, and the preset's
+    optimiser (LARS, weight decay 1e-6) with 1 warm-up epoch. Prototypes scale with the classes
+    (ImageNet's 1000 -> 10 digits: DINO 64 instead of 4096, SwAV 30 instead of 3000). A 20-epoch run
+    of about 10 steps per epoch needs a faster teacher (EMA from 0.99, not 0.996), a shorter
+    teacher-temperature warm-up and, for SwAV, a short queue from epoch 5."""
     preset = get_preset(f"sslight_{config.framework}" if run == "sslight" else f"{config.framework}_baseline")
     published, size = preset.views, config.image_size
     local = published.local_crops
@@ -233,10 +238,9 @@ def multicrop_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
         backbone=dict(name=config.backbone, cifar_stem=True,
                       kwargs={"width": config.width} if config.backbone == "tiny_cnn" else {}),
         head=dict(hidden_dim=256, output_dim=64),
-        dino=dict(num_prototypes=256, teacher_momentum=0.99, warmup_teacher_temperature_epochs=max(1, epochs // 4)),
+        dino=dict(num_prototypes=64, teacher_momentum=0.99, warmup_teacher_temperature_epochs=max(1, epochs // 4)),
         swav=dict(num_prototypes=30, queue_size=4 * config.batch_size, queue_start_epoch=min(5, epochs)),
-        optimizer=dict(name="sgd", lr_per_256=config.lr_per_256, min_lr_per_256=0.0, weight_decay=config.weight_decay,
-                       warmup_epochs=1, warmup_start_lr_per_256=0.0, exclude_bias_norm=True, exclude_depthwise=True),
+        optimizer=dict(lr_per_256=config.lr_per_256, warmup_epochs=1),
         views=scaled_views,
         epochs=epochs,
         batch_size=config.batch_size,
@@ -430,6 +434,7 @@ def _run_demo(config: DemoConfig) -> Dict:
             _, result = pretrain(recipe, data, evaluation, seed=seed, run=run,
                                  mask_own_keys=run in RUN_SPECS and RUN_SPECS[run].masked, transform=transform,
                                  description=describe_views(recipe) if run in VIEW_RUNS else "",
+                                 chunk_size=config.chunk_size,
                                  accelerator=config.accelerator, devices=config.trainer_devices(),
                                  strategy=config.strategy, workers=config.workers, knn_k=config.knn_k,
                                  progress=config.progress, say=say)
@@ -546,9 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--key-momentum", type=float_in(0, 1), default=d.key_momentum,
                        help="MoCo key-encoder momentum")
     train.add_argument("--lr-per-256", type=float_in(0, math.inf, low_open=True, high_open=True), default=None,
-                       help=f"peak SGD lr per 256 images (default: {DEFAULT_LR_PER_256})")
+                       help=f"peak lr per 256 images (SGD; LARS for dino and swav; default: {DEFAULT_LR_PER_256})")
     train.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=d.weight_decay,
-                       help="SGD weight decay (not on biases and norm layers)")
+                       help="SGD weight decay of simclr and moco (not on biases and norm layers; dino and swav "
+                            "keep their preset's LARS with 1e-6)")
+    train.add_argument("--chunk-size", type=positive_int, default=None,
+                       help="simclr, moco: cached-gradient steps of this many images per encoder pass (the "
+                            "whole batch's loss and gradient in one chunk's activation memory; batch norm sees "
+                            "each chunk's statistics); default: one pass")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, metavar="DIR",
                       help="an ImageFolder directory (one sub-folder per class) instead of the digits")

@@ -58,6 +58,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "smooth_infonce.integrations.lightning needs Lightning: pip install 'smooth-infonce[lightning]'"
     ) from err
 
+from .cached_step import cached_training_loss, chunk_slices, lightning_hooks
 from .lightly import build_loss
 from .lightly_models import build_model, build_view_transform
 from .optim import build_optimizer, set_schedules
@@ -203,6 +204,12 @@ class PretrainModule(L.LightningModule):
         seed: the run's seed, from which every process's random streams derive (`seed_streams`);
             by default ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else rank 0's
             ``torch.initial_seed()``, logged.
+        chunk_size: MoCo and SimCLR: the cached-gradient step (`cached_step`): the whole batch's
+            loss and gradient with the encoder's activations of ``chunk_size`` images at a time
+            (pass 1 without a graph, pass 2 chunk by chunk). None: one pass. Train-mode batch norm
+            then normalises each chunk with its own statistics, as per-device batch norm under
+            DDP with chunk-sized batches; the gradients are all-reduced once per step. Uses
+            Lightning's manual optimisation (no ``accumulate_grad_batches`` / gradient clipping).
         loss_options: more keywords of the recipe's loss (`build_loss`): `SmoothNTXentLoss`'s
             (``backend``, ``deterministic``, ``allow_tf32``, ...) for MoCo and SimCLR,
             `SSLightDINOLoss`'s or `SSLightSwaVLoss`'s for DINO and SwAV.
@@ -212,8 +219,14 @@ class PretrainModule(L.LightningModule):
     """
 
     def __init__(self, recipe: Recipe, *, mask_own_keys: bool = True, seed: Optional[int] = None,
-                 **loss_options: Any) -> None:
+                 chunk_size: Optional[int] = None, **loss_options: Any) -> None:
         super().__init__()
+        if chunk_size is not None:
+            chunk_slices(1, chunk_size)  # a positive int, or a clear error
+            if recipe.framework not in ("moco", "simclr"):
+                raise ValueError(f"chunk_size is for the moco and simclr frameworks, not {recipe.framework!r}")
+        self.chunk_size = chunk_size
+        self.automatic_optimization = chunk_size is None  # the cached step back-propagates chunk by chunk
         self.recipe = recipe
         self.seed: Optional[int] = seed
         self.run_seed: Optional[int] = None  # resolved at setup; a resumed run's is its checkpoint's
@@ -227,7 +240,8 @@ class PretrainModule(L.LightningModule):
         # (DINO: lightly all-reduces the centre's batch mean whenever torch.distributed is running)
         self.criterion = build_loss(recipe, **loss_options)
         self._teacher_updated_at = -1  # the last optimiser step the DINO teacher followed
-        self.save_hyperparameters({"recipe": recipe.to_dict(), "mask_own_keys": mask_own_keys, **{
+        self.save_hyperparameters({"recipe": recipe.to_dict(), "mask_own_keys": mask_own_keys,
+                                   "chunk_size": chunk_size, **{
             k: v for k, v in loss_options.items() if isinstance(v, (bool, int, float, str, type(None)))}})
 
     # --- schedules -------------------------------------------------------------------------------
@@ -301,13 +315,20 @@ class PretrainModule(L.LightningModule):
             else:  # whether this step's Sinkhorn sees the queue (read before the step enqueues)
                 extra = {"train/queue_in_use": float(self.model.queue_in_use(self.current_epoch))}
             loss = self.model.training_loss(views, self.criterion, epoch=self.current_epoch)
-        elif framework == "moco":
-            self.model.update_key_encoder()
-            ids = index if self.mask_own_keys else None
-            loss = self.model.training_loss(views, self.criterion, weights=weights, ids=ids)
-            extra = {"train/alpha": self.criterion.effective_smoothing}
         else:
-            loss = self.model.training_loss(views, self.criterion, weights=weights)
+            ids = None
+            if framework == "moco":
+                self.model.update_key_encoder()
+                ids = index if self.mask_own_keys else None
+            if self.chunk_size is None:
+                loss = self.model.training_loss(views, self.criterion, weights=weights,
+                                                **({} if framework == "simclr" else {"ids": ids}))
+            else:  # manual optimisation: the cached step accumulates the gradients, then one step
+                optimizer = self.optimizers()
+                optimizer.zero_grad()
+                loss = cached_training_loss(self.model, views, self.criterion, self.chunk_size, weights=weights,
+                                            ids=ids, **lightning_hooks(self))
+                optimizer.step()
             extra = {"train/alpha": self.criterion.effective_smoothing}
         self.log_dict({"train/loss": loss, "train/lr": lr, **extra},
                       prog_bar=True, on_step=True, on_epoch=False, batch_size=views[0].shape[0])

@@ -168,7 +168,8 @@ def _recorder_class():
 def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed: int, run: str,
              mask_own_keys: bool = False, transform: Optional[str] = None, accelerator: str = "cpu",
              devices: Union[int, str, Sequence[int]] = 1, strategy: str = "auto", workers: int = 0,
-             knn_k: int = 20, progress: bool = True, say=None, description: str = "") -> Tuple[Backbone, RunResult]:
+             knn_k: int = 20, progress: bool = True, say=None, description: str = "",
+             chunk_size: Optional[int] = None) -> Tuple[Backbone, RunResult]:
     """Pre-train ``recipe`` with `PretrainModule` on Lightning's Trainer; kNN top-1 after every
     epoch, kNN and linear probe at the end.
 
@@ -176,7 +177,8 @@ def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed:
     ``(PIL image, label)`` items with ``transform="recipe"`` (the recipe's lightly views, made on
     the fly). ``recipe.batch_size`` is the batch of one process. ``mask_own_keys`` (MoCo): queue
     entries of a query's own image are not its negatives. ``say``: a function for a few status
-    lines (every quarter of the run) when there is no progress bar.
+    lines (every quarter of the run) when there is no progress bar. ``chunk_size`` (MoCo, SimCLR):
+    the cached-gradient step (`PretrainModule`).
     """
     import lightning as L
 
@@ -186,7 +188,7 @@ def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed:
                        recipe.loss.neighbors_or_none, 0.0, 0.0, 0.0, masked=mask_own_keys, description=description)
     with quiet_lightning():
         L.seed_everything(seed, workers=True, verbose=False)  # the same initialisation and batches per seed
-        module = build_module(recipe, mask_own_keys=mask_own_keys)
+        module = build_module(recipe, mask_own_keys=mask_own_keys, chunk_size=chunk_size)
         data = PretrainDataModule(recipe, dataset=train_data, batch_size=recipe.batch_size, num_workers=workers,
                                   transform=transform)
         bar = progress and sys.stderr.isatty()

@@ -90,15 +90,28 @@ class FixedViews(Dataset):
 
 
 class RecordStep(L.Callback):
-    """After the backward (gradients already averaged by DDP): the global loss and the gradient."""
+    """After the backward (gradients already averaged by DDP): the gradient, and after the step the
+    global loss (the value ``training_step`` returned: with a cached-gradient step, whose backward
+    runs chunk by chunk, that is the whole batch's loss)."""
 
     def __init__(self, out: str) -> None:
         self.out = out
+        self.allreduce_calls = 0  # DDP's gradient all-reduces (buckets), counted by a comm hook
+
+    def on_train_start(self, trainer, module) -> None:
+        ddp = trainer.strategy.model
+        if trainer.world_size > 1 and hasattr(ddp, "register_comm_hook"):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counting_allreduce(state, bucket):
+                self.allreduce_calls += 1
+                return allreduce_hook(state, bucket)
+
+            ddp.register_comm_hook(state=None, hook=counting_allreduce)
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         grads = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
-        losses = module.all_gather(self.loss)  # each process's mean over its own rows
-        record = {"loss": losses.float().mean(), "grad": grads, "world_size": trainer.world_size}
+        record = {"grad": grads, "world_size": trainer.world_size, "allreduce_calls": self.allreduce_calls}
         if module.recipe.framework == "dino":
             record["center"] = module.criterion.center.clone()
             record["teacher"] = torch.cat([p.flatten() for p in module.model.teacher_head.parameters()])
@@ -107,14 +120,14 @@ class RecordStep(L.Callback):
             record["queue_gram"] = torch.einsum("vqd,vqe->vde", queue, queue)
             record["queue_filled"] = int(module.model.queue_filled)
             record["queue_in_use"] = module.model.queue_in_use(module.current_epoch)
+        self.record = record
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        losses = module.all_gather(loss.detach())  # each process's mean over its own rows
+        self.record["loss"] = losses.float().mean()
         if trainer.is_global_zero:
-            torch.save(record, self.out)
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.loss = None
-
-    def on_before_backward(self, trainer, module, loss) -> None:
-        self.loss = loss.detach()
+            torch.save(self.record, self.out)
 
 
 class BatchNormInEvalMode(L.Callback):
@@ -141,7 +154,8 @@ def one_step(args) -> None:
         module = from_preset("light_moco", framework="simclr", backbone__name="flat_linear", backbone__kwargs={},
                              head__hidden_dim=16, head__output_dim=8, head__batch_norm=False,
                              loss__smoothing=0.1, loss__schedule="constant", loss__warmup_epochs=0,
-                             views__local_crops=None, module_options={"backend": "reference"})
+                             views__local_crops=None,
+                             module_options={"backend": "reference", "chunk_size": args.chunk_size})
         dataset, steps = FixedViews(), 1
     else:
         common = dict(backbone__name="flat_linear", backbone__kwargs={}, head__hidden_dim=16, head__output_dim=8,
@@ -370,6 +384,7 @@ def main() -> None:
     step.add_argument("--devices", type=int, default=1)
     step.add_argument("--out", required=True)
     step.add_argument("--preset", default="simclr", choices=("simclr", "sslight_dino", "sslight_swav"))
+    step.add_argument("--chunk-size", type=int, default=None, help="simclr: the cached-gradient step")
     presets = sub.add_parser("presets")
     presets.add_argument("--out", required=True)
     run = sub.add_parser("train")

@@ -64,6 +64,14 @@ def test_same_seed_same_numbers(tmp_path):
     assert (first.knn_top1, first.linear_top1) == (second.knn_top1, second.linear_top1)
 
 
+def test_chunked_steps_train_moco(tmp_path):
+    """--chunk-size: the cached-gradient step through the Lightning module (manual optimisation)."""
+    config = demo.parse_args(TINY + ["--framework", "moco", "--queue-size", "64", "--runs", "neighbors",
+                                     "--chunk-size", "8", "--no-plot", "--out", str(tmp_path)])
+    result = demo.run_demo(config)["results"][0]
+    assert config.chunk_size == 8 and math.isfinite(result.loss_per_epoch[0]) and 0 <= result.knn_top1 <= 1
+
+
 def test_moco_with_progress_and_two_seeds(tmp_path, capsys):
     config = demo.parse_args(TINY + ["--framework", "moco", "--queue-size", "64", "--runs", "plain", "neighbors",
                                      "--seeds", "0", "1", "--no-plot", "--out", str(tmp_path)])
@@ -146,6 +154,7 @@ def bad_flags(tmp_path):
         "tiny images": (["--image-size", "3"], "argument --image-size: expected a side of at least 8 px, got 3"),
         "views comparison of SimCLR": (["--compare", "views", "--framework", "simclr"], "does not apply"),
         "smoothing runs with DINO": (["--framework", "dino", "--runs", "plain"], "compares view sampling"),
+        "chunks with DINO": (["--framework", "dino", "--chunk-size", "8"], "--chunk-size is for simclr and moco"),
     }
     if not torch.cuda.is_available():
         cases["--device cuda without CUDA"] = (["--device", "cuda"], "no CUDA device")

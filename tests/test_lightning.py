@@ -81,6 +81,24 @@ def test_every_preset_trains_on_cpu(preset):
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(expected_lr)
 
 
+def test_chunked_two_process_ddp_equals_one_unchunked_process_with_one_allreduce_per_step(tmp_path):
+    """PretrainModule(chunk_size=3) under 2-process DDP (per process 8 images: chunks 3, 3, 2)
+    equals one process without chunks on the same global batch of 16, and its gradients are
+    all-reduced as often as an unchunked DDP step's (once per step, not once per chunk)."""
+    runs = {"single": ("1", None), "ddp": ("2", None), "ddp_chunked": ("2", "3")}
+    records = {}
+    for name, (devices, chunk) in runs.items():
+        out = tmp_path / f"{name}.pt"
+        args = ["step", "--devices", devices, "--out", str(out)] + (["--chunk-size", chunk] if chunk else [])
+        done = run_script(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records[name] = torch.load(out)
+    one, chunked = records["single"], records["ddp_chunked"]
+    torch.testing.assert_close(chunked["loss"], one["loss"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(chunked["grad"], one["grad"], rtol=1e-5, atol=1e-6)
+    assert chunked["allreduce_calls"] == records["ddp"]["allreduce_calls"] >= 1
+
+
 @pytest.mark.parametrize("preset", ["simclr", "sslight_dino", "sslight_swav"])
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, preset):
     """SimCLR: one step. DINO and SwAV (see lightning_runs.one_step): the third step, after the
