@@ -451,13 +451,11 @@ from solo.data.pretrain_dataloader import (FullTransformPipeline, NCropAugmentat
 from solo.methods import METHODS
 from solo.utils.checkpointer import Checkpointer
 
-mode, train_path, ckpt_dir, log_path, resume = sys.argv[1:6]
+preset, mode, train_path, ckpt_dir, log_path, resume, overrides, batches = sys.argv[1:9]
 torch.set_num_threads(1)
 with initialize_config_module(CONFIG_PACKAGE, version_base="1.2"):
-    cfg = compose("pretrain/smoke_cpu", overrides=[
-        f"data.train_path={train_path}", "optimizer.batch_size=4", "data.num_workers=0", "backbone.name=tiny_cnn",
-        "method_kwargs.queue_size=12", "method_kwargs.symmetric=sum", "augmentations=moco_v2",
-        "method_kwargs.deterministic=true", "limit_train_batches=3", "max_epochs=3"])
+    cfg = compose(f"pretrain/{preset}", overrides=[f"data.train_path={train_path}", "optimizer.batch_size=4",
+                                                   "data.num_workers=0", *json.loads(overrides)])
 OmegaConf.set_struct(cfg, False)
 cfg = parse_cfg(cfg)
 seed_everything(cfg.seed)
@@ -473,6 +471,7 @@ dataset = prepare_datasets(cfg.data.dataset, transform, train_data_path=cfg.data
 # process after that). A resumed run creates its iterator at another point of its hooks than an
 # uninterrupted one, so seeding in an epoch-start hook is not enough.
 class EpochSampler(torch.utils.data.Sampler):
+
     def __init__(self, size):
         self.size, self.epoch = size, 0
 
@@ -497,55 +496,65 @@ class LogLosses(Callback):
             log.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\\n")
 
 
-class KillAfterFirstCheckpoint(Callback):
+class KillAfterEpochTwo(Callback):
     def on_train_epoch_end(self, trainer, module):
         if mode == "killed" and trainer.current_epoch == 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
 checkpointer = Checkpointer(cfg, logdir=ckpt_dir, frequency=1)
-trainer = Trainer(accelerator="cpu", devices=1, max_epochs=cfg.max_epochs, limit_train_batches=3, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  deterministic=True, callbacks=[checkpointer, LogLosses(), KillAfterFirstCheckpoint()])
+trainer = Trainer(accelerator="cpu", devices=1, max_epochs=cfg.max_epochs, limit_train_batches=int(batches),
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  deterministic=True, callbacks=[checkpointer, LogLosses(), KillAfterEpochTwo()])
 trainer.fit(model, loader, ckpt_path=resume if resume != "-" else None)
 """
 
 
-def test_kill_and_resume_through_solo_learns_checkpoint_continues_exactly(tmp_path, image_folder):
-    """Three epochs uninterrupted vs. SIGKILL right after the epoch-2 checkpoint (solo-learn's
-    Checkpointer) and a resume from it in a new process (Lightning's ckpt_path, as main_pretrain.py):
-    the losses of epoch 3 and the final weights, momentum encoder and queue (keys, indexes, pointer)
-    agree to 1e-6. Data order and augmentations are seeded per epoch by the sampler, when the
-    epoch's iterator starts (solo-learn's checkpoints hold no RNG state)."""
+def kill_and_resume(tmp_path, image_folder, preset: str, overrides, batches: int):
+    """Three epochs of ``preset`` (``overrides``, ``batches`` per epoch) uninterrupted, then killed by
+    SIGKILL right after the epoch-2 checkpoint (solo-learn's Checkpointer), then resumed from it in a
+    new process (Lightning's ckpt_path, as main_pretrain.py), on solo-learn's dataset and transforms
+    with a sampler seeded per epoch. Returns the losses of the three runs and the final state dicts of
+    the uninterrupted and the resumed run."""
     script = tmp_path / "run.py"
     script.write_text(KILL_AND_RESUME)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
     def run(mode, resume="-"):
         log, ckpts = tmp_path / f"{mode}.jsonl", tmp_path / mode
-        result = subprocess.run([sys.executable, str(script), mode, str(image_folder / "train"), str(ckpts), str(log),
-                                 resume], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        result = subprocess.run([sys.executable, str(script), preset, mode, str(image_folder / "train"), str(ckpts),
+                                 str(log), resume, json.dumps(list(overrides)), str(batches)], env=env,
+                                capture_output=True, text=True, timeout=600, cwd=tmp_path)
         losses = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         return result, losses, ckpts
 
     full, full_losses, full_dir = run("full")
     assert full.returncode == 0, full.stderr[-4000:]
     killed, killed_losses, killed_dir = run("killed")
-    assert killed.returncode == -signal.SIGKILL and len(killed_losses) == 6, killed.stderr[-4000:]
+    assert killed.returncode == -signal.SIGKILL and len(killed_losses) == 2 * batches, killed.stderr[-4000:]
     (after_two,) = killed_dir.rglob("*ep=1.ckpt")
-    resumed, resumed_losses, _ = run("resumed", resume=str(after_two))
+    resumed, resumed_losses, resumed_dir = run("resumed", resume=str(after_two))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-
-    assert [e["step"] for e in full_losses] == list(range(1, 10))
-    assert [e["step"] for e in resumed_losses] == [7, 8, 9]
-    assert killed_losses == full_losses[:6]
-    for got, want in zip(resumed_losses, full_losses[6:]):
+    assert [e["step"] for e in full_losses] == list(range(1, 3 * batches + 1))
+    assert [e["step"] for e in resumed_losses] == list(range(2 * batches + 1, 3 * batches + 1))
+    assert killed_losses == full_losses[:2 * batches]
+    for got, want in zip(resumed_losses, full_losses[2 * batches:]):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
     (full_end,) = full_dir.rglob("*ep=2.ckpt")
-    (resumed_end,) = (tmp_path / "resumed").rglob("*ep=2.ckpt")
+    (resumed_end,) = resumed_dir.rglob("*ep=2.ckpt")
     full_state = torch.load(full_end, map_location="cpu", weights_only=False)["state_dict"]
     resumed_state = torch.load(resumed_end, map_location="cpu", weights_only=False)["state_dict"]
     assert set(full_state) == set(resumed_state)
+    return full_state, resumed_state
+
+
+def test_kill_and_resume_through_solo_learns_checkpoint_continues_exactly(tmp_path, image_folder):
+    """smooth_mocov2plus: the losses of epoch 3 and the final weights, momentum encoder and queue
+    (keys, indexes, pointer) of a run killed after epoch 2 and resumed agree with the uninterrupted
+    run to 1e-6 (`kill_and_resume`; solo-learn's checkpoints hold no RNG state)."""
+    overrides = ["backbone.name=tiny_cnn", "method_kwargs.queue_size=12", "method_kwargs.symmetric=sum",
+                 "augmentations=moco_v2", "method_kwargs.deterministic=true", "max_epochs=3"]
+    full_state, resumed_state = kill_and_resume(tmp_path, image_folder, "smoke_cpu", overrides, batches=3)
     for key, value in full_state.items():
         if value.is_floating_point():
             torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=1e-6, msg=key)

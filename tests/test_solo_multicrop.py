@@ -12,12 +12,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 
 pytestmark = pytest.mark.solo
@@ -31,6 +25,7 @@ from solo.methods.dino import DINO  # noqa: E402
 from solo.methods.swav import SwAV  # noqa: E402
 from solo.utils.sinkhorn_knopp import SinkhornKnopp  # noqa: E402
 from test_solo_integration import (  # noqa: E402
+    kill_and_resume,
     logged,
     make_image_folder,
     pretrain_cfg,
@@ -329,118 +324,16 @@ def test_launcher_trains_and_resumes_keeping_the_centre_and_queue(preset, tmp_pa
         assert torch.equal(q1[:, 8:], q0[:, :8])  # epoch 1's entries, restored and shifted back
 
 
-KILL_AND_RESUME = """
-import json, os, signal, sys
-import torch
-from hydra import compose, initialize_config_module
-from lightning.pytorch import Callback, Trainer, seed_everything
-from omegaconf import OmegaConf
-from smooth_infonce.integrations.solo import CONFIG_PACKAGE, register
-
-register()
-from solo.args.pretrain import parse_cfg
-from solo.data.pretrain_dataloader import (FullTransformPipeline, NCropAugmentation, build_transform_pipeline,
-                                           prepare_datasets)
-from solo.methods import METHODS
-from solo.utils.checkpointer import Checkpointer
-
-preset, mode, train_path, ckpt_dir, log_path, resume, overrides = sys.argv[1:8]
-torch.set_num_threads(1)
-with initialize_config_module(CONFIG_PACKAGE, version_base="1.2"):
-    cfg = compose(f"pretrain/{preset}", overrides=[f"data.train_path={train_path}", "optimizer.batch_size=4",
-                                                   "data.num_workers=0", *json.loads(overrides)])
-OmegaConf.set_struct(cfg, False)
-cfg = parse_cfg(cfg)
-seed_everything(cfg.seed)
-model = METHODS[cfg.method](cfg)
-transform = FullTransformPipeline([NCropAugmentation(build_transform_pipeline(cfg.data.dataset, aug), aug.num_crops)
-                                   for aug in cfg.augmentations])
-dataset = prepare_datasets(cfg.data.dataset, transform, train_data_path=cfg.data.train_path,
-                           data_format=cfg.data.format, no_labels=cfg.data.no_labels)
-
-
-# The data order and augmentations of an epoch depend on the epoch only: Lightning sets the epoch,
-# and the RNG is seeded when the epoch's iterator starts (num_workers=0: the crops are drawn in this
-# process after that). A resumed run creates its iterator at another point of its hooks than an
-# uninterrupted one, so seeding in an epoch-start hook is not enough.
-class EpochSampler(torch.utils.data.Sampler):
-
-    def __init__(self, size):
-        self.size, self.epoch = size, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.size
-
-    def __iter__(self):
-        seed_everything(100 + self.epoch)
-        return iter(torch.randperm(self.size).tolist())
-
-
-loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optimizer.batch_size, sampler=EpochSampler(len(dataset)),
-                                     drop_last=True, num_workers=0)
-
-
-class LogLosses(Callback):
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        with open(log_path, "a") as log:
-            log.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\\n")
-
-
-class KillAfterSecondCheckpoint(Callback):
-    def on_train_epoch_end(self, trainer, module):
-        if mode == "killed" and trainer.current_epoch == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-checkpointer = Checkpointer(cfg, logdir=ckpt_dir, frequency=1)
-trainer = Trainer(accelerator="cpu", devices=1, max_epochs=cfg.max_epochs, limit_train_batches=2, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  deterministic=True, callbacks=[checkpointer, LogLosses(), KillAfterSecondCheckpoint()])
-trainer.fit(model, loader, ckpt_path=resume if resume != "-" else None)
-"""
-
-
 @pytest.mark.parametrize("preset", ["sslight_dino", "sslight_swav"])
 def test_kill_and_resume_continues_exactly(preset, tmp_path, image_folder):
-    """Three epochs uninterrupted vs. SIGKILL right after the epoch-2 checkpoint (solo-learn's
-    Checkpointer) and a resume from it in a new process, solo-learn's dataset and transforms with a
-    sampler seeded per epoch: epoch 3's losses and every final tensor
-    (weights, teacher, DINO centre, SwAV queue) agree. DINO's teacher temperature still warms up in
-    epoch 3 and SwAV's queue enters Sinkhorn from epoch 2 on, so both depend on the restored state."""
-    script = tmp_path / "run.py"
-    script.write_text(KILL_AND_RESUME)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    """Killed after epoch 2 and resumed (`kill_and_resume`): epoch 3's losses and every final tensor
+    (weights, teacher, DINO centre, SwAV queue) agree with the uninterrupted run. DINO's teacher
+    temperature still warms up in epoch 3 and SwAV's queue enters Sinkhorn from epoch 2 on, so both
+    depend on the restored state."""
     extra = (["method_kwargs.warmup_teacher_temperature_epochs=3"] if "dino" in preset
              else ["method_kwargs.queue_size=8", "method_kwargs.epoch_queue_starts=1"])
-    overrides = json.dumps([o for o in TINY_RUN if not o.startswith("max_epochs")] + ["max_epochs=3", *extra])
-
-    def run(mode, resume="-"):
-        log, ckpts = tmp_path / f"{mode}.jsonl", tmp_path / mode
-        result = subprocess.run([sys.executable, str(script), preset, mode, str(image_folder / "train"), str(ckpts),
-                                 str(log), resume, overrides], env=env, capture_output=True, text=True, timeout=600,
-                                cwd=tmp_path)
-        losses = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        return result, losses, ckpts
-
-    full, full_losses, full_dir = run("full")
-    assert full.returncode == 0, full.stderr[-4000:]
-    killed, killed_losses, killed_dir = run("killed")
-    assert killed.returncode == -signal.SIGKILL and len(killed_losses) == 4, killed.stderr[-4000:]
-    (after_two,) = killed_dir.rglob("*ep=1.ckpt")
-    resumed, resumed_losses, _ = run("resumed", resume=str(after_two))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert [e["step"] for e in full_losses] == list(range(1, 7)) and [e["step"] for e in resumed_losses] == [5, 6]
-    assert killed_losses == full_losses[:4]
-    for got, want in zip(resumed_losses, full_losses[4:]):
-        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
-    (full_end,) = full_dir.rglob("*ep=2.ckpt")
-    (resumed_end,) = (tmp_path / "resumed").rglob("*ep=2.ckpt")
-    full_state = torch.load(full_end, map_location="cpu", weights_only=False)["state_dict"]
-    resumed_state = torch.load(resumed_end, map_location="cpu", weights_only=False)["state_dict"]
-    assert set(full_state) == set(resumed_state)
+    overrides = [o for o in TINY_RUN if not o.startswith("max_epochs")] + ["max_epochs=3", *extra]
+    full_state, resumed_state = kill_and_resume(tmp_path, image_folder, preset, overrides, batches=2)
     for key, value in full_state.items():
         torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=1e-6, msg=key)
     kept = "dino_loss_func.center" if "dino" in preset else "queue"
