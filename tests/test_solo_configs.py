@@ -849,3 +849,14 @@ def test_launcher_lists_the_configs(capsys):
     assert main(["configs"]) == 0
     out = capsys.readouterr().out
     assert "light_moco" in out and "smoke_cpu" in out and "backbone: " in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--foo"], "unrecognized argument --foo: a command comes first"),
+    (["pretrain", "--config-name", "smoke_cpu", "--foo", "data.train_path=x"], "unrecognized arguments: --foo"),
+    (["configs", "extra"], "unexpected arguments"),
+])
+def test_launcher_names_unknown_flags(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]

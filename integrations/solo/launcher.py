@@ -138,9 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Hydra's own command-line flags, passed through to solo-learn's script with the overrides
+HYDRA_FLAGS = ("--cfg", "-c", "--resolve", "--package", "-p", "--info", "-i", "--run", "-r", "--multirun", "-m",
+               "--config-dir", "-cd", "--config-path", "-cp", "--hydra-help", "--shell-completion",
+               "--experimental-rerun")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        parser.error(f"unrecognized argument {argv[0]}: a command comes first ({', '.join(SCRIPTS)} or configs)")
     args, hydra_args = parser.parse_known_args(argv)
+    unknown = [a for a in hydra_args if a.startswith("-") and a.split("=", 1)[0] not in HYDRA_FLAGS]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (Hydra overrides are key=value; flags: see "
+                     f"--help)")
     if args.command == "configs":
         if hydra_args:
             parser.error(f"unexpected arguments: {hydra_args}")
