@@ -318,7 +318,7 @@ def save_outputs(out: Path, config: DemoConfig, rows, results: Sequence[RunResul
 
 
 COLOURS = {"plain": "tab:blue", "uniform": "tab:orange", "neighbors": "tab:green", "plain-masked": "tab:purple",
-           "uniform-masked": "tab:brown", "neighbors-masked": "tab:red"}
+           "uniform-masked": "tab:brown", "neighbors-masked": "tab:red", "baseline": "tab:grey", "sslight": "tab:cyan"}
 
 
 def plot_curves(path: Path, results: Sequence[RunResult], references) -> Path:
@@ -451,8 +451,10 @@ def _run_demo(config: DemoConfig) -> Dict:
               f"{', queue ' + str(config.queue_size) if config.framework == 'moco' else ''}, seeds {list(config.seeds)}"
               f"\n\nData: {source}; {len(train)} pre-training / memory images, {len(test)} held-out test images. "
               f"Trained by Lightning ({config.accelerator}). Frozen backbone features; kNN k = {config.knn_k}. "
-              f"Total wall time {seconds:.0f} s. Smoothed runs minimise a different target, so their training "
-              f"loss is not comparable with InfoNCE's.")
+              f"Total wall time {seconds:.0f} s. "
+              + ("Smoothed runs minimise a different target, so their training loss is not comparable with "
+                 "InfoNCE's." if config.framework in CONTRASTIVE_FRAMEWORKS else
+                 "The runs weigh their pairs differently, so their training losses are not comparable."))
     files = save_outputs(Path(config.out), config, rows, results, references, header, config.plot) \
         if is_rank_zero() else []
     return {"rows": rows, "results": results, "references": references, "files": files, "seconds": seconds,

@@ -234,7 +234,7 @@ def test_a_missing_extra_names_the_extra_to_install():
 @pytest.mark.parametrize("framework", ["dino", "swav"])
 def test_dino_and_swav_compare_sslight_views_with_the_baseline(framework, tmp_path):
     """--framework dino | swav: the presets' view sampling, crops scaled to the image size."""
-    config = demo.parse_args(TINY + ["--framework", framework, "--no-plot", "--out", str(tmp_path)])
+    config = demo.parse_args(TINY + ["--framework", framework, "--out", str(tmp_path)])
     assert config.runs == ("baseline", "sslight")
     outcome = demo.run_demo(config)
     rows = {row["run"]: row for row in outcome["rows"]}
@@ -243,3 +243,4 @@ def test_dino_and_swav_compare_sslight_views_with_the_baseline(framework, tmp_pa
     assert rows["sslight"]["loss"] == f"{name}, 2 x 16 px (0.3, 1) + 6 x 9 px (0.05, 0.3), lambda (0.4, 0.6)"
     for result in outcome["results"]:
         assert 0.0 <= result.knn_top1 <= 1.0 and math.isfinite(result.loss_per_epoch[0])
+    assert (tmp_path / "curves.png").stat().st_size > 0
