@@ -128,7 +128,7 @@ class DemoConfig:
     lr_per_256: Optional[float] = None
     weight_decay: float = 5e-4
     runs: Tuple[str, ...] = RUNS
-    seeds: Tuple[int, ...] = (0,)
+    seeds: Tuple[int, ...] = (0, 1, 2)
     data: Optional[str] = None
     max_images: Optional[int] = None
     view_cache: Optional[int] = None

@@ -15,7 +15,7 @@ from smooth_infonce.integrations import demo
 from smooth_infonce.integrations.digits import digit_images
 
 TINY = ["--epochs", "1", "--max-images", "160", "--batch-size", "32", "--width", "4", "--view-cache", "2",
-        "--knn-k", "5", "--no-progress"]
+        "--seeds", "0", "--knn-k", "5", "--no-progress"]
 
 
 def test_main_writes_the_table_plot_and_json(tmp_path, capsys):
