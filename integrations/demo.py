@@ -1,7 +1,7 @@
 """The main job: pre-train a lightweight network with lightly + smooth-infonce on real images that
 ship with the install, and compare plain InfoNCE with smoothed InfoNCE on frozen features.
 
-    smooth-infonce-demo                                   # digits, SimCLR, ~2-3 min on 2 CPU cores
+    smooth-infonce-demo                                   # digits, SimCLR, 3 seeds, ~4 min on 2 CPU cores
     smooth-infonce-demo --compare masking --seeds 0 1 2   # MoCo: own-image keys masked in the queue
     smooth-infonce-demo --epochs 100 --framework moco --seeds 0 1 2
     smooth-infonce-demo --data /path/to/image_folder --image-size 64 \\
