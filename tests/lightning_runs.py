@@ -306,7 +306,8 @@ def train_one(preset: str, run: Path, args, num_workers: int, kill_at_epoch: int
     """One run; under DDP every rank records its own losses (with ``--record-views`` its indices,
     views and RNG digests) and writes its own final state (final.pt, final.rank1.pt)."""
     L.seed_everything(0, workers=True)
-    module = from_preset(preset, module_options=module_options(preset), **TRAIN_RUNS[preset])
+    options = module_options(preset) | ({"chunk_size": args.chunk_size} if args.chunk_size else {})
+    module = from_preset(preset, module_options=options, **TRAIN_RUNS[preset])
     data = PretrainDataModule(module.recipe, dataset=DigitImages(64, variable_size=args.variable_size),
                               batch_size=16, num_workers=num_workers)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=run / "ckpt", save_last=True, save_top_k=-1,
@@ -397,6 +398,7 @@ def main() -> None:
     run.add_argument("--num-workers", default="0", help="comma-separated: one run per count")
     run.add_argument("--variable-size", action="store_true", help="image i at 12 + 3 (i % 5) px")
     run.add_argument("--record-views", action="store_true")
+    run.add_argument("--chunk-size", type=int, default=None, help="the cached-gradient step (moco, simclr)")
     views = sub.add_parser("views")
     views.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -134,14 +134,18 @@ def test_every_preset_trains_under_two_process_ddp(tmp_path):
             assert run["enqueued"] == 32, preset
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("chunk_size", [None, 6])
+def test_killed_run_resumes_exactly(tmp_path, chunk_size):
+    """light_moco, one pass or cached-gradient chunks of 6 images (batch 16: 6, 6, 4; manual
+    optimisation, one enqueue per step)."""
+    chunks = () if chunk_size is None else ("--chunk-size", str(chunk_size))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = run_script("train", "--dir", str(straight))
+    done = run_script("train", "--dir", str(straight), *chunks)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run_script("train", "--dir", str(killed), "--kill-at-epoch", "2")
+    done = run_script("train", "--dir", str(killed), "--kill-at-epoch", "2", *chunks)
     assert done.returncode == -9, done.stderr[-3000:]  # SIGKILL, after epoch 1's checkpoint
     assert not (killed / "final.pt").exists()
-    done = run_script("train", "--dir", str(killed), "--resume")
+    done = run_script("train", "--dir", str(killed), "--resume", *chunks)
     assert done.returncode == 0, done.stderr[-3000:]
 
     reference, resumed = read_losses(straight), read_losses(killed)
