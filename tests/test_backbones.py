@@ -11,7 +11,7 @@ from smooth_infonce.integrations.backbones import build_backbone, list_backbones
 
 # (name, expected width) from the networks' definitions; measured by a forward pass below.
 BACKBONES = [("mobilenetv3_large_100", 1280), ("efficientnet_b0", 1280), ("mobilenet_v2", 1280),
-             ("resnet18", 512), ("tiny_cnn", 128)]
+             ("resnet18", 512), ("resnet34", 512), ("vit_tiny_patch16", 192), ("tiny_cnn", 128)]
 
 
 @pytest.mark.parametrize("name,width", BACKBONES)
@@ -45,3 +45,17 @@ def test_backbone_registry():
     assert build_backbone("timm:mobilenetv3_small_050").num_features == 1024
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("vgg99")
+
+
+def test_vit_tiny_takes_the_multicrop_sizes_drops_path_and_has_no_cifar_stem():
+    """SSLight's ViT-Tiny/16: one network for 224 px globals and 96 / 128 px locals (the position
+    embedding is interpolated), its CLS token as the feature, stochastic depth as the preset asks."""
+    backbone = build_backbone("vit_tiny_patch16", drop_path_rate=0.1)
+    assert backbone.net.global_pool == "token" and backbone.num_features == 192
+    rates = [block.drop_path1.drop_prob for block in backbone.net.blocks if hasattr(block.drop_path1, "drop_prob")]
+    assert rates and max(rates) == pytest.approx(0.1)
+    with torch.no_grad():
+        for size in (96, 128, 224):
+            assert backbone.eval()(torch.randn(1, 3, size, size)).shape == (1, 192)
+    with pytest.raises(ValueError, match="cifar_stem"):
+        build_backbone("vit_tiny_patch16", cifar_stem=True)
