@@ -10,11 +10,14 @@
 #   3. the tests marked `gpu` (pytest -m gpu, the test files that use the marker);
 #   4. the benchmark protocol (benchmarks/README.md: S0-S4 timed, S6 correctness), --quick, kernels
 #      and the GEMM ceiling first at every shape, then the peers (the JSON is rewritten per shape);
+#   4b. tile candidates: at S1 and S3, the table's tiles and a few neighbours per kernel that compile
+#      with zero spills (checked offline first with the triton wheel's ptxas), each timed; the fastest
+#      go into the benchmark's JSON and the summary prints the TILE_TABLE change they suggest;
 #   5. issue 18's step memory (cached-gradient step vs single pass, bf16, 96 px) and
 #   6. whole training steps (bf16 autocast, 224 px): both need lightly (the project's lightly models);
 #   7. the summaries and each stage's time.
 # Every file goes to benchmarks/results/<device>-<date>*: .json/.png (benchmark), -compile.json,
-# -pytest.txt/.xml, -step_memory.*, -training_step.*, -versions.txt, -stages.tsv, -log.txt.
+# -pytest.txt/.xml, -tiles.json, -step_memory.*, -training_step.*, -versions.txt, -stages.tsv, -log.txt.
 #
 #   bash benchmarks/gpu_check.sh                 # .venv/bin/python if present, else python3
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -136,7 +139,7 @@ HAVE_LIGHTLY=0
 grep -q "^lightly [0-9]" "$SHIM/probe.txt" && HAVE_LIGHTLY=1
 
 # stage name, weight, minimum seconds; the weights of the stages still to come
-STAGES="compile:2:20 pytest:2:20 benchmark:4:45"
+STAGES="compile:2:20 pytest:2:20 benchmark:4:45 tiles:1:60"
 if [ $HAVE_LIGHTLY = 1 ]; then
     STAGES="$STAGES step_memory:1.5:50 training_step:1.5:50"
 fi
@@ -192,6 +195,13 @@ benchmark_stage() {  # providers not started 40 s before the share ends are skip
 }
 run_stage benchmark
 
+echo "== 4b. tile candidates at S1, S3 ($(left) s left) -> $OUT-tiles.json"
+tiles_stage() {  # candidates not started 20 s before the share ends are skipped; the offline compile gets half
+    "$PY" benchmarks/kernel_throughput.py --tile-candidates --quick --shapes S1,S3 \
+        --budget $(( SHARE > 40 ? SHARE - 20 : SHARE / 2 )) --out "$OUT-tiles" --record-in "$OUT.json"
+}
+run_stage tiles
+
 if [ $HAVE_LIGHTLY = 1 ]; then
     echo "== 5. step memory: cached-gradient step vs single pass, bf16, 96 px ($(left) s left)"
     step_memory_stage() {  # no --budget in step_memory.py (JSON at the end): sized to fit, a fresh process per point
@@ -226,6 +236,9 @@ if [ -f "$OUT.json" ]; then
     "$PY" benchmarks/kernel_throughput.py --summary "$OUT.json"
 else
     echo "no $OUT.json: the benchmark did not write its results"
+fi
+if [ -f "$OUT-tiles.json" ] && [ ! -f "$OUT.json" ]; then  # else the benchmark's summary above has it
+    "$PY" benchmarks/kernel_throughput.py --summary "$OUT-tiles.json"
 fi
 [ -f "$OUT-pytest.txt" ] && echo "pytest -m gpu: $(tail -n 1 "$OUT-pytest.txt")"
 column -t -s "$(printf '\t')" "$OUT-stages.tsv" 2>/dev/null || cat "$OUT-stages.tsv"

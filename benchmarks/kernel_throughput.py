@@ -26,6 +26,7 @@ benchmarks/results/<name> to record a run.
     .venv/bin/python benchmarks/kernel_throughput.py --quick  # 10 timed runs per number (GPU), 3 (CPU)
     .venv/bin/python benchmarks/kernel_throughput.py --shapes S1,S3 --providers triton-uniform,reference-fp32
     .venv/bin/python benchmarks/kernel_throughput.py --warmup --budget 120 --out DIR/name-compile  # compile only
+    .venv/bin/python benchmarks/kernel_throughput.py --tile-candidates --quick --out DIR/name-tiles  # tile table
 
 GPU order: the kernels and the GEMM ceiling at every shape first, S6 with them, then the peers, then
 torch.compile's reference (the longest compile) last, so a run stopped by --budget keeps what
@@ -35,11 +36,16 @@ matters most. The JSON is rewritten after every shape (``"partial": true`` until
 every S6 configuration) in parallel processes sharing Triton's on-disk cache, and records per task
 the first fwd+bwd (compile + run) and the second (run only): the compile cost of a cold cache,
 apart from the run cost the benchmark then measures.
+
+--tile-candidates times, at S1 and S3, the tile table's choice and a few neighbours per kernel that
+compile with zero spills (checked offline first, as compile_report.py does), each with only that
+kernel's TILE_TABLE entry replaced in-process, and prints the table change the fastest suggest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -773,6 +779,292 @@ def warmup_summary(report) -> str:
     return "\n".join(lines)
 
 
+# ================================================================================================
+# Tile candidates (--tile-candidates): a few zero-spill neighbours of the table's tiles, timed
+# ================================================================================================
+
+# Shapes timed with candidates, the compile-report configuration that plans the same launches
+# (benchmarks/compile_report.py: layout, D, dtype, mode, deterministic) and the kernels of
+# TILE_TABLE that the shape's bf16 uniform fwd+bwd (provider triton-uniform) launches: the in-batch
+# default backward is candidate_grad (dC + atomic dA), the frozen MoCo queue needs dA only.
+TILE_SHAPES = {
+    "S1": (("inbatch", 128, "bf16", "uniform", False), ("forward", "candidate_grad")),
+    "S3": (("moco", 128, "bf16", "uniform", False), ("forward", "anchor_grad")),
+}
+TILE_PROVIDER = "triton-uniform"
+TILE_NEIGHBOURS = 4  # timed neighbours per kernel at most (besides the table's choice)
+TILE_MIN_SPEEDUP = 1.03  # a candidate must beat the table's choice by this to be suggested (noise)
+
+
+def table_key(dim: int, dtype: torch.dtype, precision: str = "ieee", arch: int = 90):
+    """The TILE_TABLE key (arch family, dot kind, D range) that `choose_tiles` reads for D = `dim`."""
+    from smooth_infonce.ops import triton as host
+
+    padded = max(16, host._next_power_of_two(dim))
+    family = "sm90" if arch >= 90 else "sm80"
+    kind = host._dot_kind(dtype, precision)
+    return family, kind, min(k[2] for k in host.TILE_TABLE if k[:2] == (family, kind) and k[2] >= padded)
+
+
+@contextlib.contextmanager
+def tile_override(overrides):
+    """Within the block, launches use other tiles: `overrides` maps (TILE_TABLE key, kernel) to a
+    table entry (dict as `_t` makes; missing fields keep the table's). The table dict is patched
+    in-process (the host reads it at every launch) and restored on exit, exception or not."""
+    from smooth_infonce.ops import triton as host
+
+    saved = []
+    try:
+        for (key, kernel), tile in overrides.items():
+            entry = host.TILE_TABLE[tuple(key)]
+            saved.append((entry, kernel, entry[kernel]))
+            entry[kernel] = {**entry[kernel], **tile}
+        yield
+    finally:
+        for entry, kernel, old in reversed(saved):
+            entry[kernel] = old
+
+
+def _valid_tile(tile) -> bool:
+    """Every tl.dot dimension a power of two >= 16, a tile of at most 128 x 128 (256 x 64), 4 or 8
+    warps, 1 to 4 pipeline stages; a streamed D chunk of >= 16 features."""
+    def pow2(x):
+        return x >= 16 and x & (x - 1) == 0
+
+    return (pow2(tile["rows"]) and pow2(tile["cols"]) and tile["rows"] <= 256 and tile["cols"] <= 256
+            and tile["rows"] * tile["cols"] <= 128 * 128 and tile["warps"] in (4, 8) and 1 <= tile["stages"] <= 4
+            and (tile["chunk"] is None or pow2(tile["chunk"])) and (tile["out"] is None or pow2(tile["out"])))
+
+
+def tile_candidates(current, limit=None):
+    """The table's entry first, then its valid neighbours, most promising first: one more / one
+    fewer pipeline stage, double / half the candidate columns (BLOCK_M), double / half the anchor
+    rows (BLOCK_N), the other warp count. At most `limit` neighbours (None: all)."""
+    current = dict(current)
+    moves = [("stages", lambda v: v + 1), ("stages", lambda v: v - 1), ("cols", lambda v: 2 * v),
+             ("cols", lambda v: v // 2), ("rows", lambda v: 2 * v), ("rows", lambda v: v // 2),
+             ("warps", lambda v: 4 if v == 8 else 8)]
+    out = [current]
+    for field, move in moves:
+        tile = {**current, field: move(current[field])}
+        if _valid_tile(tile) and tile not in out:
+            out.append(tile)
+    return out[:1 + limit] if limit is not None else out
+
+
+def tile_text(tile) -> str:
+    """The entry as TILE_TABLE's source writes it: _t(rows, cols, warps, stages[, chunk, out])."""
+    extra = "" if tile["chunk"] is None and tile["out"] is None else f", chunk={tile['chunk']}, out={tile['out']}"
+    return f"_t({tile['rows']}, {tile['cols']}, {tile['warps']}, {tile['stages']}{extra})"
+
+
+def tile_jobs(arch: int, limit=None):
+    """Every (shape, TILE_TABLE key, kernel, candidate) of the tile stage, the table's choice first."""
+    from smooth_infonce.ops import triton as host
+
+    jobs = []
+    for shape, (config, kernels) in TILE_SHAPES.items():
+        key = table_key(config[1], getattr(torch, DTYPE_NAMES[config[2]]), "ieee", arch)
+        for kernel in kernels:
+            for i, tile in enumerate(tile_candidates(host.TILE_TABLE[key][kernel], limit)):
+                jobs.append(dict(shape=shape, key=list(key), kernel=kernel, tile=tile, current=i == 0))
+    return jobs
+
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def precheck_worker(spec):
+    """Child process (no interpreter, no GPU needed): plan each job's launches with the real host
+    code and compile them with the ptxas of the triton wheel, as benchmarks/compile_report.py does;
+    prints one JSON line per job: its kernel's worst registers, spills, shared memory, dots on FMA."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compile_report as cr
+
+    arch, jobs = spec["arch"], spec["jobs"]
+    planned = []
+    for job in jobs:
+        with tile_override({(tuple(job["key"]), job["kernel"]): job["tile"]}):
+            launches = cr.capture(arch, [tuple(TILE_SHAPES[job["shape"]][0])])
+        planned.append([launch for launch in launches if launch["kernel"] == job["kernel"] + "_kernel"])
+    unique = {}
+    for launches in planned:
+        for launch in launches:
+            unique.setdefault(cr.compile_key(launch, arch), launch)
+    todo = [(key, launch, arch, 600) for key, launch in unique.items()]
+    if spec.get("procs", 1) > 1 and len(todo) > 1:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(min(spec["procs"], len(todo))) as pool:
+            compiled = {r["key"]: r for r in pool.imap_unordered(cr.compile_one, todo)}
+    else:
+        compiled = {r["key"]: r for r in map(cr.compile_one, todo)}
+    for job, launches in zip(jobs, planned):
+        results = [compiled[cr.compile_key(launch, arch)] for launch in launches]
+        row = dict(shape=job["shape"], kernel=job["kernel"], tile=job["tile"], launches=len(results),
+                   compiled=bool(results) and all(r["ok"] for r in results))
+        if row["compiled"]:
+            row.update(n_regs=max(r["n_regs"] or 0 for r in results),
+                       n_spills=max(r["n_spills"] if r["n_spills"] is not None else 10**9 for r in results),
+                       shared_bytes=max(r["shared_bytes"] for r in results),
+                       dots_fma=sum(r["dots_fma"] for r in results))
+            row["zero_spill"] = (row["n_spills"] == 0 and row["shared_bytes"] <= cr.SMEM_LIMIT[arch]
+                                 and row["dots_fma"] == 0)
+        else:
+            row.update(zero_spill=False, error=next((r["error"] for r in results if r["error"]), "no launch")[:400])
+        print(json.dumps(row), flush=True)
+
+
+def precheck(jobs, arch, procs, timeout):
+    """{(shape, kernel, tile json): precheck row} from a child process; {} when it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        done = subprocess.run([sys.executable, __file__, "--tile-precheck-worker",
+                               json.dumps(dict(arch=arch, jobs=jobs, procs=procs))],
+                              capture_output=True, text=True, env=env, timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        print("tile candidates: the offline compile ran out of time", flush=True)
+        return {}
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:
+        print(f"tile candidates: the offline compile exited with {done.returncode}: {done.stderr[-800:]}", flush=True)
+    return {(r["shape"], r["kernel"], json.dumps(r["tile"], sort_keys=True)): r for r in rows}
+
+
+def run_tile_candidates(args):
+    """S1, S3: the table's tiles and up to TILE_NEIGHBOURS zero-spill neighbours per kernel, each
+    timed (fwd+bwd of triton-uniform, bench_ms) with only that kernel's entry overridden."""
+    from smooth_infonce.ops import triton as host
+
+    start = time.monotonic()
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
+    shapes = [s for s in (args.shapes or list(TILE_SHAPES)) if s in TILE_SHAPES]
+    jobs = [j for j in tile_jobs(arch) if j["shape"] in shapes]
+    procs = args.jobs or min(8, max(1, (os.cpu_count() or 2) // 2))
+    left = (DEADLINE - time.monotonic()) if DEADLINE is not None else 600.0
+    checked = precheck(jobs, arch, procs, timeout=0.5 * left)
+    check_s = time.monotonic() - start
+    rows = []
+    for shape in shapes:
+        layout, n, m, d = GPU_SHAPES[shape]
+        problem = build_problem(layout, n, m, d, torch.bfloat16, "cuda")
+        fn, p = GPU_PROVIDERS[TILE_PROVIDER](problem)
+
+        def step(fn=fn, p=p):
+            return torch.autograd.grad(fn(), p.leaves)
+
+        timed = {}
+        for job in (j for j in jobs if j["shape"] == shape):
+            pre = checked.get((shape, job["kernel"], json.dumps(job["tile"], sort_keys=True)))
+            row = dict(shape=shape, key=job["key"], kernel=job["kernel"], tile=job["tile"], current=job["current"],
+                       tile_text=tile_text(job["tile"]),
+                       **{k: pre[k] for k in ("n_regs", "n_spills", "shared_bytes") if pre and k in pre})
+            try:
+                if out_of_time():
+                    raise Skip("time budget (--budget) spent")
+                if not job["current"] and not (pre and pre.get("zero_spill")):
+                    raise Skip("not known to compile without spills" if pre is None
+                               else f"offline compile: {pre.get('error') or 'spills / shared memory / FMA dots'}")
+                if not job["current"] and timed.get(job["kernel"], 0) >= TILE_NEIGHBOURS:
+                    raise Skip(f"{TILE_NEIGHBOURS} neighbours timed already")
+                with tile_override({(tuple(job["key"]), job["kernel"]): job["tile"]}):
+                    t0 = time.perf_counter()
+                    step()
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = time.perf_counter() - t0
+                    row["fwdbwd_ms"], row["runs"] = bench_ms(step, args.quick)
+                    if job["kernel"] == "forward":
+                        with torch.enable_grad():
+                            row["fwd_ms"], _ = bench_ms(fn, args.quick)
+                if not job["current"]:
+                    timed[job["kernel"]] = timed.get(job["kernel"], 0) + 1
+                row["status"] = "ok"
+            except Skip as why:
+                row.update(status="skipped", note=str(why))
+            except Exception as err:  # a candidate that fails to launch here is recorded; the others go on
+                row.update(status="error", note=f"{type(err).__name__}: {err}"[:500])
+            gc.collect()
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    assert all(host.TILE_TABLE[tuple(j["key"])][j["kernel"]] == j["tile"] for j in jobs if j["current"])
+    environment = gpu_environment()
+    report = dict(mode="tile-candidates", date=datetime.datetime.now().isoformat(timespec="seconds"), **environment,
+                  arch=arch, provider=TILE_PROVIDER, precheck_s=check_s, wall_s=time.monotonic() - start,
+                  settings=dict(candidates="the table's entry and up to %d valid neighbours per kernel (stages +-1, "
+                                "BLOCK_M x2 / /2, BLOCK_N x2 / /2, the other warp count) that compile for this "
+                                "arch with zero spills, within shared memory and with tensor-core dots (offline, "
+                                "ptxas of the triton wheel, benchmarks/compile_report.py's capture and compile)"
+                                % TILE_NEIGHBOURS,
+                                timing="fwd+bwd of %s with only that kernel's TILE_TABLE entry overridden "
+                                       "in-process; bench_ms as the benchmark (%s)" % (
+                                           TILE_PROVIDER, "--quick" if args.quick else "full"),
+                                min_speedup=TILE_MIN_SPEEDUP),
+                  results=rows, fastest=fastest_tiles(rows))
+    stem = Path(args.out or default_stem(slug(environment["gpu"]) + "-tiles"))
+    write_json(report, stem)
+    if args.record_in and Path(args.record_in).is_file():  # the benchmark's results JSON gets the outcome too
+        main_report = json.loads(Path(args.record_in).read_text())
+        main_report["tile_candidates"] = dict(file=str(stem.with_suffix(".json")), fastest=report["fastest"])
+        write_json(main_report, Path(args.record_in).with_suffix(""))
+    print(tile_suggestion(report["fastest"]))
+
+
+def fastest_tiles(rows):
+    """Per (TILE_TABLE key, kernel): every candidate's time per shape, the fastest candidate (the
+    geometric mean of its speedup over the table's choice across the shapes that timed both) and
+    its speedup per shape."""
+    groups = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        g = groups.setdefault((tuple(r["key"]), r["kernel"]), dict(current=None, times={}))
+        text = tile_text(r["tile"])
+        if r["current"]:
+            g["current"] = r["tile"]
+        g["times"].setdefault(text, dict(tile=r["tile"], ms={}))["ms"][r["shape"]] = r["fwdbwd_ms"]
+    out = []
+    for (key, kernel), g in groups.items():
+        if g["current"] is None:
+            continue
+        base = g["times"][tile_text(g["current"])]["ms"]
+        best, best_score, best_speedups = g["current"], 1.0, {s: 1.0 for s in base}
+        for cand in g["times"].values():
+            speedups = {s: base[s] / ms for s, ms in cand["ms"].items() if s in base}
+            if not speedups:
+                continue
+            score = 1.0
+            for v in speedups.values():
+                score *= v
+            score **= 1.0 / len(speedups)
+            if score > best_score:
+                best, best_score, best_speedups = cand["tile"], score, speedups
+        out.append(dict(key=list(key), kernel=kernel, current=g["current"], fastest=best, speedup=best_score,
+                        speedup_per_shape=best_speedups,
+                        times_ms={text: c["ms"] for text, c in g["times"].items()}))
+    return out
+
+
+def tile_suggestion(fastest, min_speedup=TILE_MIN_SPEEDUP) -> str:
+    """The TILE_TABLE change the timings suggest, one line per entry: old -> new, speedup."""
+    if not fastest:
+        return "tile candidates: nothing timed"
+    lines = [f"Suggested TILE_TABLE change (fastest candidate, speedup over the table's choice; at least "
+             f"{min_speedup:.2f}x to count):"]
+    for f in fastest:
+        where = f"TILE_TABLE[{', '.join(repr(k) for k in f['key'])}][{f['kernel']!r}]"
+        shapes = ", ".join(f"{s} {v:.2f}x" for s, v in sorted(f["speedup_per_shape"].items()))
+        if f["fastest"] != f["current"] and f["speedup"] >= min_speedup:
+            lines.append(f"- {where}: {tile_text(f['current'])} -> {tile_text(f['fastest'])}  "
+                         f"{f['speedup']:.2f}x ({shapes})")
+        else:
+            lines.append(f"  {where}: keep {tile_text(f['current'])} ({len(f['times_ms']) - 1} candidates timed"
+                         + ("" if f["fastest"] == f["current"] else
+                            f"; best {tile_text(f['fastest'])} only {f['speedup']:.2f}x") + ")")
+    return "\n".join(lines)
+
+
 PEERS = ["reference-fp32", "reference-bf16-autocast", "reference-compiled", "lightly-ntxent", "infcl", "memeff"]
 
 
@@ -802,6 +1094,8 @@ def summary(report) -> str:
             lines.append(f"{shape:5s} {name:17s} {row['fwdbwd_ms']:10.3f} "
                          f"{'-' if fraction is None else f'{100 * fraction:.1f}':>14s} "
                          f"{row.get('peak_extra_mib', float('nan')):9.1f}  {', '.join(peers) or '-'}")
+    if report.get("tile_candidates"):
+        lines.append(tile_suggestion(report["tile_candidates"]["fastest"]))
     s6 = report.get("correctness_s6") or []
     if s6:
         failed = [r for r in s6 if not r["pass"]]
@@ -891,17 +1185,35 @@ def main(argv=None):
                         "record each task's compile time apart from its run time (JSON at --out)")
     parser.add_argument("--jobs", type=int, default=None, help="--warmup processes (default: min(8, cores / 2))")
     parser.add_argument("--warmup-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--tile-candidates", action="store_true",
+                        help="GPU: at S1 and S3 time the table's tiles and up to %d zero-spill neighbours per kernel "
+                        "(checked offline first with the triton wheel's ptxas), write them to --out and print the "
+                        "TILE_TABLE change they suggest" % TILE_NEIGHBOURS)
+    parser.add_argument("--record-in", metavar="JSON",
+                        help="--tile-candidates: also add the fastest tiles to this results JSON (if it exists)")
+    parser.add_argument("--tile-precheck-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup_worker:
         warmup_worker([tuple(t) for t in json.loads(args.warmup_worker)])
+        return
+    if args.tile_precheck_worker:
+        precheck_worker(json.loads(args.tile_precheck_worker))
         return
     if args.budget is not None:
         global DEADLINE
         DEADLINE = time.monotonic() + args.budget
     if args.summary:
-        print(summary(json.loads(Path(args.summary).read_text())))
+        report = json.loads(Path(args.summary).read_text())
+        if report.get("mode") == "tile-candidates":
+            print(tile_suggestion(report["fastest"]))
+        else:
+            print(summary(report))
         return
-    if args.warmup:
+    if args.tile_candidates:
+        if not torch.cuda.is_available():
+            parser.error("--tile-candidates needs a CUDA device")
+        run_tile_candidates(args)
+    elif args.warmup:
         if not torch.cuda.is_available():
             parser.error("--warmup needs a CUDA device")
         run_warmup(args)
