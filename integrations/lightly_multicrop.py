@@ -44,21 +44,9 @@ except ImportError as err:  # exercised by tests/test_demo.py with lightly block
     raise ImportError(f"smooth_infonce.integrations.lightly_multicrop needs lightly: pip install "
                       f"'smooth-infonce[lightly]' ({err})") from err
 
-from .multicrop import multicrop_cross_entropy, pair_weights
+from .multicrop import check_loss_weights, multicrop_cross_entropy, pair_weights
 
 LossWeights = Optional[Tuple[float, float]]
-
-
-def check_loss_weights(loss_weights: Optional[Sequence[float]]) -> LossWeights:
-    """``loss_weights`` as a (lambda_gg, lambda_gl) tuple of floats, or None; ValueError unless
-    both are >= 0 and not both 0."""
-    if loss_weights is None:
-        return None
-    weights = tuple(float(w) for w in loss_weights)
-    if len(weights) != 2 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"loss_weights must be (lambda_gg, lambda_gl), both >= 0 and not both 0, "
-                         f"got {tuple(loss_weights)!r}")
-    return weights  # type: ignore[return-value]
 
 
 def _check_outputs(name: str, outputs: Sequence[Tensor], shape: Optional[torch.Size] = None) -> torch.Size:
@@ -165,7 +153,7 @@ class SSLightDINOLoss(DINOLoss):
         log_probs = F.log_softmax(torch.stack(student_out) / self.student_temp, dim=-1)
         weights = pair_weights(num_global=len(teacher_out), num_local=len(student_out) - len(teacher_out),
                                loss_weights=self.loss_weights)
-        loss = multicrop_cross_entropy(list(targets), list(log_probs), weights)
+        loss = multicrop_cross_entropy(targets, log_probs, weights)  # stacked: no second copy
         self.update_center(teacher_stacked)
         return loss
 

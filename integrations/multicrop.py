@@ -28,12 +28,26 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 PairWeights = Tuple[Tuple[float, ...], ...]
+Views = Union[Tensor, Sequence[Tensor]]  # one (B, K) tensor per view, or all of them stacked (V, B, K)
+
+
+def check_loss_weights(loss_weights: Optional[Sequence[float]], name: str = "loss_weights"
+                       ) -> Optional[Tuple[float, float]]:
+    """``loss_weights`` as a (global, local) pair of floats, or None; ValueError naming ``name``
+    unless both are >= 0 and not both 0. The one check of the pair, wherever it is given (the
+    losses, the recipes' MoCo view weights, solo-learn's ``method_kwargs``)."""
+    if loss_weights is None:
+        return None
+    pair = tuple(float(w) for w in loss_weights)
+    if len(pair) != 2 or min(pair) < 0 or sum(pair) <= 0:
+        raise ValueError(f"{name} must be None or (global, local), both >= 0 and not both 0; got {loss_weights!r}")
+    return pair  # type: ignore[return-value]
 
 
 def pair_weights(num_global: int, num_local: int, loss_weights: Optional[Sequence[float]] = None) -> PairWeights:
@@ -47,12 +61,11 @@ def pair_weights(num_global: int, num_local: int, loss_weights: Optional[Sequenc
     if num_global < 2 or num_local < 0:
         raise ValueError(f"need >= 2 global and >= 0 local views, got {num_global} and {num_local}")
     global_pairs, local_pairs = num_global * (num_global - 1), num_global * num_local
+    loss_weights = check_loss_weights(loss_weights)
     if loss_weights is None or num_local == 0:
         per_global = per_local = 1.0 / (global_pairs + local_pairs)
     else:
-        lambda_gg, lambda_gl = (float(w) for w in loss_weights)
-        if lambda_gg < 0 or lambda_gl < 0 or lambda_gg + lambda_gl <= 0:
-            raise ValueError(f"loss_weights must be >= 0 and not both 0, got {tuple(loss_weights)}")
+        lambda_gg, lambda_gl = loss_weights
         total = lambda_gg + lambda_gl
         per_global, per_local = lambda_gg / total / global_pairs, lambda_gl / total / local_pairs
     return tuple(
@@ -61,13 +74,13 @@ def pair_weights(num_global: int, num_local: int, loss_weights: Optional[Sequenc
     )
 
 
-def multicrop_cross_entropy(targets: Sequence[Tensor], log_probs: Sequence[Tensor],
-                            weights: Sequence[Sequence[float]]) -> Tensor:
+def multicrop_cross_entropy(targets: Views, log_probs: Views, weights: Sequence[Sequence[float]]) -> Tensor:
     """``sum_{a, v} weights[a][v] * mean_b(-sum_k targets[a][b, k] * log_probs[v][b, k])``.
 
     Args:
-        targets: one (B, K) distribution per global view (constants: detach them first).
-        log_probs: one (B, K) log-distribution per view, globals first.
+        targets: one (B, K) distribution per global view (constants: detach them first), or
+            them stacked (G, B, K) (taken as is, not copied).
+        log_probs: one (B, K) log-distribution per view, globals first, or them stacked (V, B, K).
         weights: `pair_weights` (len(targets) rows, len(log_probs) columns).
     """
     if len(targets) < 1 or len(log_probs) < len(targets):
@@ -84,5 +97,9 @@ def multicrop_cross_entropy(targets: Sequence[Tensor], log_probs: Sequence[Tenso
         raise ValueError(f"weights must be {len(targets)} x {len(log_probs)} (targets x views), "
                          f"got {tuple(weight.shape)}")
     # (targets x views) cross-entropies, each a mean over the batch; one contraction, no B x K x V copy
-    cross_entropy = -torch.einsum("abk,vbk->av", torch.stack(list(targets)), torch.stack(list(log_probs))) / shape[0]
+    cross_entropy = -torch.einsum("abk,vbk->av", _stacked(targets), _stacked(log_probs)) / shape[0]
     return (cross_entropy * weight).sum()
+
+
+def _stacked(views: Views) -> Tensor:
+    return views if isinstance(views, Tensor) else torch.stack(list(views))

@@ -53,7 +53,7 @@ from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_choice
 
 from .backbones import Backbone, build_backbone
-from .multicrop import PairWeights, pair_weights
+from .multicrop import PairWeights, check_loss_weights, pair_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -488,9 +488,7 @@ def query_view_weights(num_global: int, num_local: int,
     if loss_weights is None or num_local == 0:
         count = num_global_queries + num_local
         return (1.0 / count,) * count
-    global_weight, local_weight = _pair("loss_weights", loss_weights)
-    _check(global_weight >= 0 and local_weight >= 0 and global_weight + local_weight > 0,
-           f"loss_weights must be >= 0 and not both 0, got {loss_weights}")
+    global_weight, local_weight = check_loss_weights(loss_weights)
     total = global_weight + local_weight
     return ((global_weight / total / num_global_queries,) * num_global_queries
             + (local_weight / total / num_local,) * num_local)

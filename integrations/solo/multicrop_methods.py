@@ -71,9 +71,11 @@ class PairWeightedDINOLoss(DINOLoss):
         self.weights = tuple(tuple(float(w) for w in row) for row in weights)
 
     def forward(self, student_output: Tensor, teacher_output: Tensor) -> Tensor:
-        log_probs = [F.log_softmax(s / self.student_temp, dim=-1) for s in student_output.chunk(len(self.weights[0]))]
+        # crop-major (V B, K) -> (V, B, K) views of the same memory: no per-crop copies
+        log_probs = F.log_softmax(student_output.unflatten(0, (len(self.weights[0]), -1)) / self.student_temp, dim=-1)
         temperature = float(self.teacher_temp_schedule[self.epoch])
-        targets = F.softmax((teacher_output - self.center) / temperature, dim=-1).detach().chunk(len(self.weights))
+        targets = F.softmax((teacher_output - self.center) / temperature, dim=-1).detach()
+        targets = targets.unflatten(0, (len(self.weights), -1))
         loss = multicrop_cross_entropy(targets, log_probs, self.weights)
         self.update_center(teacher_output)
         return loss

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from smooth_infonce import LossOptions, SmoothingSchedule
+from smooth_infonce.integrations.multicrop import check_loss_weights
 from smooth_infonce.options import SYMMETRIC
 
 LOSS_KEYS: Tuple[str, ...] = LossOptions.field_names()
@@ -139,12 +140,7 @@ def loss_options_to_yaml(options: LossOptions, max_epochs: int) -> Dict[str, Any
 
 def weight_pair(value: Any) -> Optional[Tuple[float, float]]:
     """null, or a (global, local) pair of non-negative floats, not both 0."""
-    if value is None:
-        return None
-    pair = tuple(float(v) for v in value)
-    if len(pair) != 2 or min(pair) < 0 or sum(pair) <= 0:
-        raise ValueError(f"method_kwargs.loss_weights must be null or [global, local] >= 0, not both 0; got {value!r}")
-    return pair
+    return check_loss_weights(value, "method_kwargs.loss_weights")
 
 
 def symmetric_mode(method_kwargs: Mapping[str, Any]) -> Optional[str]:
