@@ -64,7 +64,8 @@ MoCo, as always):
     24
 
 The core of this module (`cached_step`, `embed_without_graph`, `backward_chunks`) needs torch
-only; `lightly_step_parts` knows the call conventions of the project's lightly models.
+only; the lightly models state their own call of the loss once, in their ``step_parts``, which
+both their ``training_loss`` (the single pass) and `lightly_step_parts` use.
 """
 
 from __future__ import annotations
@@ -320,50 +321,21 @@ class StepParts:
     inputs: List[Tensor]
     loss_of: LossOf
 
+    def loss(self) -> Tensor:
+        """The single pass: the whole batch embedded with a graph, then the loss."""
+        return self.loss_of(_as_list(self.embed(self.inputs)))
+
 
 def lightly_step_parts(model: nn.Module, views: Sequence[Tensor], criterion: nn.Module, *, weights=None,
                        ids: Optional[Tensor] = None, key_chunk_size: Optional[int] = None) -> StepParts:
     """The cached-step pieces of the project's lightly models (`lightly_models.SimCLRModel`,
-    `lightly_models.MoCoModel`) with the lightly drop-in loss (`lightly.SmoothNTXentLoss`, or
-    lightly's `NTXentLoss`), computing what their ``training_loss`` computes:
-
-    - SimCLR (in-batch, multi-crop): every view through the model, same-sized views together
-      (`lightly_models.encode_views`); ``criterion(*views, weights=weights)``.
-    - MoCo: the keys of ``views[0]`` from the momentum encoder, now, without a graph,
-      ``key_chunk_size`` images at a time; the queries ``views[1:]`` are the cached part (SSLight:
-      the second global view and the local crops, one weight per query view);
-      ``criterion(query, keys, *more_queries, weights=weights, ids=ids)``.
-    - symmetric MoCo (``model.symmetric`` set): both views through both encoders;
-      ``criterion.symmetric(query0, key0, query1, key1, combine=model.symmetric, ids=ids)``.
-
-    The loss (and so the queue's read and enqueue) runs once, on the whole batch.
-    """
-    from .lightly_models import encode_views  # here, so that the core of this module needs torch only
-
-    views = list(views)
-    if not hasattr(model, "forward_key"):  # in-batch: SimCLR and multi-crop
-        if ids is not None:
-            raise ValueError("ids apply to MoCo (a memory bank); in-batch views of one image are matched by position")
-        extra = {} if weights is None else {"weights": weights}
-        return StepParts(lambda chunk: encode_views(model, chunk), views, lambda z: criterion(*z, **extra))
-    extra = {} if ids is None else {"ids": ids}
-    if getattr(model, "symmetric", None) is not None:
-        if weights is not None:
-            raise ValueError("the symmetric loss weighs its two directions by combine; pass weights=None")
-        if len(views) != 2:
-            raise ValueError(f"the symmetric loss takes exactly 2 views, got {len(views)}")
-        key0, key1 = (embed_in_chunks(model.forward_key, v, key_chunk_size) for v in views)
-        combine = model.symmetric
-        # one encoder pass per view, as `MoCoModel.symmetric_training_loss` (batch norm per view)
-        return StepParts(lambda chunk: [model(chunk[0]), model(chunk[1])], views,
-                         lambda q: criterion.symmetric(q[0], key0, q[1], key1, combine=combine, **extra))
-    if len(views) < 2:
-        raise ValueError(f"MoCo needs at least 2 views (key, query), got {len(views)}")
-    keys = embed_in_chunks(model.forward_key, views[0], key_chunk_size)
-    if weights is not None:
-        extra["weights"] = weights
-    return StepParts(lambda chunk: encode_views(model, chunk), views[1:],
-                     lambda q: criterion(q[0], keys, *q[1:], **extra))
+    `lightly_models.MoCoModel`, their ``step_parts``: the same call of the loss as their
+    ``training_loss``) with the lightly drop-in loss (`lightly.SmoothNTXentLoss`, or lightly's
+    `NTXentLoss`): SimCLR and multi-crop in-batch; MoCo with its keys from the momentum encoder,
+    now, without a graph, ``key_chunk_size`` images at a time, the queries the cached part (SSLight:
+    one weight per query view); symmetric MoCo. The loss (and so the queue's read and enqueue) runs
+    once, on the whole batch."""
+    return model.step_parts(views, criterion, weights=weights, ids=ids, key_chunk_size=key_chunk_size)
 
 
 def cached_training_loss(model: nn.Module, views: Sequence[Tensor], criterion: nn.Module,

@@ -57,6 +57,7 @@ except ImportError as err:  # exercised by tests/test_demo.py with lightly block
 from smooth_infonce.views import Weights
 
 from .backbones import Backbone
+from .cached_step import StepParts, embed_in_chunks
 from .lightly import SmoothNTXentLoss
 from .lightly_multicrop import SSLightDINOLoss, SSLightSwaVLoss
 from .recipes import CropSpec, Recipe, ViewSpec
@@ -125,12 +126,18 @@ class SimCLRModel(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.projection_head(self.backbone(images))
 
+    def step_parts(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: Weights = None,
+                   ids: Optional[Tensor] = None, key_chunk_size: Optional[int] = None) -> StepParts:
+        """The step as `cached_step.StepParts`: every view through the model, same-sized views
+        together (`encode_views`); the loss ``criterion(*views, weights=weights)``."""
+        if ids is not None:
+            raise ValueError("ids apply to MoCo (a memory bank); in-batch views of one image are matched by position")
+        extra = {} if weights is None else {"weights": weights}
+        return StepParts(lambda chunk: encode_views(self, chunk), list(views), lambda z: criterion(*z, **extra))
+
     def training_loss(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: Weights = None) -> Tensor:
         """In-batch loss over all views (multi-crop when there are more than two)."""
-        projections = encode_views(self, views)
-        if weights is None:
-            return criterion(*projections)
-        return criterion(*projections, weights=weights)
+        return self.step_parts(views, criterion, weights).loss()
 
 
 class MoCoModel(nn.Module):
@@ -188,35 +195,49 @@ class MoCoModel(nn.Module):
         update_momentum(self.backbone, self.backbone_momentum, m)
         update_momentum(self.projection_head, self.projection_head_momentum, m)
 
+    def step_parts(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: Weights = None,
+                   ids: Optional[Tensor] = None, key_chunk_size: Optional[int] = None) -> StepParts:
+        """The step as `cached_step.StepParts`: the keys of ``views[0]`` from the key encoder, now,
+        without a graph (``key_chunk_size`` images at a time), the queries ``views[1:]`` the part
+        with a graph, the loss ``criterion(query, keys, *more_queries, weights=, ids=)``; with
+        ``symmetric`` set, `symmetric_step_parts`."""
+        if self.symmetric is not None:
+            if weights is not None:
+                raise ValueError("the symmetric loss weighs its two directions by combine; pass weights=None")
+            return self.symmetric_step_parts(views, criterion, self.symmetric, ids, key_chunk_size)
+        if len(views) < 2:
+            raise ValueError(f"MoCo needs at least 2 views (key, query), got {len(views)}")
+        keys = embed_in_chunks(self.forward_key, views[0], key_chunk_size)
+        extra = {} if ids is None else {"ids": ids}
+        if weights is not None:
+            extra["weights"] = weights
+        return StepParts(lambda chunk: encode_views(self, chunk), list(views[1:]),
+                         lambda q: criterion(q[0], keys, *q[1:], **extra))
+
+    def symmetric_step_parts(self, views: Sequence[Tensor], criterion: SmoothNTXentLoss, combine: str = "mean",
+                             ids: Optional[Tensor] = None, key_chunk_size: Optional[int] = None) -> StepParts:
+        """light-moco's symmetric loss as `cached_step.StepParts`: both views through the key
+        encoder (now, without a graph) and the query encoder, one pass per view, as the authors'
+        code (batch-norm statistics per view); `SmoothNTXentLoss.symmetric` scores query0 against
+        key1 and query1 against key0, then enqueues both keys."""
+        if len(views) != 2:
+            raise ValueError(f"the symmetric loss takes exactly 2 views, got {len(views)}")
+        key0, key1 = (embed_in_chunks(self.forward_key, v, key_chunk_size) for v in views)
+        return StepParts(lambda chunk: [self(chunk[0]), self(chunk[1])], list(views),
+                         lambda q: criterion.symmetric(q[0], key0, q[1], key1, combine=combine, ids=ids))
+
     def training_loss(self, views: Sequence[Tensor], criterion: NTXentLoss, weights: Weights = None,
                       ids: Optional[Tensor] = None) -> Tensor:
         """MoCo loss: key = views[0], queries = views[1:], one weight per query view. ``ids`` (B,):
         the images' sample ids (dataset indices), for `SmoothNTXentLoss` to leave a query's own
         earlier keys out of its negatives. With ``symmetric`` set: `symmetric_training_loss`."""
-        if self.symmetric is not None:
-            if weights is not None:
-                raise ValueError("the symmetric loss weighs its two directions by combine; pass weights=None")
-            return self.symmetric_training_loss(views, criterion, combine=self.symmetric, ids=ids)
-        if len(views) < 2:
-            raise ValueError(f"MoCo needs at least 2 views (key, query), got {len(views)}")
-        keys = self.forward_key(views[0])
-        queries = encode_views(self, views[1:])
-        extra = {} if ids is None else {"ids": ids}
-        if weights is not None:
-            extra["weights"] = weights
-        return criterion(queries[0], keys, *queries[1:], **extra)
+        return self.step_parts(views, criterion, weights, ids).loss()
 
     def symmetric_training_loss(self, views: Sequence[Tensor], criterion: SmoothNTXentLoss, combine: str = "mean",
                                 ids: Optional[Tensor] = None) -> Tensor:
-        """light-moco's symmetric loss on two views: both go through the query and the key
-        encoder, and `SmoothNTXentLoss.symmetric` scores query0 against key1 and query1 against
-        key0, then enqueues both keys (``combine="sum"`` as the authors' code)."""
-        if len(views) != 2:
-            raise ValueError(f"the symmetric loss takes exactly 2 views, got {len(views)}")
-        # one encoder pass per view, as the authors' code (batch-norm statistics per view)
-        query0, query1 = self(views[0]), self(views[1])
-        key0, key1 = self.forward_key(views[0]), self.forward_key(views[1])
-        return criterion.symmetric(query0, key0, query1, key1, combine=combine, ids=ids)
+        """light-moco's symmetric loss on two views (``combine="sum"`` as the authors' code; see
+        `symmetric_step_parts`)."""
+        return self.symmetric_step_parts(views, criterion, combine, ids).loss()
 
 
 def encode_multicrop(backbone: nn.Module, head: nn.Module, views: Sequence[Tensor]) -> List[Tensor]:
