@@ -409,25 +409,23 @@ def _run_demo(config: DemoConfig) -> Dict:
         "raw pixels": evaluation.raw_pixels(config.knn_k),
     }
 
-    caches: Dict[str, List[Tuple[torch.Tensor, int]]] = {}
+    caches: Dict[Tuple[CropSpec, ...], List[Tuple[torch.Tensor, int]]] = {}
     if config.view_cache:  # one cache per view sampling (multi-crop runs differ in theirs)
         for run in config.runs:
             recipe = demo_recipe(config, run, views)
-            crops = [recipe.views.global_crops] + ([recipe.views.local_crops] if recipe.views.num_local else [])
-            key = repr(crops)
-            if key not in caches:
+            crops = recipe.views.crop_groups()
+            if crops not in caches:
                 say(f"augmenting: {config.view_cache} views per crop group of every training image ({run})")
-                caches[key] = [(build_view_cache(train, recipe.views, config.view_cache * max(1, crop.count // 2),
-                                                 seed=0, progress=config.progress and is_rank_zero(), crop=crop),
-                                crop.count) for crop in crops]
+                caches[crops] = [(build_view_cache(train, recipe.views, config.view_cache * max(1, crop.count // 2),
+                                                   seed=0, progress=config.progress and is_rank_zero(), crop=crop),
+                                  crop.count) for crop in crops]
     results: List[RunResult] = []
     for seed in config.seeds:
         for run in config.runs:
             recipe = demo_recipe(config, run, views)
             # a fresh view stream per run: every run of a seed sees the same views in the same batches
             if config.view_cache:
-                crops = [recipe.views.global_crops] + ([recipe.views.local_crops] if recipe.views.num_local else [])
-                data, transform = CachedViews(caches[repr(crops)], train.labels, seed), None
+                data, transform = CachedViews(caches[recipe.views.crop_groups()], train.labels, seed), None
             else:
                 data, transform = train, "recipe"
             say(f"training {run} (seed {seed}, {config.epochs} epochs)")

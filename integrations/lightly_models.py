@@ -84,8 +84,8 @@ def build_crop_transform(crop: CropSpec, views: ViewSpec, view: int = 0) -> T.Co
 def build_view_transform(views: ViewSpec) -> MultiViewTransform:
     """lightly `MultiViewTransform`: image -> [global crops..., local crops...] (PIL input), each
     view with its own blur and solarisation probability (`ViewSpec.view_probs`)."""
-    groups = [views.global_crops] * views.global_crops.count + [views.local_crops] * views.num_local
-    return MultiViewTransform([build_crop_transform(crop, views, view) for view, crop in enumerate(groups)])
+    per_view = [crop for crop in views.crop_groups() for _ in range(crop.count)]
+    return MultiViewTransform([build_crop_transform(crop, views, view) for view, crop in enumerate(per_view)])
 
 
 def encode_views(encoder: nn.Module, views: Sequence[Tensor]) -> List[Tensor]:

@@ -461,6 +461,10 @@ class ViewSpec:
     def num_views(self) -> int:
         return self.global_crops.count + self.num_local
 
+    def crop_groups(self) -> Tuple[CropSpec, ...]:
+        """The crop groups that make views: the global crops, then the local ones if any."""
+        return (self.global_crops,) + ((self.local_crops,) if self.num_local else ())
+
     def view_probs(self, probs: Tuple[float, float, float]) -> Tuple[float, ...]:
         """``probs`` (first global, other globals, locals; e.g. ``blur_prob``) per view, in view
         order."""
