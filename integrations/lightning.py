@@ -320,9 +320,8 @@ class PretrainModule(L.LightningModule):
             if framework == "moco":
                 self.model.update_key_encoder()
                 ids = index if self.mask_own_keys else None
-            if self.chunk_size is None:
-                loss = self.model.training_loss(views, self.criterion, weights=weights,
-                                                **({} if framework == "simclr" else {"ids": ids}))
+            if self.chunk_size is None:  # the model's training_loss: one pass (ids is None for SimCLR)
+                loss = self.model.step_parts(views, self.criterion, weights=weights, ids=ids).loss()
             else:  # manual optimisation: the cached step accumulates the gradients, then one step
                 optimizer = self.optimizers()
                 optimizer.zero_grad()
