@@ -16,6 +16,8 @@ Where the kernels run (the default test command must pass on a CPU machine and o
 """
 
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -41,7 +43,16 @@ INTERPRETER_ELSEWHERE = ("the Triton interpreter is off in this process (CUDA is
                          "CUDA hidden, tests/test_interpreter_subprocess.py")
 
 
+# A test that runs longer than this many seconds prints a "still running" line this often, so the
+# test command is never silent for minutes (the DDP, demo and Lightning tests take one to three).
+HEARTBEAT_SECONDS = float(os.environ.get("SMOOTH_INFONCE_TEST_HEARTBEAT", "60"))
+_terminal_fd = None  # the terminal as it was before pytest captured fd 1 (pytest_configure)
+
+
 def pytest_configure(config):
+    global _terminal_fd
+    if HEARTBEAT_SECONDS > 0 and _terminal_fd is None:
+        _terminal_fd = os.dup(1)
     config.addinivalue_line(
         "markers", "interpreter: runs the Triton kernels on CPU tensors under the interpreter (in a "
         "child process when CUDA is present)")
@@ -54,3 +65,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "interpreter" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """While a test runs, a timer thread writes a progress line every HEARTBEAT_SECONDS to the saved
+    terminal fd (the test's own output stays captured)."""
+    if _terminal_fd is None:
+        return (yield)
+    done, start = threading.Event(), time.monotonic()
+
+    def beat():
+        while not done.wait(HEARTBEAT_SECONDS):
+            elapsed = time.monotonic() - start
+            os.write(_terminal_fd, f"\n  ... still running {item.nodeid} ({elapsed:.0f} s)\n".encode())
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        return (yield)
+    finally:
+        done.set()
+        thread.join()
