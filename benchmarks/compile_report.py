@@ -3,6 +3,7 @@ GPU targets with the ptxas inside the triton wheel. No GPU needed.
 
     .venv/bin/python benchmarks/compile_report.py --arch 90 80 --out DIR     # the issue-8 grid
     .venv/bin/python benchmarks/compile_report.py --arch 90 --set representative --out DIR
+    .venv/bin/python benchmarks/compile_report.py --arch 90 80 --set variants --out DIR   # speed variants
     .venv/bin/python benchmarks/compile_report.py --arch 90 80 --capture-only --out DIR
     /path/to/other-triton/python benchmarks/compile_report.py --replay DIR --arch 90 80 --out DIR2
 
@@ -81,10 +82,32 @@ REPRESENTATIVE = (
 )
 
 
+# The speed variants (smooth_infonce.ops.triton.KernelVariants; --set variants): each variant's
+# launches beside the default's for the same configuration. splits="occupancy" changes only the grid
+# (the split count), not a binary, so it has no row here.
+VARIANT_SET = (
+    [(layout, d, "bf16", "k5", False, v) for layout, d in (("inbatch", 128), ("inbatch", 256), ("moco", 128))
+     for v in ("default", "topk=two_pass")]
+    + [("moco_ids", 128, "bf16", "k10", False, v) for v in ("default", "topk=two_pass")]
+    + [("inbatch", 128, "fp32", "k5", False, v) for v in ("default", "topk=two_pass")]
+    + [("inbatch", d, "bf16", "uniform", det, v) for d in (256, 768) for det in (False, True)
+       for v in ("default", "grad_d=one_block")]
+    + [("moco", 256, "bf16", "uniform", False, v) for v in ("default", "grad_d=one_block")]
+    + [("inbatch", 128, "fp32-tf32", "uniform", det, v) for det in (False, True)
+       for v in ("default", "grad_d=one_block")]
+    + [(layout, 128, dtype, "uniform", False, v) for layout, dtype in (("inbatch", "bf16"), ("twotower", "bf16"),
+                                                                       ("inbatch", "fp32"))
+       for v in ("default", "atomics=red")]
+    + [("inbatch", 256, "bf16", "k5", False, "topk=two_pass,grad_d=one_block,atomics=red")]
+)
+
+
 def configurations(which: str):
-    """(layout, D, dtype, mode, deterministic) tuples."""
+    """(layout, D, dtype, mode, deterministic[, variants]) tuples."""
     if which == "representative":
         return list(REPRESENTATIVE)
+    if which == "variants":
+        return list(VARIANT_SET)
     return [(layout, d, dtype, mode, det) for layout in LAYOUTS for d in DIMS for dtype in DTYPES
             for mode in MODES for det in (False, True)]
 
@@ -147,7 +170,8 @@ def capture(arch: int, configs) -> list:
     host._kernels, host._target = Kernels, (lambda device: host.Target(arch, SM_COUNT[arch]))
     launches = []
     try:
-        for layout, d, dtype_name, mode, det in configs:
+        for layout, d, dtype_name, mode, det, *variants in configs:
+            variants = variants[0] if variants else "default"
             n, m = LAYOUTS[layout]
             dtype, allow_tf32 = DTYPES[dtype_name]
             dtype = getattr(torch, dtype)
@@ -168,12 +192,16 @@ def capture(arch: int, configs) -> list:
                                ids_exclude=True)
                 pairs = make_pairs(n, m, has_positive_key=True, **ids)
             del recorded[:]
-            losses = host.triton_row_losses(anchors, candidates, keys, pairs, temperature=0.1, smoothing=smoothing,
-                                            neighbors=k, deterministic=det, allow_tf32=allow_tf32)
-            leaves = [anchors] + ([candidates] if candidates is not anchors and candidates.requires_grad else [])
-            torch.autograd.grad(losses.sum(), leaves)
+            with host.kernel_variants(variants):
+                losses = host.triton_row_losses(anchors, candidates, keys, pairs, temperature=0.1,
+                                                smoothing=smoothing, neighbors=k, deterministic=det,
+                                                allow_tf32=allow_tf32)
+                leaves = [anchors] + ([candidates] if candidates is not anchors and candidates.requires_grad else [])
+                torch.autograd.grad(losses.sum(), leaves)
             config = dict(layout=layout, N=n, M=m, D=d, dtype=dtype_name.split("-")[0],
                           allow_tf32=dtype_name == "fp32-tf32", mode=mode, k=k or 0, deterministic=det)
+            if variants != "default":  # records of the default launches keep their old form
+                config["variants"] = host.KernelVariants.parse(variants).text()
             launches += [dict(config=config, **launch) for launch in recorded]
     finally:
         host._kernels, host._target = saved
@@ -312,6 +340,11 @@ def _measure(compiled, ptxas_log):
     res["mma"] = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
     # every dot of the TTGIR: a tensor-core one (warp_group_dot, or a dot into an #mma layout) or not
     dots = [line for line in ttgir.splitlines() if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line)]
+    # atomics (`atom` returns the old value, `red` does not) and asynchronous copies (cp.async on
+    # sm_80, also TMA's cp.async.bulk on sm_90: the software pipeline's loads) in the PTX
+    res["ptx_atom"] = len(re.findall(r"\batom\.", ptx))
+    res["ptx_red"] = len(re.findall(r"\bred\.", ptx))
+    res["ptx_async"] = len(re.findall(r"\bcp\.async\b", ptx))
     res["dots"] = len(dots)
     res["dots_fma"] = sum(1 for line in dots if "warp_group_dot" not in line and
                           not re.search(r"-> tensor<[^>]*#mma", line))
@@ -340,11 +373,14 @@ def problems_of(record, arch) -> list:
         bad.append("no tensor cores")
     if record["shared_bytes"] > SMEM_LIMIT[arch]:
         bad.append("shared memory")
+    if ("atomics=red" in record.get("variants", "") and record.get("atomic_anchor_grad")
+            and record["dtype"] != "fp64" and (record.get("ptx_atom") or not record.get("ptx_red"))):
+        bad.append("atom, not red")
     return bad
 
 
 _MEASURED = ("ok", "error", "n_regs", "n_spills", "shared_bytes", "mma", "stack_bytes", "spill_store_bytes",
-             "spill_load_bytes", "dots", "dots_fma", "compile_s")
+             "spill_load_bytes", "dots", "dots_fma", "ptx_atom", "ptx_red", "ptx_async", "compile_s")
 
 
 def kernels_digest() -> str:
@@ -414,6 +450,9 @@ def run_arch(arch, launches, jobs, timeout, out_dir: Path, reuse=None):
                       one_d_block=kw.get("ONE_D_BLOCK"), num_warps=kw.get("num_warps"),
                       num_stages=kw.get("num_stages"), atomic_anchor_grad=kw.get("ATOMIC_ANCHOR_GRAD"),
                       grid=launch["grid"])
+        for name, flag in (("neighbors", "NEIGHBORS"), ("stats", "STATS"), ("red", "RED")):
+            if flag in kw:  # the speed variants' flags (absent from the default launches but NEIGHBORS)
+                record[name] = kw[flag]
         record["problems"] = problems_of(record, arch)
         records.append(record)
     (out_dir / f"compile_sm{arch}.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
@@ -473,9 +512,11 @@ def markdown(arch, records, n_kernels, seconds, reused=0) -> str:
     groups = {}
     for r in records:
         dt = r["dtype"] + ("-tf32" if r["allow_tf32"] else ("-ieee" if r["dtype"] == "fp32" else ""))
-        groups.setdefault((r["layout"], r["D"], dt), []).append(r)
-    for (layout, d, dt), rows in sorted(groups.items(), key=lambda x: (list(LAYOUTS).index(x[0][0]) if x[0][0] in
-                                                                       LAYOUTS else 9, x[0][1], x[0][2])):
+        layout = r["layout"] + (f" [{r['variants']}]" if r.get("variants") else "")
+        groups.setdefault((layout, r["D"], dt), []).append(r)
+    for (layout, d, dt), rows in sorted(groups.items(), key=lambda x: (
+            list(LAYOUTS).index(x[0][0].split()[0]) if x[0][0].split()[0] in LAYOUTS else 9, x[0][1], x[0][2],
+            x[0][0])):
         cells = []
         for role in ROLES:
             these = [r for r in rows if _role(r) == role]
@@ -496,6 +537,21 @@ def markdown(arch, records, n_kernels, seconds, reused=0) -> str:
                             f" D/{r['block_k']}" + ("" if kernel == "forward_kernel" else f"->{r['block_d']}"))
                          + f" w{r['num_warps']}s{r['num_stages']}")
         lines.append(f"| {layout} | {d} | {dt} | " + " | ".join(cells) + " | " + "; ".join(tiles) + " |")
+    if any(r.get("variants") for r in records):
+        lines += ["", "## Speed variants: PTX counts per launch", "",
+                  "`atom` / `red`: atomic instructions in the PTX (the fused dA adds); `cp.async`: asynchronous "
+                  "copies (the software pipeline's loads). Same configuration, default launch first.", "",
+                  "| kernel | layout | D | dtype | mode | det | variants | regs | spills | shared KiB | MMA | atom "
+                  "| red | cp.async | tiles |", "|---" * 15 + "|"]
+        for r in records:
+            lines.append(
+                f"| {r['kernel'].replace('_kernel', '')}{' +dA' if r['atomic_anchor_grad'] else ''} | {r['layout']} | "
+                f"{r['D']} | {r['dtype']}{'-tf32' if r['allow_tf32'] else ''} | {r['mode']} | "
+                f"{'y' if r['deterministic'] else 'n'} | {r.get('variants', 'default')} | {r['n_regs']} | "
+                f"{r['n_spills']} | {(r['shared_bytes'] or 0) // 1024} | {r['mma']} | {r.get('ptx_atom')} | "
+                f"{r.get('ptx_red')} | {r.get('ptx_async')} | {r['block_n']}x{r['block_m']} "
+                f"{'D' if r['one_d_block'] else 'D/%s->%s' % (r['block_k'], r['block_d'])} "
+                f"w{r['num_warps']}s{r['num_stages']} grid {r['grid']} |" + (" !" if r["problems"] else ""))
     if bad:
         lines += ["", "## Problems", ""]
         seen = set()
@@ -517,8 +573,9 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_COUNT))
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: benchmarks/runs/compile-triton<version>-<time>, git-ignored)")
-    parser.add_argument("--set", dest="which", choices=("grid", "representative"), default="grid",
-                        help="grid: issue 8's full grid (default); representative: the compile test's set")
+    parser.add_argument("--set", dest="which", choices=("grid", "representative", "variants"), default="grid",
+                        help="grid: issue 8's full grid (default); representative: the compile test's set; "
+                        "variants: the speed variants (KernelVariants) beside the default launches")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per kernel compile")
     parser.add_argument("--capture-only", action="store_true", help="only write launches_sm<arch>.json")

@@ -66,3 +66,46 @@ def test_representative_launches_compile_for_sm90_without_spills(tmp_path):
         assert r["shared_bytes"] <= 232448, f"{what}: {r['shared_bytes']} B of shared memory"
     assert done.returncode == 0, done.stdout[-3000:]
     print(f"compiled {len(records)} launches for sm_90 in {seconds:.0f} s")
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="this triton wheel ships no ptxas")
+def test_speed_variants_compile_for_sm90(tmp_path):
+    """`--set variants`: each speed variant (smooth_infonce.ops.triton.KernelVariants) beside the default
+    launches of the same configuration: zero spills, tensor cores, shared memory in bounds; atomics="red"
+    puts `red.` and no `atom.` in the PTX of the fused dA adds; the two-pass statistics launch is
+    software-pipelined (asynchronous copies); grad_d="one_block" writes D 256 in one output block and
+    D 768 in three; the default launches carry none of the variants' flags."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--arch", "90", "--set", "variants",
+         "--jobs", "2", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    records = json.loads((tmp_path / "compile_sm90.json").read_text()) if done.returncode in (0, 1) else []
+    assert records, done.stdout[-3000:] + done.stderr[-3000:]
+    for r in records:
+        what = f"{r['kernel']} {r['layout']} D={r['D']} {r['dtype']} k={r['k']} [{r.get('variants', 'default')}]"
+        assert r["ok"], f"{what} does not compile: {r['error']}"
+        assert r["n_spills"] == 0 and not r["spill_store_bytes"], f"{what} spills: {r['n_regs']} registers"
+        if r["dtype"] in ("fp16", "bf16") or r["allow_tf32"]:
+            assert r["mma"] == "wgmma" and r["dots_fma"] == 0, f"{what}: dots without tensor cores"
+        assert r["shared_bytes"] <= 232448 and not r["problems"], (what, r["problems"])
+    fused_da = [r for r in records if r["kernel"] == "candidate_grad_kernel" and r["atomic_anchor_grad"]]
+    red = [r for r in fused_da if "atomics=red" in r.get("variants", "")]
+    atom = [r for r in fused_da if "variants" not in r]
+    assert red and atom
+    assert all(r["red"] and r["ptx_red"] > 0 and r["ptx_atom"] == 0 for r in red)
+    assert all(r["ptx_atom"] > 0 and r["ptx_red"] == 0 for r in atom)
+    two_pass = [r for r in records if r["kernel"] == "forward_kernel" and "topk=two_pass" in r.get("variants", "")]
+    statistics = [r for r in two_pass if r["neighbors"] == 0]
+    search = [r for r in two_pass if r.get("stats") is False]
+    assert statistics and len(search) == len(statistics) and all(r["neighbors"] == r["k"] for r in search)
+    assert all(r["ptx_async"] > 0 for r in statistics if r["dtype"] == "bf16")
+    for r in records:
+        if "grad_d=one_block" in r.get("variants", "") and r["kernel"] != "forward_kernel" and r["dtype"] == "bf16":
+            assert r["grid"][2] == {256: 1, 768: 3}[r["D"]] and r["block_d"] == 256, r
+    launches = json.loads((tmp_path / "launches_sm90.json").read_text())
+    for launch in launches:
+        if "variants" not in launch["config"]:
+            assert not {"STATS", "RED"} & set(launch["kwargs"]), launch["kwargs"]
+    assert done.returncode == 0, done.stdout[-3000:]

@@ -35,6 +35,14 @@ program along grid axis 2 (the tile register budget, not the math, decides betwe
 host's TILE_TABLE). Dots accumulate in ACC_DTYPE (fp32, fp64 for fp64 inputs); logits, softmax and
 statistics are ACC_DTYPE too. UPCAST (bf16 under the Triton interpreter only) widens loaded tiles to
 fp32, because the interpreter's bf16 dot is wrong.
+
+Speed variants (the host's `KernelVariants`; the defaults launch exactly the kernels above):
+- STATS (forward, default True): False skips steps 2) and 3), leaving a search-only pass. The host's
+  topk="two_pass" runs the statistics with NEIGHBORS = 0 (no data-dependent insertion loop inside
+  the column loop, so Triton can software-pipeline it) and then this search-only pass.
+- RED (candidate_grad, default False): the fused dA adds as PTX `red.global.add.f32` (inline asm,
+  `_add_to`) instead of tl.atomic_add, which compiles to `atom` although its result is unused.
+- grad_d="one_block" and splits="occupancy" change only the host's tiles and grid, not this code.
 """
 
 import triton
@@ -112,6 +120,19 @@ def _tile_targets(rows, cols, row_ids, col_ids, w_pos, w_neg, N, M, self_offset,
 
 
 @triton.jit
+def _add_to(ptrs, values, mask, RED: tl.constexpr):
+    """*ptrs += values where mask, atomically (relaxed, GPU scope), result unused. RED (fp32 on a GPU
+    only): a predicated PTX `red.global.add.f32` per element, the fire-and-forget reduction, where
+    tl.atomic_add compiles to `atom` (which returns the old value: a round trip per element)."""
+    if RED:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p_red; setp.ne.b32 p_red, $3, 0; @p_red red.global.add.f32 [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,f,r", [ptrs.to(tl.int64), values, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _logit_grads(sims, valid, targets, lse, grad, inv_tau):
     """dl/dz = g * (p - y) on V(i), 0 elsewhere; p = exp(z - LSE) from the saved row LSE."""
     probs = tl.exp(tl.where(valid, sims * inv_tau, float("-inf")) - lse)
@@ -154,6 +175,7 @@ def forward_kernel(
     ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr, IDS_EXCLUDE: tl.constexpr,
     NEIGHBORS: tl.constexpr, NEIGHBORS_PAD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    STATS: tl.constexpr = True,
 ):
     row_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -199,22 +221,24 @@ def forward_kernel(
         valid, negative, targets = _tile_targets(
             rows[:, None], cols[None, :], row_ids[:, None], col_ids[None, :],
             w_pos[:, None], w_neg[:, None], N, M, self_offset, HAS_IDS, HAS_SELF, IDS_EXCLUDE)
-        # 2) online log-sum-exp of z = s / tau over V(i)
-        logits = tl.where(valid, sims * inv_tau, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-        sumexp = sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-        row_max = new_max
-        # 3) cross term sum_j y_ij s_ij (positives and uniform smoothing in one sum)
-        cross += tl.sum(targets * sims, axis=1)
+        if STATS:
+            # 2) online log-sum-exp of z = s / tau over V(i)
+            logits = tl.where(valid, sims * inv_tau, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+            sumexp = sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+            row_max = new_max
+            # 3) cross term sum_j y_ij s_ij (positives and uniform smoothing in one sum)
+            cross += tl.sum(targets * sims, axis=1)
         # 4) neighbour mode: running top-k negatives by similarity
         if NEIGHBORS > 0:
             top_sims, top_cols, kth_sim = _update_top_k(top_sims, top_cols, kth_sim, sims,
                                                         negative, cols[None, :])
 
     out = split * N + rows
-    tl.store(split_max + out, row_max, mask=row_in)
-    tl.store(split_sumexp + out, sumexp, mask=row_in)
-    tl.store(split_cross + out, cross, mask=row_in)
+    if STATS:
+        tl.store(split_max + out, row_max, mask=row_in)
+        tl.store(split_sumexp + out, sumexp, mask=row_in)
+        tl.store(split_cross + out, cross, mask=row_in)
     if NEIGHBORS > 0:
         top_out = out.to(tl.int64)[:, None] * NEIGHBORS + slots[None, :]
         top_mask = row_in[:, None] & (slots[None, :] < NEIGHBORS)
@@ -287,6 +311,7 @@ def candidate_grad_kernel(
     ONE_D_BLOCK: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SELF: tl.constexpr, IDS_EXCLUDE: tl.constexpr,
     ATOMIC_ANCHOR_GRAD: tl.constexpr, GRAD_SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    RED: tl.constexpr = False,
 ):
     col_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -340,8 +365,7 @@ def candidate_grad_kernel(
             part = _grad_dot(part, tl.trans(dlogits_t), c_out, C.dtype.element_ty, GRAD_SPLIT, UPCAST,
                              PRECISION, ACC_DTYPE)
             target = anchor_grad + rows.to(tl.int64)[:, None] * D + out_dims[None, :]
-            tl.atomic_add(target, part * inv_tau, mask=row_in[:, None] & (out_dims[None, :] < D),
-                          sem="relaxed")
+            _add_to(target, part * inv_tau, row_in[:, None] & (out_dims[None, :] < D), RED)
 
     out = (split * M + cols).to(tl.int64)[:, None] * D + out_dims[None, :]
     tl.store(split_grad + out, acc * inv_tau, mask=col_in[:, None] & (out_dims[None, :] < D))

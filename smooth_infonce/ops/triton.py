@@ -50,12 +50,24 @@ Tile sizes come from one table per (GPU architecture, dot kind, D range), `TILE_
 that every launch compiles for sm_90 and sm_80 without register spills (checked offline with the
 ptxas of the triton wheel: `benchmarks/compile_report.py`, and `tests/test_compile_report.py`).
 
+Speed variants (`KernelVariants`, issue 16 item 9): four choices that only a GPU timing can settle,
+each selectable from the host, defaults = the launches described above. ``topk`` ("fused" /
+"two_pass": the neighbour search in its own pass, so the statistics loop is pipelined), ``grad_d``
+("table" / "one_block": one recompute of the similarity tile for the gradients of a streamed D),
+``atomics`` ("atom" / "red": fire-and-forget PTX reductions for the fused dA), ``splits``
+("two_per_sm" / "occupancy": the split count from the compiled kernel's registers and shared
+memory). Select them with ``with kernel_variants(topk="two_pass"): ...``, `set_kernel_variants`, or
+the environment variable SMOOTH_INFONCE_KERNEL_VARIANTS="topk=two_pass,atomics=red" (read at import).
+`benchmarks/kernel_throughput.py --variants` times each against the default (the GPU check's
+`variants` stage); `benchmarks/compile_report.py --set variants` compiles them offline.
+
 Registered as the custom ops ``torch.ops.smooth_infonce.triton_row_losses`` (+ ``_backward``) with
 fake (meta) kernels and an autograd formula, so torch.compile treats the loss as one opaque node.
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before this module is imported; slow, for tests).
 """
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -82,7 +94,8 @@ except ImportError as _err:  # re-raised with a clear message; `functional.trito
 # Read at kernel-decoration time by Triton, so it is fixed for the life of this module.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["triton_row_losses", "nearest_negatives", "resolve_allow_tf32", "TILE_TABLE", "INTERPRET"]
+__all__ = ["triton_row_losses", "nearest_negatives", "resolve_allow_tf32", "TILE_TABLE", "INTERPRET",
+           "KernelVariants", "kernel_variants", "set_kernel_variants", "current_kernel_variants"]
 
 
 def resolve_allow_tf32(allow_tf32: Optional[bool]) -> bool:
@@ -92,6 +105,108 @@ def resolve_allow_tf32(allow_tf32: Optional[bool]) -> bool:
     if allow_tf32 is None:
         return bool(torch.backends.cuda.matmul.allow_tf32)
     return bool(allow_tf32)
+
+
+# --------------------------------------------------------------------------------------------
+# Speed variants (issue 16, item 9): selectable from the host, defaults = the launches above
+# --------------------------------------------------------------------------------------------
+
+VARIANT_CHOICES: Dict[str, Tuple[str, ...]] = {  # field: (default, other choices...)
+    "topk": ("fused", "two_pass"),
+    "grad_d": ("table", "one_block"),
+    "atomics": ("atom", "red"),
+    "splits": ("two_per_sm", "occupancy"),
+}
+VARIANTS_ENV = "SMOOTH_INFONCE_KERNEL_VARIANTS"
+
+
+@dataclass(frozen=True)
+class KernelVariants:
+    """Which implementation of four speed-relevant choices the launches use. Each default is the
+    behaviour before the variants existed (the same launches, bit for bit); each alternative answers
+    a speed risk that only a GPU run can settle (benchmarks/kernel_throughput.py --variants times them):
+
+    - ``topk``: "fused" (default) keeps the neighbour search in the forward kernel's column loop; its
+      data-dependent insertion loop (`kernels._update_top_k`) keeps Triton from software-pipelining
+      that loop. "two_pass": the statistics pass is the uniform-mode kernel (no search: pipelined),
+      then a search-only pass (STATS=False: no exp / log-sum-exp work) finds the top-k; the
+      similarity tiles are formed twice.
+    - ``grad_d``: "table" (default) writes the gradients of a streamed D in TILE_TABLE's output
+      blocks, one program per block along grid axis 2, each recomputing the similarity tile (2x the
+      ideal FLOPs at D 256 bf16, 6x at D 768). "one_block": one output block as wide as
+      `ONE_BLOCK_GRAD` allows (all of D up to 256 for 16-bit inputs, 128 for TF32), with smaller
+      tiles that compile without spills: one recompute (up to 256 features per recompute beyond).
+    - ``atomics``: "atom" (default): the fused dA adds are tl.atomic_add, which compiles to PTX `atom`
+      (returns the old value). "red": an inline-PTX predicated `red.global.add.f32`, fire and forget
+      (fp32 on a GPU; under the interpreter and for fp64 it stays tl.atomic_add).
+    - ``splits``: "two_per_sm" (default): `_split` plans for two programs per SM. "occupancy": the
+      kernel is compiled first (JIT warmup) and its registers, shared memory and warps give the
+      programs per SM (cached per compiled configuration, so the split count is fixed before the
+      first launch and deterministic mode stays bitwise reproducible across calls; the interpreter
+      pretends one program per SM).
+    """
+
+    topk: str = "fused"
+    grad_d: str = "table"
+    atomics: str = "atom"
+    splits: str = "two_per_sm"
+
+    def __post_init__(self):
+        for name, allowed in VARIANT_CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"kernel variant {name}={value!r} is not one of {', '.join(allowed)}")
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelVariants":
+        """From "topk=two_pass,atomics=red" (the form of SMOOTH_INFONCE_KERNEL_VARIANTS); empty or
+        "default": the defaults."""
+        fields = {}
+        for item in filter(None, (part.strip() for part in (text or "").split(","))):
+            if item == "default":
+                continue
+            name, sep, value = item.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or name not in VARIANT_CHOICES:
+                raise ValueError(f"kernel variants {text!r}: {item!r} is not field=value with a field among "
+                                 f"{', '.join(VARIANT_CHOICES)}")
+            fields[name] = value
+        return cls(**fields)
+
+    def text(self) -> str:
+        """The non-default fields as parse() reads them ("default" when there are none)."""
+        changed = [f"{name}={getattr(self, name)}" for name, allowed in VARIANT_CHOICES.items()
+                   if getattr(self, name) != allowed[0]]
+        return ",".join(changed) or "default"
+
+
+_VARIANTS = KernelVariants.parse(os.environ.get(VARIANTS_ENV, ""))
+
+
+def current_kernel_variants() -> KernelVariants:
+    return _VARIANTS
+
+
+def set_kernel_variants(variants=None, **fields) -> KernelVariants:
+    """Select the variants of later launches (a KernelVariants, a string as `KernelVariants.parse`
+    reads, and / or fields); fields not named keep their defaults. Returns the previous selection."""
+    global _VARIANTS
+    if isinstance(variants, str):
+        variants = KernelVariants.parse(variants)
+    base = dict((variants or KernelVariants()).__dict__)
+    base.update(fields)
+    previous, _VARIANTS = _VARIANTS, KernelVariants(**base)
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_variants(variants=None, **fields):
+    """``with kernel_variants(topk="two_pass"): ...``: the launches inside use these variants."""
+    previous = set_kernel_variants(variants, **fields)
+    try:
+        yield _VARIANTS
+    finally:
+        set_kernel_variants(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +333,17 @@ def _fill_table():
 
 _fill_table()
 
+# The grad_d="one_block" variant (KernelVariants): gradient tiles of the entries that stream D, with
+# one output block of up to max_d features (all of D up to that). Smaller tiles than TILE_TABLE's, as
+# the accumulators grow with the block: chosen so that ptxas reports zero spills on sm_90 and sm_80
+# (benchmarks/compile_report.py --set variants). Dot kinds not listed keep the table's blocks.
+ONE_BLOCK_GRAD: Dict[Tuple[str, str], dict] = {}
+for _arch in ("sm90", "sm80"):
+    ONE_BLOCK_GRAD[_arch, "16bit"] = dict(max_d=256, anchor_grad=_t(64, 32, 8, 1, chunk=64),
+                                          candidate_grad=_t(32, 64, 8, 1, chunk=64))
+    ONE_BLOCK_GRAD[_arch, "tf32"] = dict(max_d=128, anchor_grad=_t(64, 32, 8, 1, chunk=32),
+                                         candidate_grad=_t(32, 64, 8, 1, chunk=32))
+
 
 def _next_power_of_two(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
@@ -232,19 +358,24 @@ def _dot_kind(dtype: torch.dtype, precision: str) -> str:
 
 
 def choose_tiles(kernel: str, dim: int, dtype: torch.dtype, precision: str = "ieee",
-                 arch: Optional[int] = None) -> Tiles:
+                 arch: Optional[int] = None, grad_d: str = "table") -> Tiles:
     """Block sizes of `kernel` ("forward", "anchor_grad", "candidate_grad") for D = `dim` features
     of `dtype` on `arch` (None: the interpreter), from `TILE_TABLE`.
 
     Under the interpreter, small tiles make the tests exercise ragged edges, several tiles and
     splits cheaply, and the three D paths: D <= 32 held in one block, D <= 64 streamed in chunks
     into one output block, larger D streamed into several output blocks. Every tl.dot dimension is
-    a power of two >= 16."""
+    a power of two >= 16.
+
+    grad_d="one_block" (`KernelVariants`): where the gradient kernels would write a streamed D in
+    several output blocks, one block (of at most ONE_BLOCK_GRAD's max_d) with ONE_BLOCK_GRAD's
+    tiles; under the interpreter: all of D in one block."""
     padded = max(16, _next_power_of_two(dim))
+    one_block = grad_d == "one_block" and kernel != "forward"
     if arch is None:
         if padded <= 32:
             return Tiles(32, 32, padded, padded, True, 4, 1)
-        return Tiles(32, 32, padded if padded <= 64 else 32, 32, False, 4, 1)
+        return Tiles(32, 32, padded if padded <= 64 or one_block else 32, 32, False, 4, 1)
     family = "sm90" if arch >= 90 else "sm80"
     kind = _dot_kind(dtype, precision)
     d_max = min(key[2] for key in TILE_TABLE if key[:2] == (family, kind) and key[2] >= padded)
@@ -252,19 +383,72 @@ def choose_tiles(kernel: str, dim: int, dtype: torch.dtype, precision: str = "ie
     if e["chunk"] is None:
         return Tiles(e["rows"], e["cols"], padded, padded, True, e["warps"], e["stages"])
     out = min(padded, e["out"] or padded)
+    wide = ONE_BLOCK_GRAD.get((family, kind))
+    if one_block and wide is not None and out < min(padded, wide["max_d"]):
+        e = wide[kernel]
+        out = min(padded, wide["max_d"])
     return Tiles(e["rows"], e["cols"], out, min(padded, e["chunk"]), False, e["warps"], e["stages"])
 
 
-def _split(blocks: int, tiles: int, target: Target) -> Tuple[int, int]:
+def _split(blocks: int, tiles: int, target: Target, per_sm: int = 2) -> Tuple[int, int]:
     """(splits, tiles per split) of the inner loop: when there are too few blocks to fill the GPU
-    (two programs per SM; MoCo: few anchors, a long queue), the inner dimension is cut into
-    contiguous splits whose partial results the host merges (as flash-decoding does)."""
+    (`per_sm` programs per SM, two unless the splits="occupancy" variant computed it; MoCo: few
+    anchors, a long queue), the inner dimension is cut into contiguous splits whose partial results
+    the host merges (as flash-decoding does)."""
     if tiles == 0:
         return 1, 0
-    programs = 2 * target.sm_count
+    programs = per_sm * target.sm_count
     splits = max(1, min(tiles, -(-programs // max(blocks, 1))))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
+
+
+REGISTERS_PER_SM = 65536  # sm_70 and newer
+_PROGRAMS_PER_SM: Dict[tuple, int] = {}
+
+
+def _occupancy_key(kernel, args, kwargs) -> tuple:
+    """What decides a launch's binary (and so its resources): the kernel, the dtypes of its tensor
+    arguments and its options; not the sizes."""
+    return (getattr(kernel, "__name__", getattr(getattr(kernel, "fn", None), "__name__", str(kernel))),
+            tuple(str(a.dtype) if isinstance(a, Tensor) else None for a in args),
+            tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+
+
+def _programs_per_sm(kernel, grid, args, kwargs, device: torch.device) -> int:
+    """Programs of this launch that fit on one SM at once (the splits="occupancy" variant): the
+    kernel is compiled without running (the JIT's warmup) and its registers per thread (allocated
+    per warp in units of 256), shared memory (plus the 1 KiB the driver reserves per block) and
+    warps are set against the SM's register file, shared memory and thread slots. Cached per
+    compiled configuration: later calls plan the same splits. The interpreter has no binary: one."""
+    key = _occupancy_key(kernel, args, kwargs) + (str(device),)
+    if key in _PROGRAMS_PER_SM:
+        return _PROGRAMS_PER_SM[key]
+    if INTERPRET or not hasattr(kernel, "warmup") or device.type != "cuda":
+        per_sm = 1 if INTERPRET else 2
+    else:
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        warps = compiled.metadata.num_warps
+        warp_regs = -(-max(compiled.n_regs, 1) * 32 // 256) * 256
+        by_regs = (REGISTERS_PER_SM // warp_regs) // warps
+        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 0) or (233472 if props.major >= 9 else 167936)
+        by_smem = smem // (compiled.metadata.shared + 1024)
+        per_sm = max(1, min(by_regs, by_threads, by_smem))
+    _PROGRAMS_PER_SM[key] = per_sm
+    return per_sm
+
+
+def _planned_split(p: "_Problem", kernel, blocks: int, tiles: int, launch) -> Tuple[int, int]:
+    """(splits, tiles per split) for `kernel`; `launch(splits, per_split)` gives the (grid, args,
+    kwargs) of that split (only read by the occupancy variant, to compile the kernel first)."""
+    splits, per_split = _split(blocks, tiles, p.target)
+    if p.variants.splits != "occupancy":
+        return splits, per_split
+    grid, args, kwargs = launch(splits, per_split)
+    return _split(blocks, tiles, p.target, _programs_per_sm(kernel, grid, args, kwargs, p.a.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +487,7 @@ class _Problem:
     precision: str  # tl.dot input_precision for fp32 operands
     target: Target
     upcast: bool  # bf16 under the interpreter: compute on fp32 copies of the tiles
+    variants: KernelVariants  # the speed variants selected when the op was called
 
     @property
     def kernel_flags(self) -> dict:
@@ -316,7 +501,8 @@ class _Problem:
         )
 
     def tiles(self, kernel: str) -> Tiles:
-        return choose_tiles(kernel, self.a.shape[1], self.a.dtype, self.precision, self.target.arch)
+        return choose_tiles(kernel, self.a.shape[1], self.a.dtype, self.precision, self.target.arch,
+                            self.variants.grad_d)
 
     def ids(self) -> Tuple[Tensor, Tensor]:
         """Id pointers for the kernels (a placeholder tensor when there are none)."""
@@ -367,6 +553,7 @@ def _prepare(anchors: Tensor, candidates: Tensor, positive_keys: Optional[Tensor
         precision="tf32" if allow_tf32 and a.dtype == torch.float32 else "ieee",
         target=target,
         upcast=target.arch is None and a.dtype == torch.bfloat16,
+        variants=_VARIANTS,
     )
 
 
@@ -434,30 +621,48 @@ def _merge_top_k(split_sims: Tensor, split_cols: Tensor, k: int, ordered: bool =
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_statistics(p: _Problem) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward_statistics(p: _Problem, stats: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the forward kernel. Returns the per-split (max, sum exp, cross term) (S, N) folded
-    into (log-sum-exp parts (S, N), cross (N,)), and the top-k (sims, cols) of each split."""
-    (n, dim), m, device = p.a.shape, p.c.shape[0], p.a.device
+    into (log-sum-exp parts (S, N), cross (N,)), and the top-k (sims, cols) of each split.
+
+    topk="two_pass" (`KernelVariants`): the statistics come from the uniform-mode launch (no search)
+    and the top-k from a search-only launch (STATS=False); `stats=False` (the search alone,
+    `nearest_negatives`) skips the statistics pass there (the parts are then None)."""
+    (n, dim), m = p.a.shape, p.c.shape[0]
     tiles = p.tiles("forward")
     row_blocks, col_tiles = triton.cdiv(n, tiles.rows), triton.cdiv(m, tiles.cols)
-    splits, per_split = _split(row_blocks, col_tiles, p.target)
-    split_max = torch.empty((splits, n), dtype=p.acc, device=device)
-    split_sumexp = torch.empty_like(split_max)
-    split_cross = torch.empty_like(split_max)
-    k = p.neighbors
-    split_top_sims = torch.empty((splits, n, max(k, 1)), dtype=p.acc, device=device)
-    split_top_cols = torch.empty((splits, n, max(k, 1)), dtype=torch.int32, device=device)
     anchor_ids, candidate_ids = p.ids()
+    kernel = _kernels.forward_kernel
+
+    def make(splits, per_split, k, extra):
+        outputs = [torch.empty((splits, n), dtype=p.acc, device=p.a.device) for _ in range(3)]
+        outputs += [torch.empty((splits, n, max(k, 1)), dtype=dtype, device=p.a.device)
+                    for dtype in (p.acc, torch.int32)]
+        args = (p.a, p.c, anchor_ids, candidate_ids, p.w_pos, p.w_neg, p.inv_tau_tensor, *outputs,
+                n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split)
+        kwargs = dict(BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
+                      ONE_D_BLOCK=tiles.one_d_block,
+                      NEIGHBORS=k, NEIGHBORS_PAD=max(2, _next_power_of_two(k)), **p.kernel_flags,
+                      num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS, **extra)
+        return (row_blocks, splits), args, kwargs
+
+    def launch(k, **extra):  # the outputs (max, sum exp, cross, top sims, top cols)
+        splits, per_split = _planned_split(p, kernel, row_blocks, col_tiles,
+                                           lambda s, per: make(s, per, k, extra))
+        grid, args, kwargs = make(splits, per_split, k, extra)
+        kernel[grid](*args, **kwargs)
+        return args[7:12]
+
     with _device_guard(p.a):
-        _kernels.forward_kernel[(row_blocks, splits)](
-            p.a, p.c, anchor_ids, candidate_ids, p.w_pos, p.w_neg, p.inv_tau_tensor,
-            split_max, split_sumexp, split_cross, split_top_sims, split_top_cols,
-            n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split,
-            BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
-            ONE_D_BLOCK=tiles.one_d_block,
-            NEIGHBORS=k, NEIGHBORS_PAD=max(2, _next_power_of_two(k)), **p.kernel_flags,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS,
-        )
+        if p.neighbors and p.variants.topk == "two_pass":
+            split_max = split_sumexp = split_cross = None
+            if stats:
+                split_max, split_sumexp, split_cross, _, _ = launch(0)
+            _, _, _, split_top_sims, split_top_cols = launch(p.neighbors, STATS=False)
+        else:
+            split_max, split_sumexp, split_cross, split_top_sims, split_top_cols = launch(p.neighbors)
+    if split_max is None:
+        return None, None, split_top_sims, split_top_cols
     log_parts = split_max + torch.log(split_sumexp)
     return log_parts, split_cross.sum(0), split_top_sims, split_top_cols
 
@@ -510,36 +715,48 @@ def _backward(p: _Problem, grad: Tensor, lse: Tensor, top_cols: Tensor,
     if need_candidate_grad and m > 0:  # kernel over candidate blocks; dA fused in with atomics unless deterministic
         tiles = p.tiles("candidate_grad")
         col_blocks, row_tiles = triton.cdiv(m, tiles.cols), triton.cdiv(n, tiles.rows)
-        splits, per_split = _split(col_blocks, row_tiles, p.target)
         atomic = need_anchor_grad and not p.deterministic
-        split_grad = torch.empty((splits, m, dim), dtype=p.acc, device=device)
         da = torch.zeros((n, dim), dtype=p.acc, device=device) if atomic else None
+        extra = {}
+        if atomic and p.variants.atomics == "red" and p.acc == torch.float32 and not INTERPRET:
+            extra["RED"] = True  # kernels._add_to: PTX red instead of atom (the interpreter cannot run PTX)
+
+        def make(splits, per_split):
+            split_grad = torch.empty((splits, m, dim), dtype=p.acc, device=device)
+            args = (*common, split_grad, da if atomic else split_grad,
+                    n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split)
+            kwargs = dict(BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
+                          ONE_D_BLOCK=tiles.one_d_block,
+                          ATOMIC_ANCHOR_GRAD=atomic, GRAD_SPLIT=grad_split, **p.kernel_flags,
+                          num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS, **extra)
+            return (col_blocks, splits, triton.cdiv(dim, tiles.d)), args, kwargs
+
         with _device_guard(p.a):
-            _kernels.candidate_grad_kernel[(col_blocks, splits, triton.cdiv(dim, tiles.d))](
-                *common, split_grad, da if atomic else split_grad,
-                n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split,
-                BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
-                ONE_D_BLOCK=tiles.one_d_block,
-                ATOMIC_ANCHOR_GRAD=atomic, GRAD_SPLIT=grad_split, **p.kernel_flags,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS,
-            )
+            splits, per_split = _planned_split(p, _kernels.candidate_grad_kernel, col_blocks, row_tiles, make)
+            grid, args, kwargs = make(splits, per_split)
+            _kernels.candidate_grad_kernel[grid](*args, **kwargs)
+        split_grad = args[len(common)]
         dc = (split_grad[0] if splits == 1 else split_grad.sum(0)) * scale
         da = None if da is None else da * scale
 
     if need_anchor_grad and da is None:  # kernel over anchor blocks, no atomics
         tiles = p.tiles("anchor_grad")
         row_blocks, col_tiles = triton.cdiv(n, tiles.rows), triton.cdiv(m, tiles.cols)
-        splits, per_split = _split(row_blocks, col_tiles, p.target)
-        split_grad = torch.empty((splits, n, dim), dtype=p.acc, device=device)
+
+        def make(splits, per_split):
+            split_grad = torch.empty((splits, n, dim), dtype=p.acc, device=device)
+            args = (*common, split_grad, n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split)
+            kwargs = dict(BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
+                          ONE_D_BLOCK=tiles.one_d_block,
+                          GRAD_SPLIT=grad_split, **p.kernel_flags,
+                          num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS)
+            return (row_blocks, splits, triton.cdiv(dim, tiles.d)), args, kwargs
+
         with _device_guard(p.a):
-            _kernels.anchor_grad_kernel[(row_blocks, splits, triton.cdiv(dim, tiles.d))](
-                *common, split_grad,
-                n, m, dim, p.a.stride(0), p.c.stride(0), p.self_offset or 0, per_split,
-                BLOCK_N=tiles.rows, BLOCK_M=tiles.cols, BLOCK_D=tiles.d, BLOCK_K=tiles.k,
-                ONE_D_BLOCK=tiles.one_d_block,
-                GRAD_SPLIT=grad_split, **p.kernel_flags,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=MAX_REGISTERS,
-            )
+            splits, per_split = _planned_split(p, _kernels.anchor_grad_kernel, row_blocks, col_tiles, make)
+            grid, args, kwargs = make(splits, per_split)
+            _kernels.anchor_grad_kernel[grid](*args, **kwargs)
+        split_grad = args[len(common)]
         da = (split_grad[0] if splits == 1 else split_grad.sum(0)) * scale
 
     if p.keys is not None and (need_anchor_grad or need_key_grad):  # MoCo key column
@@ -750,5 +967,5 @@ def nearest_negatives(anchors: Tensor, candidates: Tensor, pairs: Pairs, neighbo
                  candidate_ids=pairs.candidate_ids, w_pos=None, w_smooth=None, self_offset=pairs.self_offset,
                  ids_exclude=pairs.ids_exclude, temperature=None, neighbors=int(neighbors), deterministic=True,
                  allow_tf32=resolve_allow_tf32(allow_tf32))
-    _, _, split_sims, split_cols = _forward_statistics(p)
+    _, _, split_sims, split_cols = _forward_statistics(p, stats=False)
     return _merge_top_k(split_sims, split_cols, p.neighbors, ordered=True)

@@ -1,0 +1,176 @@
+"""The speed variants of the fused kernels (issue 16, item 9; `smooth_infonce.ops.triton.KernelVariants`)
+against the fp64 reference, under the Triton interpreter: forward values, dA, dC (and the MoCo key
+gradient), the neighbour columns, for in-batch and MoCo (with and without ids) layouts in uniform and
+neighbour mode; deterministic mode bitwise reproducible with the occupancy-aware splits; the
+selection API (context manager, setter, environment string) and its errors.
+
+What the interpreter cannot show: the `red` PTX of atomics="red" (it runs tl.atomic_add there; the
+compile report shows the PTX: tests/test_compile_report.py) and the occupancy of a real binary (it
+pretends one program per SM, so the variant still plans other splits than the default here).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the import of the kernel module
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from test_triton_kernel import assert_matches_reference, run  # noqa: E402
+
+from smooth_infonce.layout import dense_masks  # noqa: E402
+from smooth_infonce.ops import row_target_weights  # noqa: E402
+from smooth_infonce.ops import triton as host  # noqa: E402
+from smooth_infonce.ops.triton import (  # noqa: E402
+    KernelVariants,
+    RowLossInputs,
+    current_kernel_variants,
+    kernel_variants,
+    set_kernel_variants,
+    triton_row_losses,
+)
+from smooth_infonce.testing import make_problem  # noqa: E402
+
+interpreter = pytest.mark.interpreter
+VARIANTS = ["default", "topk=two_pass", "grad_d=one_block", "atomics=red", "splits=occupancy",
+            "topk=two_pass,grad_d=one_block,atomics=red,splits=occupancy"]
+# D = 72 (80 after the kernels' alignment, 128 padded): under the interpreter the default writes the
+# gradients in three 32-feature output blocks, grad_d="one_block" in one
+
+
+@pytest.fixture(autouse=True)
+def _default_variants():
+    before = current_kernel_variants()
+    yield
+    set_kernel_variants(before)
+
+
+def neighbor_columns(prob, k, variants):
+    """The op's (N, k) neighbour columns, sorted per row, and the fp64 brute force's."""
+    pairs = prob.pairs
+    w_pos, w_smooth = row_target_weights(pairs, 0.1, k, torch.float32)
+    inputs = RowLossInputs(prob.anchors.detach(), prob.candidates.detach(),
+                           None if prob.keys is None else prob.keys.detach(), pairs.anchor_ids,
+                           pairs.candidate_ids, w_pos, w_smooth, pairs.self_offset, bool(pairs.ids_exclude),
+                           0.1, k, False, False)
+    with kernel_variants(variants):
+        _, _, cols = torch.ops.smooth_infonce.triton_row_losses(*inputs)
+    valid, positive = dense_masks(pairs, prob.n, prob.m, torch.device("cpu"))
+    if pairs.has_positive_key:  # the key column comes first in the dense masks
+        valid, positive = valid[:, 1:], positive[:, 1:]
+    sims = prob.anchors.detach().double() @ prob.candidates.detach().double().T
+    expected = torch.sort(sims.masked_fill(~(valid & ~positive), float("-inf")), dim=1, descending=True,
+                          stable=True).indices[:, :k]
+    return cols.sort(dim=1).values, expected.sort(dim=1).values
+
+
+@interpreter
+@pytest.mark.parametrize("neighbors", [None, 3])
+@pytest.mark.parametrize("layout", ["inbatch", "moco", "moco_ids"])
+@pytest.mark.parametrize("variants", VARIANTS)
+def test_variant_matches_reference(variants, layout, neighbors):
+    prob = make_problem(layout, 40, 40 if layout == "inbatch" else 72, 72, dtype=torch.float32, seed=3)
+    with kernel_variants(variants):
+        assert_matches_reference(prob, 0.2, 0.1, neighbors, torch.float32)
+    if neighbors:
+        got, expected = neighbor_columns(prob, neighbors, variants)
+        assert torch.equal(got, expected)
+
+
+@interpreter
+@pytest.mark.parametrize("variants", ["topk=two_pass", "grad_d=one_block"])
+def test_variant_matches_reference_bf16(variants):
+    prob = make_problem("inbatch", 40, 40, 72, dtype=torch.bfloat16, seed=4)
+    with kernel_variants(variants):
+        assert_matches_reference(prob, 0.2, 0.1, 3, torch.bfloat16)
+
+
+@interpreter
+@pytest.mark.parametrize("layout,neighbors", [("inbatch", 3), ("moco", None)])
+def test_occupancy_splits_are_bitwise_reproducible(layout, neighbors):
+    prob = make_problem(layout, 40, 40 if layout == "inbatch" else 72, 72, dtype=torch.float32, seed=5)
+    options = dict(temperature=0.2, smoothing=0.1, neighbors=neighbors, deterministic=True)
+    host._PROGRAMS_PER_SM.clear()
+    with kernel_variants(splits="occupancy", topk="two_pass"):
+        first, first_grads = run(triton_row_losses, prob, **options)
+        planned = dict(host._PROGRAMS_PER_SM)
+        second, second_grads = run(triton_row_losses, prob, **options)
+    assert planned and all(v == 1 for v in planned.values())  # the interpreter pretends one per SM
+    assert host._PROGRAMS_PER_SM == planned  # fixed before the first launch, reused after
+    assert torch.equal(first, second)
+    for a, b in zip(first_grads, second_grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_occupancy_plans_fewer_splits_than_two_per_sm():
+    target = host.Target(90, 132)
+    # MoCo-like: 2 row blocks, a long queue: about per_sm * 132 programs in all
+    assert host._split(2, 1024, target) == (128, 8)
+    assert host._split(2, 1024, target, per_sm=1) == (64, 16)
+    assert host._split(2, 1024, target, per_sm=3) == (171, 6)
+    assert host._split(5000, 1024, target, per_sm=1) == (1, 1024)
+
+
+def test_one_block_tiles():
+    bf16 = torch.bfloat16
+    for arch in (90, 80):
+        default = host.choose_tiles("candidate_grad", 256, bf16, arch=arch)
+        wide = host.choose_tiles("candidate_grad", 256, bf16, arch=arch, grad_d="one_block")
+        assert (default.d, wide.d) == (128, 256) and not wide.one_d_block
+        assert host.choose_tiles("anchor_grad", 768, bf16, arch=arch, grad_d="one_block").d == 256
+        # D held in registers (D <= 128 bf16) and the forward are unchanged
+        for kernel, dim in (("candidate_grad", 128), ("anchor_grad", 64), ("forward", 256)):
+            assert (host.choose_tiles(kernel, dim, bf16, arch=arch)
+                    == host.choose_tiles(kernel, dim, bf16, arch=arch, grad_d="one_block"))
+    assert host.choose_tiles("anchor_grad", 100, torch.float32, arch=None, grad_d="one_block").d == 128
+
+
+def test_selection_api_and_errors():
+    assert current_kernel_variants() == KernelVariants()
+    assert KernelVariants().text() == "default"
+    parsed = KernelVariants.parse(" topk=two_pass , atomics=red")
+    assert parsed == KernelVariants(topk="two_pass", atomics="red")
+    assert KernelVariants.parse(parsed.text()) == parsed and KernelVariants.parse("default") == KernelVariants()
+    with kernel_variants("splits=occupancy", grad_d="one_block") as chosen:
+        assert current_kernel_variants() == chosen == KernelVariants(splits="occupancy", grad_d="one_block")
+    assert current_kernel_variants() == KernelVariants()
+    with pytest.raises(RuntimeError), kernel_variants(topk="two_pass"):
+        raise RuntimeError("undone on an exception too")
+    assert current_kernel_variants() == KernelVariants()
+    with pytest.raises(ValueError, match=r"topk='fast' is not one of fused, two_pass"):
+        KernelVariants(topk="fast")
+    with pytest.raises(ValueError, match=r"'tile=big' is not field=value with a field among topk, grad_d"):
+        KernelVariants.parse("tile=big")
+    with pytest.raises(ValueError, match=r"atomics='reduce' is not one of atom, red"):
+        set_kernel_variants("atomics=reduce")
+    with pytest.raises(ValueError, match="not field=value"):
+        KernelVariants.parse("two_pass")
+    assert current_kernel_variants() == KernelVariants()
+
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("layout,dim,neighbors", [("inbatch", 256, 5), ("inbatch", 128, None), ("moco_ids", 128, 5)])
+@pytest.mark.parametrize("variants", VARIANTS[1:])
+def test_variant_on_gpu_matches_reference_bf16(variants, layout, dim, neighbors):
+    """Each variant compiled for the real device (red PTX, occupancy from the binary, the one-block
+    tiles), bf16 at a size that spans many tiles and splits."""
+    prob = make_problem(layout, 512, 512 if layout == "inbatch" else 4096, dim, dtype=torch.bfloat16, seed=6,
+                        device="cuda")
+    with kernel_variants(variants):
+        assert_matches_reference(prob, 0.1, 0.1, neighbors, torch.bfloat16)
+        first, first_grads = run(triton_row_losses, prob, temperature=0.1, smoothing=0.1, neighbors=neighbors,
+                                 deterministic=True)
+        second, second_grads = run(triton_row_losses, prob, temperature=0.1, smoothing=0.1, neighbors=neighbors,
+                                   deterministic=True)
+    assert torch.equal(first, second)
+    assert all(a is None or torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+
