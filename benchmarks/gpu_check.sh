@@ -13,11 +13,15 @@
 #   4b. tile candidates: at S1 and S3, the table's tiles and a few neighbours per kernel that compile
 #      with zero spills (checked offline first with the triton wheel's ptxas), each timed; the fastest
 #      go into the benchmark's JSON and the summary prints the TILE_TABLE change they suggest;
+#   4c. speed variants (smooth_infonce.ops.triton.KernelVariants): the default kernels and each
+#      variant (topk=two_pass, atomics=red, splits=occupancy at S1, S3, S4; grad_d=one_block at S2),
+#      bf16, uniform and k=5, each timed; the fastest per (shape, axis) go into the benchmark's JSON
+#      and the summary prints which defaults to change;
 #   5. issue 18's step memory (cached-gradient step vs single pass, bf16, 96 px) and
 #   6. whole training steps (bf16 autocast, 224 px): both need lightly (the project's lightly models);
 #   7. the summaries and each stage's time.
 # Every file goes to benchmarks/results/<device>-<date>*: .json/.png (benchmark), -compile.json,
-# -pytest.txt/.xml, -tiles.json, -step_memory.*, -training_step.*, -versions.txt, -stages.tsv, -log.txt.
+# -pytest.txt/.xml, -tiles.json, -variants.json, -step_memory.*, -training_step.*, -versions.txt, -stages.tsv, -log.txt.
 #
 #   bash benchmarks/gpu_check.sh                 # .venv/bin/python if present, else python3
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -139,7 +143,7 @@ HAVE_LIGHTLY=0
 grep -q "^lightly [0-9]" "$SHIM/probe.txt" && HAVE_LIGHTLY=1
 
 # stage name, weight, minimum seconds; the weights of the stages still to come
-STAGES="compile:2:20 pytest:2:20 benchmark:4:45 tiles:1:60"
+STAGES="compile:2:20 pytest:2:20 benchmark:4:45 tiles:1:60 variants:1:45"
 if [ $HAVE_LIGHTLY = 1 ]; then
     STAGES="$STAGES step_memory:1.5:50 training_step:1.5:50"
 fi
@@ -202,6 +206,13 @@ tiles_stage() {  # candidates not started 20 s before the share ends are skipped
 }
 run_stage tiles
 
+echo "== 4c. speed variants at S1, S3, S4 (grad_d: S2) ($(left) s left) -> $OUT-variants.json"
+variants_stage() {  # variants not started 15 s before the share ends are skipped; the JSON is written per shape
+    "$PY" benchmarks/kernel_throughput.py --variants --quick \
+        --budget $(( SHARE > 40 ? SHARE - 15 : SHARE / 2 )) --out "$OUT-variants" --record-in "$OUT.json"
+}
+run_stage variants
+
 if [ $HAVE_LIGHTLY = 1 ]; then
     echo "== 5. step memory: cached-gradient step vs single pass, bf16, 96 px ($(left) s left)"
     step_memory_stage() {  # no --budget in step_memory.py (JSON at the end): sized to fit, a fresh process per point
@@ -239,6 +250,9 @@ else
 fi
 if [ -f "$OUT-tiles.json" ] && [ ! -f "$OUT.json" ]; then  # else the benchmark's summary above has it
     "$PY" benchmarks/kernel_throughput.py --summary "$OUT-tiles.json"
+fi
+if [ -f "$OUT-variants.json" ] && [ ! -f "$OUT.json" ]; then
+    "$PY" benchmarks/kernel_throughput.py --summary "$OUT-variants.json"
 fi
 [ -f "$OUT-pytest.txt" ] && echo "pytest -m gpu: $(tail -n 1 "$OUT-pytest.txt")"
 column -t -s "$(printf '\t')" "$OUT-stages.tsv" 2>/dev/null || cat "$OUT-stages.tsv"

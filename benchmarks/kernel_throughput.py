@@ -27,6 +27,7 @@ benchmarks/results/<name> to record a run.
     .venv/bin/python benchmarks/kernel_throughput.py --shapes S1,S3 --providers triton-uniform,reference-fp32
     .venv/bin/python benchmarks/kernel_throughput.py --warmup --budget 120 --out DIR/name-compile  # compile only
     .venv/bin/python benchmarks/kernel_throughput.py --tile-candidates --quick --out DIR/name-tiles  # tile table
+    .venv/bin/python benchmarks/kernel_throughput.py --variants --quick --out DIR/name-variants  # speed variants
 
 GPU order: the kernels and the GEMM ceiling at every shape first, S6 with them, then the peers, then
 torch.compile's reference (the longest compile) last, so a run stopped by --budget keeps what
@@ -40,6 +41,11 @@ apart from the run cost the benchmark then measures.
 --tile-candidates times, at S1 and S3, the tile table's choice and a few neighbours per kernel that
 compile with zero spills (checked offline first, as compile_report.py does), each with only that
 kernel's TILE_TABLE entry replaced in-process, and prints the table change the fastest suggest.
+
+--variants times the default kernels and each speed variant (smooth_infonce.ops.triton.KernelVariants:
+topk, atomics, splits at S1, S3, S4; grad_d at S2, the D it changes) for the bf16 fused loss, uniform
+and k = 5 neighbours where the variant matters, one axis changed at a time, and prints which defaults
+to change (at least VARIANT_MIN_SPEEDUP faster at every shape and mode timed).
 """
 
 from __future__ import annotations
@@ -1065,6 +1071,188 @@ def tile_suggestion(fastest, min_speedup=TILE_MIN_SPEEDUP) -> str:
     return "\n".join(lines)
 
 
+# ================================================================================================
+# Speed variants (--variants): each KernelVariants alternative timed against the default
+# ================================================================================================
+
+# axis: (alternatives, shapes, neighbour modes). Where the variant can matter: the top-k only with
+# neighbours; no atomics at S3 (frozen queue: dA only, no fused atomics); grad_d changes nothing at
+# D 128 bf16 (D is held in registers, one output block already), so it is timed at S2 (D 256),
+# where the table writes two output blocks.
+VARIANT_NEIGHBORS = 5
+VARIANT_AXES = {
+    "topk": (("two_pass",), ("S1", "S3", "S4"), (VARIANT_NEIGHBORS,)),
+    "atomics": (("red",), ("S1", "S4"), (None, VARIANT_NEIGHBORS)),
+    "splits": (("occupancy",), ("S1", "S3", "S4"), (None, VARIANT_NEIGHBORS)),
+    "grad_d": (("one_block",), ("S2",), (None,)),
+}
+VARIANT_SHAPE_ORDER = ("S1", "S3", "S2", "S4")  # cheapest first: a run stopped by --budget keeps most
+VARIANT_MIN_SPEEDUP = 1.03  # an alternative must beat the default by this at every shape timed (noise)
+
+
+def variant_jobs(axes=None, shapes=None):
+    """(shape, neighbors) -> the axes timed there, in VARIANT_SHAPE_ORDER."""
+    jobs = {}
+    for axis, (_, axis_shapes, modes) in VARIANT_AXES.items():
+        if axes and axis not in axes:
+            continue
+        for shape in axis_shapes:
+            if shapes and shape not in shapes:
+                continue
+            for k in modes:
+                jobs.setdefault((shape, k), []).append(axis)
+    return sorted(jobs.items(), key=lambda item: (VARIANT_SHAPE_ORDER.index(item[0][0]), item[0][1] or 0))
+
+
+def run_variants(args):
+    """fwd+bwd (and fwd) of the bf16 fused loss per (shape, neighbour mode) with the default kernels
+    and each alternative of the axes that matter there, in one process; every timing, the loss and
+    gradient difference from the default, and the fastest per (shape, axis) go into the JSON."""
+    from smooth_infonce.ops import triton as host
+
+    start = time.monotonic()
+    environment = gpu_environment()
+    stem = Path(args.out or default_stem(slug(environment["gpu"]) + "-variants"))
+    rows = []
+
+    def report(partial):
+        return dict(mode="variants", date=datetime.datetime.now().isoformat(timespec="seconds"), **environment,
+                    partial=partial, wall_s=time.monotonic() - start,
+                    settings=dict(dtype="bfloat16", temperature=TEMPERATURE, smoothing=SMOOTHING,
+                                  timing="bench_ms as the benchmark (%s); default first, then each alternative "
+                                  "with only that axis changed (smooth_infonce.ops.triton.kernel_variants)"
+                                  % ("--quick" if args.quick else "full"),
+                                  axes={a: dict(alternatives=v[0], shapes=v[1], neighbors=v[2])
+                                        for a, v in VARIANT_AXES.items()},
+                                  min_speedup=VARIANT_MIN_SPEEDUP),
+                    results=rows, fastest=fastest_variants(rows))
+
+    for (shape, k), axes in variant_jobs(args.variant_axes, args.shapes):
+        layout, n, m, d = GPU_SHAPES[shape]
+        mode = "uniform" if k is None else f"k{k}"
+        try:
+            problem = build_problem(layout, n, m, d, torch.bfloat16, "cuda")
+            fn, p = triton_loss(torch.bfloat16, k)(problem)
+        except Exception as err:  # noqa: BLE001 - recorded, the other shapes go on
+            rows.append(dict(shape=shape, mode=mode, status="error", note=f"{type(err).__name__}: {err}"[:300]))
+            continue
+
+        def step(fn=fn, p=p):
+            return torch.autograd.grad(fn(), p.leaves)
+
+        baseline = None
+        for axis, value in [(None, "default")] + [(a, v) for a in axes for v in VARIANT_AXES[a][0]]:
+            variants = "default" if axis is None else f"{axis}={value}"
+            row = dict(shape=shape, layout=layout, N=n, M=m, D=d, mode=mode, neighbors=k or 0,
+                       axis=axis or "default", variant=value, variants=variants)
+            try:
+                if out_of_time():
+                    raise Skip("time budget (--budget) spent")
+                if axis is not None and baseline is None:
+                    raise Skip("the default was not timed")
+                with host.kernel_variants(variants):
+                    t0 = time.perf_counter()
+                    loss = fn()
+                    grads = torch.autograd.grad(loss, p.leaves)
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = time.perf_counter() - t0
+                    if baseline is None:
+                        baseline = (loss.detach().double(), [g.double() for g in grads])
+                    else:
+                        ref_loss, ref_grads = baseline
+                        g = torch.cat([x.double().flatten() for x in grads])
+                        r = torch.cat([x.flatten() for x in ref_grads])
+                        row["loss_rel_diff"] = abs(loss.double().item() - ref_loss.item()) / abs(ref_loss.item())
+                        row["grad_rel_diff"] = ((g - r).norm() / r.norm()).item()
+                    del loss, grads
+                    row["fwdbwd_ms"], row["runs"] = bench_ms(step, args.quick)
+                    with torch.enable_grad():
+                        row["fwd_ms"], _ = bench_ms(fn, args.quick)
+                row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+                row["status"] = "ok"
+            except Skip as why:
+                row.update(status="skipped", note=str(why))
+            except Exception as err:  # noqa: BLE001 - a variant that fails here is recorded; the others go on
+                row.update(status="error", note=f"{type(err).__name__}: {err}"[:500])
+            gc.collect()
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del problem, fn, p
+        write_json(report(True), stem)
+    final = report(False)
+    write_json(final, stem)
+    if args.record_in and Path(args.record_in).is_file():  # the benchmark's results JSON gets the outcome too
+        main_report = json.loads(Path(args.record_in).read_text())
+        main_report["variants"] = dict(file=str(stem.with_suffix(".json")), fastest=final["fastest"])
+        write_json(main_report, Path(args.record_in).with_suffix(""))
+    print(variant_suggestion(final["fastest"]))
+
+
+def fastest_variants(rows):
+    """Per (shape, axis): the default's and each alternative's fwd+bwd time per neighbour mode, the
+    fastest (geometric mean of the speedup over the default across the modes timed) and its speedup."""
+    times = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            times[(r["shape"], r["mode"], r["axis"], r["variant"])] = r["fwdbwd_ms"]
+    out = []
+    for axis, (alternatives, shapes, _) in VARIANT_AXES.items():
+        for shape in shapes:
+            modes = sorted({mode for (s, mode, a, _) in times if s == shape and a == axis})
+            if not modes:
+                continue
+            entry = dict(shape=shape, axis=axis, default=VARIANT_CHOICES_DEFAULT[axis], fastest=None, speedup=1.0,
+                         times_ms={})
+            for mode in modes:
+                base = times.get((shape, mode, "default", "default"))
+                entry["times_ms"][mode] = {"default": base,
+                                           **{v: times.get((shape, mode, axis, v)) for v in alternatives}}
+            best, best_score = VARIANT_CHOICES_DEFAULT[axis], 1.0
+            for v in alternatives:
+                ratios = [t["default"] / t[v] for t in entry["times_ms"].values() if t["default"] and t.get(v)]
+                if not ratios:
+                    continue
+                score = 1.0
+                for x in ratios:
+                    score *= x
+                score **= 1.0 / len(ratios)
+                entry.setdefault("speedup_of", {})[v] = score
+                entry.setdefault("worst_speedup_of", {})[v] = min(ratios)
+                if score > best_score:
+                    best, best_score = v, score
+            entry.update(fastest=best, speedup=best_score)
+            out.append(entry)
+    return out
+
+
+VARIANT_CHOICES_DEFAULT = {"topk": "fused", "grad_d": "table", "atomics": "atom", "splits": "two_per_sm"}
+
+
+def variant_suggestion(fastest, min_speedup=VARIANT_MIN_SPEEDUP) -> str:
+    """What to change, one line per axis: a new default where an alternative is at least
+    `min_speedup` faster at every shape (and mode) timed, else keep, with the numbers."""
+    if not fastest:
+        return "speed variants: nothing timed"
+    lines = [f"Speed variants (fwd+bwd speedup over the default, geometric mean over the modes timed; a new "
+             f"default needs >= {min_speedup:.2f}x at every shape and mode):"]
+    for axis, (alternatives, _, _) in VARIANT_AXES.items():
+        entries = [f for f in fastest if f["axis"] == axis]
+        if not entries:
+            continue
+        for v in alternatives:
+            per_shape = {f["shape"]: (f.get("speedup_of", {}).get(v), f.get("worst_speedup_of", {}).get(v))
+                         for f in entries}
+            timed = {s: x for s, x in per_shape.items() if x[0] is not None}
+            text = ", ".join(f"{s} {mean:.2f}x (worst mode {worst:.2f}x)" for s, (mean, worst) in timed.items())
+            if timed and all(worst >= min_speedup for _, worst in timed.values()):
+                lines.append(f"- {axis}: make {v!r} the default (KernelVariants.{axis} = {v!r} in "
+                             f"smooth_infonce/ops/triton.py): {text}")
+            else:
+                lines.append(f"  {axis}: keep {VARIANT_CHOICES_DEFAULT[axis]!r} ({v}: {text or 'not timed'})")
+    return "\n".join(lines)
+
+
 PEERS = ["reference-fp32", "reference-bf16-autocast", "reference-compiled", "lightly-ntxent", "infcl", "memeff"]
 
 
@@ -1096,6 +1284,8 @@ def summary(report) -> str:
                          f"{row.get('peak_extra_mib', float('nan')):9.1f}  {', '.join(peers) or '-'}")
     if report.get("tile_candidates"):
         lines.append(tile_suggestion(report["tile_candidates"]["fastest"]))
+    if report.get("variants"):
+        lines.append(variant_suggestion(report["variants"]["fastest"]))
     s6 = report.get("correctness_s6") or []
     if s6:
         failed = [r for r in s6 if not r["pass"]]
@@ -1190,7 +1380,14 @@ def main(argv=None):
                         "(checked offline first with the triton wheel's ptxas), write them to --out and print the "
                         "TILE_TABLE change they suggest" % TILE_NEIGHBOURS)
     parser.add_argument("--record-in", metavar="JSON",
-                        help="--tile-candidates: also add the fastest tiles to this results JSON (if it exists)")
+                        help="--tile-candidates / --variants: also add the fastest to this results JSON (if it exists)")
+    parser.add_argument("--variants", action="store_true",
+                        help="GPU: time the default kernels and each speed variant (smooth_infonce.ops.triton."
+                        "KernelVariants) at S1, S3, S4 (grad_d at S2), bf16, uniform and k=%d neighbours where the "
+                        "variant matters; write every timing and the fastest per (shape, axis) to --out and print "
+                        "what to change" % VARIANT_NEIGHBORS)
+    parser.add_argument("--variant-axes", type=lambda s: s.split(","), default=None,
+                        help="--variants: only these axes (comma list of %s)" % ",".join(VARIANT_AXES))
     parser.add_argument("--tile-precheck-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup_worker:
@@ -1206,10 +1403,16 @@ def main(argv=None):
         report = json.loads(Path(args.summary).read_text())
         if report.get("mode") == "tile-candidates":
             print(tile_suggestion(report["fastest"]))
+        elif report.get("mode") == "variants":
+            print(variant_suggestion(report["fastest"]))
         else:
             print(summary(report))
         return
-    if args.tile_candidates:
+    if args.variants:
+        if not torch.cuda.is_available():
+            parser.error("--variants needs a CUDA device")
+        run_variants(args)
+    elif args.tile_candidates:
         if not torch.cuda.is_available():
             parser.error("--tile-candidates needs a CUDA device")
         run_tile_candidates(args)

@@ -123,3 +123,16 @@ def test_gpu_check_on_the_image_without_a_gpu(image):
     assert expected <= collected, sorted(expected - collected)
     count = re.search(r"(\d+)/\d+ tests collected", collect)
     assert count and int(count.group(1)) >= len(expected), collect
+
+
+def test_stages_include_the_speed_variants():
+    """The variants stage (kernel_throughput.py --variants) has a weight and a minimum like the others,
+    and the minimums of the stages that always run fit the 8-minute total."""
+    text = SCRIPT.read_text()
+    stages = re.search(r'^STAGES="([^"]+)"', text, re.M).group(1).split()
+    parsed = {name: (float(weight), int(minimum)) for name, weight, minimum in (s.split(":") for s in stages)}
+    assert list(parsed)[-2:] == ["tiles", "variants"] and parsed["variants"][0] > 0
+    assert sum(minimum for _, minimum in parsed.values()) < 480
+    body = re.search(r"variants_stage\(\) \{(.*?)\n\}", text, re.S).group(1)
+    assert "--variants" in body and "--budget" in body and '--record-in "$OUT.json"' in body
+    assert re.search(r"^run_stage variants$", text, re.M)

@@ -174,3 +174,52 @@ def test_variant_on_gpu_matches_reference_bf16(variants, layout, dim, neighbors)
     assert torch.equal(first, second)
     assert all(a is None or torch.equal(a, b) for a, b in zip(first_grads, second_grads))
 
+
+# --- the GPU check's variant stage (benchmarks/kernel_throughput.py --variants), without a GPU --------
+
+def _kernel_throughput():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import kernel_throughput
+
+    return kernel_throughput
+
+
+def test_variant_stage_plan_covers_every_axis():
+    kt = _kernel_throughput()
+    assert set(kt.VARIANT_AXES) == set(host.VARIANT_CHOICES)
+    for axis, (alternatives, _, _) in kt.VARIANT_AXES.items():
+        assert kt.VARIANT_CHOICES_DEFAULT[axis] == host.VARIANT_CHOICES[axis][0]
+        assert set(alternatives) == set(host.VARIANT_CHOICES[axis][1:])
+    jobs = dict(kt.variant_jobs())
+    for shape in ("S1", "S3", "S4"):
+        assert "topk" in jobs[(shape, 5)] and "splits" in jobs[(shape, None)]
+    assert "atomics" in jobs[("S1", None)] and ("S3", None) in jobs and "atomics" not in jobs[("S3", None)]
+    assert jobs[("S2", None)] == ["grad_d"]
+    assert [key[0] for key, _ in kt.variant_jobs()][-1] == "S4"  # the most expensive last
+    assert dict(kt.variant_jobs(axes=["topk"], shapes=["S1"])) == {("S1", 5): ["topk"]}
+
+
+def test_variant_stage_fastest_and_suggestion():
+    kt = _kernel_throughput()
+    rows = []
+    for shape, default, two_pass, red in (("S1", 10.0, 8.0, 9.9), ("S4", 100.0, 90.0, 101.0)):
+        for mode, k in (("uniform", None), ("k5", 5)):
+            rows.append(dict(shape=shape, mode=mode, axis="default", variant="default", status="ok",
+                             fwdbwd_ms=default))
+            rows.append(dict(shape=shape, mode=mode, axis="atomics", variant="red", status="ok", fwdbwd_ms=red))
+            if k:
+                rows.append(dict(shape=shape, mode=mode, axis="topk", variant="two_pass", status="ok",
+                                 fwdbwd_ms=two_pass))
+    rows.append(dict(shape="S3", mode="k5", axis="topk", variant="two_pass", status="skipped"))
+    fastest = {(f["shape"], f["axis"]): f for f in kt.fastest_variants(rows)}
+    assert fastest["S1", "topk"]["fastest"] == "two_pass" and fastest["S1", "topk"]["speedup"] == pytest.approx(1.25)
+    assert fastest["S4", "atomics"]["fastest"] == "atom"  # slower at S4: the default stays the fastest
+    assert fastest["S1", "atomics"]["times_ms"]["uniform"] == {"default": 10.0, "red": 9.9}
+    assert ("S3", "topk") not in fastest
+    text = kt.variant_suggestion(kt.fastest_variants(rows))
+    assert "- topk: make 'two_pass' the default" in text and "S4 1.11x" in text
+    assert "  atomics: keep 'atom'" in text
+    assert kt.variant_suggestion([]) == "speed variants: nothing timed"
