@@ -486,7 +486,8 @@ ROLES = ["fwd", "fwd k=1", "fwd k=5", "fwd k=10", "fwd k=32", "dC+dA atomic", "d
 def markdown(arch, records, n_kernels, seconds, reused=0) -> str:
     ver = records[0]["triton"] if records else "?"
     bad = [r for r in records if r["problems"]]
-    configs = {(r["layout"], r["D"], r["dtype"], r["allow_tf32"], r["mode"], r["deterministic"]) for r in records}
+    configs = {(r["layout"], r["D"], r["dtype"], r["allow_tf32"], r["mode"], r["deterministic"], r.get("variants"))
+               for r in records}
     lines = [
         f"# Offline compile report: sm_{arch}, triton {ver}",
         "",
