@@ -223,3 +223,36 @@ def test_variant_stage_fastest_and_suggestion():
     assert "- topk: make 'two_pass' the default" in text and "S4 1.11x" in text
     assert "  atomics: keep 'atom'" in text
     assert kt.variant_suggestion([]) == "speed variants: nothing timed"
+
+
+@interpreter
+def test_variant_stage_runs_end_to_end_on_tiny_shapes(monkeypatch, tmp_path):
+    """run_variants as the GPU check calls it, with the GPU parts replaced (tiny shapes on CPU tensors
+    under the interpreter, one untimed call instead of do_bench): rows, JSON, --record-in, suggestion."""
+    import json
+    from argparse import Namespace
+
+    kt = _kernel_throughput()
+    monkeypatch.setitem(kt.GPU_SHAPES, "S1", ("inbatch", 40, 40, 72))
+    real_build = kt.build_problem
+    monkeypatch.setattr(kt, "build_problem", lambda layout, n, m, d, dtype, device, seed=0:
+                        real_build(layout, n, m, d, torch.float32, "cpu", seed))
+    monkeypatch.setattr(kt, "bench_ms", lambda fn, quick: (fn(), (1.0, 1))[1])
+    monkeypatch.setattr(kt, "gpu_environment", lambda: dict(gpu="interpreter"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    main = tmp_path / "main.json"
+    main.write_text(json.dumps({"results": []}))
+    kt.run_variants(Namespace(out=str(tmp_path / "v"), quick=True, shapes=["S1"], variant_axes=["topk", "atomics"],
+                              record_in=str(main)))
+    report = json.loads((tmp_path / "v.json").read_text())
+    rows = report["results"]
+    assert not report["partial"] and all(r["status"] == "ok" for r in rows), rows
+    assert [(r["mode"], r["variants"]) for r in rows] == [
+        ("uniform", "default"), ("uniform", "atomics=red"),
+        ("k5", "default"), ("k5", "topk=two_pass"), ("k5", "atomics=red")]
+    for r in rows[1:]:
+        if r["variants"] != "default":
+            assert r["loss_rel_diff"] < 1e-6 and r["grad_rel_diff"] < 1e-5, r
+    assert {(f["shape"], f["axis"]) for f in report["fastest"]} == {("S1", "topk"), ("S1", "atomics")}
+    assert json.loads(main.read_text())["variants"]["fastest"] == report["fastest"]
+    assert current_kernel_variants() == KernelVariants()
