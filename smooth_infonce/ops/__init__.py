@@ -4,7 +4,8 @@ Every backend has the same contract, `(anchors, candidates, positive_keys, pairs
 smoothing, neighbors, **backend_options) -> row losses (N,)`:
 
 - `reference.py`: the literal math in eager PyTorch (materialises N x M), the oracle;
-- `triton.py`: the fused backend's host side (tile table, launches, custom op, autograd);
+- `triton.py`: the fused backend's host side (tile table, launches, custom op, autograd, and the
+  speed variants `KernelVariants` that the GPU check times against the default launches);
 - `kernels.py`: its @triton.jit kernels, nothing else.
 
 The arguments were validated by `smooth_infonce.functional`; backends do no checks that read
