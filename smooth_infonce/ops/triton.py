@@ -337,6 +337,10 @@ _fill_table()
 # one output block of up to max_d features (all of D up to that). Smaller tiles than TILE_TABLE's, as
 # the accumulators grow with the block: chosen so that ptxas reports zero spills on sm_90 and sm_80
 # (benchmarks/compile_report.py --set variants). Dot kinds not listed keep the table's blocks.
+# Why 256 and not all of a wider D: at D 768 (padded 1024) on sm_90, bf16, a 512-wide block spilled
+# 934-956 words at 8 warps and 366-394 at 16 (the fp32 accumulator alone is 128 registers a thread
+# at 64 x 512), and a 1024-wide one spilled about 4,500 words and needed 256 KiB of shared memory
+# (above the 227 KiB limit). So D 768 takes three 256-wide blocks (three recomputes, not six).
 ONE_BLOCK_GRAD: Dict[Tuple[str, str], dict] = {}
 for _arch in ("sm90", "sm80"):
     ONE_BLOCK_GRAD[_arch, "16bit"] = dict(max_d=256, anchor_grad=_t(64, 32, 8, 1, chunk=64),
