@@ -132,10 +132,10 @@ class KernelVariants:
       then a search-only pass (STATS=False: no exp / log-sum-exp work) finds the top-k; the
       similarity tiles are formed twice.
     - ``grad_d``: "table" (default) writes the gradients of a streamed D in TILE_TABLE's output
-      blocks, one program per block along grid axis 2, each recomputing the similarity tile (2x the
-      ideal FLOPs at D 256 bf16, 6x at D 768). "one_block": one output block as wide as
-      `ONE_BLOCK_GRAD` allows (all of D up to 256 for 16-bit inputs, 128 for TF32), with smaller
-      tiles that compile without spills: one recompute (up to 256 features per recompute beyond).
+      blocks, one program per block along grid axis 2, each recomputing the similarity tile (twice
+      at D 256 bf16, six times at D 768). "one_block": one output block as wide as `ONE_BLOCK_GRAD`
+      allows (all of D up to 256 for 16-bit inputs, 128 for TF32), with smaller tiles that compile
+      without spills: one recompute up to that D, one per 256 features beyond (D 768: three).
     - ``atomics``: "atom" (default): the fused dA adds are tl.atomic_add, which compiles to PTX `atom`
       (returns the old value). "red": an inline-PTX predicated `red.global.add.f32`, fire and forget
       (fp32 on a GPU; under the interpreter and for fp64 it stays tl.atomic_add).
