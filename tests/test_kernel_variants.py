@@ -158,11 +158,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("layout,dim,neighbors", [("inbatch", 256, 5), ("inbatch", 128, None), ("moco_ids", 128, 5)])
-@pytest.mark.parametrize("variants", VARIANTS[1:])
-def test_variant_on_gpu_matches_reference_bf16(variants, layout, dim, neighbors):
-    """Each variant compiled for the real device (red PTX, occupancy from the binary, the one-block
-    tiles), bf16 at a size that spans many tiles and splits."""
+@pytest.mark.parametrize("layout,dim,neighbors", [("inbatch", 256, 5), ("moco_ids", 128, 5)])
+def test_variant_on_gpu_matches_reference_bf16(layout, dim, neighbors):
+    """All four variants at once, compiled for the real device (red PTX, occupancy from the binary,
+    the one-block tiles at D 256, the two-pass top-k), bf16 at a size that spans many tiles and
+    splits. Two cases only: the GPU check's test stage is short; the variants stage compares each
+    variant alone with the default at the benchmark shapes (loss_rel_diff, grad_rel_diff)."""
+    variants = VARIANTS[-1]
     prob = make_problem(layout, 512, 512 if layout == "inbatch" else 4096, dim, dtype=torch.bfloat16, seed=6,
                         device="cuda")
     with kernel_variants(variants):
