@@ -5,7 +5,7 @@ integration all build their encoders here, so a backbone name means the same net
 
 Every builder returns a `Backbone`: a module mapping images (B, 3, H, W) to pooled features
 (B, num_features), where ``num_features`` is the width the network really outputs, measured by a
-forward pass at build time. That matters for timm >= 1.0, whose MobileNetV3 reports
+forward pass at build time. That matters from timm 1.0.7 on, whose MobileNetV3 reports
 ``num_features == 960`` while its pooled output (after ``conv_head``) is 1280 wide; heads sized
 from the reported number would not fit.
 
