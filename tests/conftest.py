@@ -58,10 +58,32 @@ def pytest_configure(config):
         "child process when CUDA is present)")
 
 
+def _interpreter_numpy_clash():
+    """triton < 3.7's interpreter turns 1-element arrays into loop bounds with int(), which numpy 2.4
+    rejects; the reason to skip with, or None."""
+    import numpy
+    import triton
+
+    def release(version):
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton.__version__} fails with numpy {numpy.__version__} "
+                "(TypeError: only 0-dimensional arrays can be converted to Python scalars): install numpy<2.4 "
+                "(tests/constraints-oldest.txt) to run the kernels' CPU tests")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    reason = INTERPRETER_ELSEWHERE
     if INTERPRETER:
-        return
-    skip = pytest.mark.skip(reason=INTERPRETER_ELSEWHERE)
+        try:
+            reason = _interpreter_numpy_clash()
+        except ImportError:  # no triton: the kernel tests skip themselves
+            reason = None
+        if reason is None:
+            return
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "interpreter" in item.keywords:
             item.add_marker(skip)
