@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,7 +69,7 @@ def plot(path: Path, runs: list[dict], alphas: list[float], modes: list[str], ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(5.2 * 2, 1.2 + 0.75 * len(alphas)), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(5.2 * 2, 1.6 + 0.75 * len(alphas)), constrained_layout=True)
     for ax, metric, label in zip(axes, ("knn", "linear"), ("kNN top-1", "linear top-1")):
         effects = paired_effects(runs, metric)
         grid = [[effects.get(cell_name(a, m), (float("nan"),) * 3) for m in modes] for a in alphas]
@@ -84,7 +85,7 @@ def plot(path: Path, runs: list[dict], alphas: list[float], modes: list[str], ti
         ax.set_yticks(range(len(alphas)), [f"alpha {a:g}" for a in alphas])
         ax.set_title(f"{label}: smoothed - plain (points, mean ± s.e.)", fontsize=10)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 140), fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
