@@ -1010,11 +1010,17 @@ def run_tile_candidates(args):
                   results=rows, fastest=fastest_tiles(rows))
     stem = Path(args.out or default_stem(slug(environment["gpu"]) + "-tiles"))
     write_json(report, stem)
-    if args.record_in and Path(args.record_in).is_file():  # the benchmark's results JSON gets the outcome too
-        main_report = json.loads(Path(args.record_in).read_text())
-        main_report["tile_candidates"] = dict(file=str(stem.with_suffix(".json")), fastest=report["fastest"])
-        write_json(main_report, Path(args.record_in).with_suffix(""))
+    record_outcome(args.record_in, "tile_candidates", stem, report["fastest"])
     print(tile_suggestion(report["fastest"]))
+
+
+def record_outcome(record_in, key, stem, fastest):
+    """The benchmark's results JSON (`record_in`, when it exists) gets a study's outcome too, under
+    `key`: its own results file and the fastest choices."""
+    if record_in and Path(record_in).is_file():
+        main_report = json.loads(Path(record_in).read_text())
+        main_report[key] = dict(file=str(stem.with_suffix(".json")), fastest=fastest)
+        write_json(main_report, Path(record_in).with_suffix(""))
 
 
 def fastest_tiles(rows):
@@ -1182,10 +1188,7 @@ def run_variants(args):
         write_json(report(True), stem)
     final = report(False)
     write_json(final, stem)
-    if args.record_in and Path(args.record_in).is_file():  # the benchmark's results JSON gets the outcome too
-        main_report = json.loads(Path(args.record_in).read_text())
-        main_report["variants"] = dict(file=str(stem.with_suffix(".json")), fastest=final["fastest"])
-        write_json(main_report, Path(args.record_in).with_suffix(""))
+    record_outcome(args.record_in, "variants", stem, final["fastest"])
     print(variant_suggestion(final["fastest"]))
 
 
