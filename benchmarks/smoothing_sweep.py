@@ -9,7 +9,9 @@ same views in the same batches, so the effect of a cell is measured per seed, pa
     d(cell, seed) = kNN top-1(cell, seed) - kNN top-1(plain, seed)
 
 and the heatmap shows mean_seeds d with its standard error (sd / sqrt(seeds)); a cell is marked
-where |mean| > 2 standard errors. The linear probe gets the same panel. Writes <out>.json (every
+where the 95% t interval of the mean (seeds - 1 degrees of freedom: 3.18 standard errors with 4
+seeds) excludes 0. Twelve cells at 95% each: expect about one marked cell from noise alone. The
+linear probe gets the same panel. Writes <out>.json (every
 run; rewritten after each, so an interrupted sweep keeps what it trained and `--resume` goes on
 from there) and <out>.png.
 
@@ -51,6 +53,13 @@ def train(alpha: float, mode: str, seed: int, epochs: int, max_images: int | Non
                 linear=100 * result.linear_top1, seconds=result.seconds)
 
 
+def t_critical(seeds: int) -> float:
+    """Half-width of the two-sided 95% t interval in standard errors (seeds - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, seeds - 1)) if seeds > 1 else float("inf")
+
+
 def paired_effects(runs: list[dict], metric: str) -> dict:
     """{cell: (mean, standard error, seeds)} of metric(cell, seed) - metric(plain, seed)."""
     plain = {r["seed"]: r[metric] for r in runs if r["cell"] == "plain"}
@@ -61,6 +70,14 @@ def paired_effects(runs: list[dict], metric: str) -> dict:
             se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
             effects[cell] = (statistics.mean(diffs), se, len(diffs))
     return effects
+
+
+def save(record: dict, out: Path) -> None:
+    """<out>.json: the runs so far and the paired effects of each cell."""
+    record["effects"] = {metric: {cell: dict(mean=m, se=se, seeds=n, ci95=t_critical(n) * se)
+                                  for cell, (m, se, n) in paired_effects(record["runs"], metric).items()}
+                         for metric in ("knn", "linear")}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
 
 
 def plot(path: Path, runs: list[dict], alphas: list[float], modes: list[str], title: str) -> None:
@@ -77,10 +94,11 @@ def plot(path: Path, runs: list[dict], alphas: list[float], modes: list[str], ti
         limit = max([abs(v) for row in means for v in row if v == v] + [0.5])
         image = ax.imshow(means, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
         for i, row in enumerate(grid):
-            for j, (mean, se, _seeds) in enumerate(row):
+            for j, (mean, se, seeds) in enumerate(row):
                 if mean == mean:
-                    marked = "*" if se == se and abs(mean) > 2 * se else ""
-                    ax.text(j, i, f"{mean:+.1f}{marked}\n±{se:.1f}", ha="center", va="center", fontsize=9)
+                    marked = "*" if se == se and abs(mean) > t_critical(seeds) * se else ""
+                    ax.text(j, i, f"{mean:+.1f}{marked}\n±{se:.1f}", ha="center", va="center", fontsize=9,
+                            color="white" if abs(mean) > 0.6 * limit else "black")
         ax.set_xticks(range(len(modes)), ["uniform" if m == "uniform" else f"k={m}" for m in modes])
         ax.set_yticks(range(len(alphas)), [f"alpha {a:g}" for a in alphas])
         ax.set_title(f"{label}: smoothed - plain (points, mean ± s.e.)", fontsize=10)
@@ -116,7 +134,8 @@ def main(argv=None) -> int:
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), epochs=args.epochs,
         seeds=args.seeds, alphas=args.alphas, modes=args.modes, runs=[])
     if args.resume and out.with_suffix(".json").exists():
-        record["runs"] = json.loads(out.with_suffix(".json").read_text())["runs"]
+        previous = json.loads(out.with_suffix(".json").read_text())
+        record.update(runs=previous["runs"], date=previous["date"], machine=previous["machine"])
     done = {(r["cell"], r["seed"]) for r in record["runs"]}
     cells = [(0.0, "uniform")] + [(a, m) for a in args.alphas for m in args.modes]
     start = time.perf_counter()
@@ -128,12 +147,11 @@ def main(argv=None) -> int:
             record["runs"].append(run)
             print(f"{run['cell']:>22} seed {seed}: kNN {run['knn']:.1f}  linear {run['linear']:.1f}  "
                   f"({run['seconds']:.0f} s; {time.perf_counter() - start:.0f} s so far)", flush=True)
-            record["effects"] = {metric: {cell: dict(mean=m, se=se, seeds=n) for cell, (m, se, n)
-                                          in paired_effects(record["runs"], metric).items()}
-                                 for metric in ("knn", "linear")}
-            out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+            save(record, out)
+    save(record, out)
     plot(out.with_suffix(".png"), record["runs"], args.alphas, args.modes,
-         f"{record['what']}; seeds {args.seeds}, {args.epochs} epochs; * |mean| > 2 s.e.; {record['date']}")
+         f"{record['what']}; seeds {args.seeds}, {args.epochs} epochs; * the 95% t interval excludes 0; "
+         f"{record['date']}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 
