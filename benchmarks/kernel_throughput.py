@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1046,10 +1047,7 @@ def fastest_tiles(rows):
             speedups = {s: base[s] / ms for s, ms in cand["ms"].items() if s in base}
             if not speedups:
                 continue
-            score = 1.0
-            for v in speedups.values():
-                score *= v
-            score **= 1.0 / len(speedups)
+            score = statistics.geometric_mean(speedups.values())
             if score > best_score:
                 best, best_score, best_speedups = cand["tile"], score, speedups
         out.append(dict(key=list(key), kernel=kernel, current=g["current"], fastest=best, speedup=best_score,
@@ -1195,6 +1193,8 @@ def run_variants(args):
 def fastest_variants(rows):
     """Per (shape, axis): the default's and each alternative's fwd+bwd time per neighbour mode, the
     fastest (geometric mean of the speedup over the default across the modes timed) and its speedup."""
+    from smooth_infonce.ops.triton import VARIANT_CHOICES  # the defaults: each axis's first choice
+
     times = {}
     for r in rows:
         if r.get("status") == "ok":
@@ -1205,21 +1205,18 @@ def fastest_variants(rows):
             modes = sorted({mode for (s, mode, a, _) in times if s == shape and a == axis})
             if not modes:
                 continue
-            entry = dict(shape=shape, axis=axis, default=VARIANT_CHOICES_DEFAULT[axis], fastest=None, speedup=1.0,
-                         times_ms={})
+            default = VARIANT_CHOICES[axis][0]
+            entry = dict(shape=shape, axis=axis, default=default, fastest=None, speedup=1.0, times_ms={})
             for mode in modes:
                 base = times.get((shape, mode, "default", "default"))
                 entry["times_ms"][mode] = {"default": base,
                                            **{v: times.get((shape, mode, axis, v)) for v in alternatives}}
-            best, best_score = VARIANT_CHOICES_DEFAULT[axis], 1.0
+            best, best_score = default, 1.0
             for v in alternatives:
                 ratios = [t["default"] / t[v] for t in entry["times_ms"].values() if t["default"] and t.get(v)]
                 if not ratios:
                     continue
-                score = 1.0
-                for x in ratios:
-                    score *= x
-                score **= 1.0 / len(ratios)
+                score = statistics.geometric_mean(ratios)
                 entry.setdefault("speedup_of", {})[v] = score
                 entry.setdefault("worst_speedup_of", {})[v] = min(ratios)
                 if score > best_score:
@@ -1227,9 +1224,6 @@ def fastest_variants(rows):
             entry.update(fastest=best, speedup=best_score)
             out.append(entry)
     return out
-
-
-VARIANT_CHOICES_DEFAULT = {"topk": "fused", "grad_d": "table", "atomics": "atom", "splits": "two_per_sm"}
 
 
 def variant_suggestion(fastest, min_speedup=VARIANT_MIN_SPEEDUP) -> str:
@@ -1252,7 +1246,7 @@ def variant_suggestion(fastest, min_speedup=VARIANT_MIN_SPEEDUP) -> str:
                 lines.append(f"- {axis}: make {v!r} the default (KernelVariants.{axis} = {v!r} in "
                              f"smooth_infonce/ops/triton.py): {text}")
             else:
-                lines.append(f"  {axis}: keep {VARIANT_CHOICES_DEFAULT[axis]!r} ({v}: {text or 'not timed'})")
+                lines.append(f"  {axis}: keep {entries[0]['default']!r} ({v}: {text or 'not timed'})")
     return "\n".join(lines)
 
 
