@@ -9,14 +9,8 @@ compile report shows the PTX: tests/test_compile_report.py) and the occupancy of
 pretends one program per SM, so the variant still plans other splits than the default here).
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede the import of the kernel module
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
