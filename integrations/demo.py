@@ -11,7 +11,11 @@ ship with the install, and compare plain InfoNCE with smoothed InfoNCE on frozen
 
 Data: scikit-learn's ``load_digits`` (1797 real 8 x 8 handwritten digits, 10 classes; no
 download), upsampled to ``--image-size`` px and split 75 / 25 (stratified) into a pre-training /
-memory split and a held-out test split. ``--data`` takes a torchvision ImageFolder instead.
+memory split and a held-out test split. ``--data`` takes a torchvision ImageFolder instead, or
+``fashion-mnist[:DIR]``: Fashion-MNIST's official 60,000 training images (``--max-images``: a
+stratified subset of them) as pre-training / memory split and its 10,000 test images as the test
+split, read from the four IDX files (`smooth_infonce.integrations.fashion_mnist`; Debian's
+``apt-get install dataset-fashion-mnist`` by default, never downloaded).
 
 The recipe is ``light_moco`` scaled down to the data (`demo_recipe`): tiny CNN, small head, short
 queue, faster key momentum, higher lr; SimCLR by default (in-batch negatives learn fastest in a
@@ -68,8 +72,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .digits import NUM_DIGITS, digits_views, load_digits_images, load_image_folder, split_indices
+from .digits import NUM_DIGITS, digits_views, load_digits_images, load_image_folder, split_indices, stratified_subset
 from .evaluation import EvalData, eval_transform
+from .fashion_mnist import FashionMNISTError, fashion_mnist_images, fashion_mnist_views, is_data_spec, parse_data_spec
 from .pretraining import CachedViews, RunResult, build_view_cache, pretrain, seed_everything
 from .recipes import CropSpec, Recipe, ViewSpec, get_preset
 
@@ -168,8 +173,8 @@ class DemoConfig:
             # Small convolutions gain little from a second thread, and on a busy 2-core machine
             # OpenMP threads wait on each other: one thread measured 4x faster there.
             self.threads = 1
-        if self.view_cache is None:  # caching pays off for the small built-in data set
-            self.view_cache = 0 if self.data else 8
+        if self.view_cache is None:  # caching pays off for the small built-in data sets
+            self.view_cache = 0 if self.data and not is_data_spec(self.data) else 8
         if self.view_cache == 1:
             raise ValueError("--view-cache needs at least 2 views per image (or 0: augment on the fly)")
 
@@ -216,16 +221,22 @@ def demo_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
     )
 
 
+# SSLight's presets per framework: (baseline view sampling, SSLight's view sampling)
+VIEW_PRESETS = {"moco": ("sslight_baseline", "sslight_moco"), "dino": ("dino_baseline", "sslight_dino"),
+                "swav": ("swav_baseline", "sslight_swav")}
+
+
 def multicrop_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
-    """SSLight's DINO or SwAV preset (``run``: ``baseline`` or ``sslight``) scaled down to the data:
+    """SSLight's MoCo, DINO or SwAV preset (``run``: ``baseline`` or ``sslight``) scaled down to the data:
     its crop scales, local-crop count and pair weights as published, crop sizes scaled from 224 px
     to ``--image-size`` (SSLight's 128 px locals -> 9 px at 16 px, the baseline's 96 px -> 7 px),
     ``views``' photometric augmentations, the demo's small network and head, and the preset's
     optimiser (LARS, weight decay 1e-6) with 1 warm-up epoch. Prototypes scale with the classes
     (ImageNet's 1000 -> 10 digits: DINO 64 instead of 4096, SwAV 30 instead of 3000). A 20-epoch run
     of about 10 steps per epoch needs a faster teacher (EMA from 0.99, not 0.996), a shorter
-    teacher-temperature warm-up and, for SwAV, a short queue from epoch 5."""
-    preset = get_preset(f"sslight_{config.framework}" if run == "sslight" else f"{config.framework}_baseline")
+    teacher-temperature warm-up and, for SwAV, a short queue from epoch 5; MoCo (multi-crop queries,
+    the demo's queue and key momentum) is for the Fashion-MNIST benchmark."""
+    preset = get_preset(VIEW_PRESETS[config.framework][VIEW_RUNS.index(run)])
     published, size = preset.views, config.image_size
     local = published.local_crops
     scaled_views = dataclasses.replace(
@@ -240,6 +251,7 @@ def multicrop_recipe(config: DemoConfig, run: str, views: ViewSpec) -> Recipe:
         head=dict(hidden_dim=256, output_dim=64),
         dino=dict(num_prototypes=64, teacher_momentum=0.99, warmup_teacher_temperature_epochs=max(1, epochs // 4)),
         swav=dict(num_prototypes=30, queue_size=4 * config.batch_size, queue_start_epoch=min(5, epochs)),
+        moco=dict(queue_size=config.queue_size, key_momentum=config.key_momentum),
         optimizer=dict(lr_per_256=config.lr_per_256, warmup_epochs=1),
         views=scaled_views,
         epochs=epochs,
@@ -253,7 +265,8 @@ def describe_views(recipe: Recipe) -> str:
     crops = " + ".join(f"{c.count} x {c.size} px ({c.scale[0]:g}, {c.scale[1]:g})"
                        for c in (views.global_crops, views.local_crops))
     weights = "plain mean" if views.loss_weights is None else "lambda ({:g}, {:g})".format(*views.loss_weights)
-    return f"{recipe.framework.upper() if recipe.framework == 'dino' else 'SwAV'}, {crops}, {weights}"
+    name = {"dino": "DINO", "swav": "SwAV", "moco": "MoCo"}[recipe.framework]
+    return f"{name}, {crops}, {weights}"
 
 
 # --- reporting ------------------------------------------------------------------------------------------------
@@ -382,7 +395,15 @@ def _run_demo(config: DemoConfig) -> Dict:
     runs = ", ".join(config.runs)
     say(f"{config.framework}, runs {runs}, seeds {list(config.seeds)}, {config.epochs} epochs; "
         f"training on {config.accelerator} (devices {config.devices}, strategy {config.strategy})")
-    if config.data:
+    if is_data_spec(config.data):
+        directory = parse_data_spec(config.data)
+        say(f"reading Fashion-MNIST's IDX files ({directory or 'the default location'})")
+        train, test = fashion_mnist_images("train", directory), fashion_mnist_images("test", directory)
+        if config.max_images:
+            train = train.subset(stratified_subset(train.labels, config.max_images, seed=0))
+        views = fashion_mnist_views(config.image_size)
+        source = f"Fashion-MNIST at {config.image_size} px (official test split)"
+    elif config.data:
         say(f"reading the ImageFolder {config.data}")
         images = load_image_folder(config.data)
         views = ViewSpec(global_crops=CropSpec(2, config.image_size, (0.2, 1.0)))  # MoCo v2 augmentations
@@ -392,11 +413,12 @@ def _run_demo(config: DemoConfig) -> Dict:
         images = load_digits_images(config.image_size)
         views = digits_views(config.image_size)
         source = f"scikit-learn digits upsampled to {config.image_size} px"
-    if config.max_images:
-        keep = sorted(random.Random(0).sample(range(len(images)), min(config.max_images, len(images))))
-        images = images.subset(keep)
-    train_idx, test_idx = split_indices(images.labels, 0.25, seed=0)
-    train, test = images.subset(train_idx), images.subset(test_idx)
+    if not is_data_spec(config.data):
+        if config.max_images:
+            keep = sorted(random.Random(0).sample(range(len(images)), min(config.max_images, len(images))))
+            images = images.subset(keep)
+        train_idx, test_idx = split_indices(images.labels, 0.25, seed=0)
+        train, test = images.subset(train_idx), images.subset(test_idx)
     evaluation = EvalData.from_images(train, test, eval_transform(config.image_size, views))
 
     # References that need no training: the randomly initialised network and the raw pixels.
@@ -561,11 +583,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "each chunk's statistics); default: one pass")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, metavar="DIR",
-                      help="an ImageFolder directory (one sub-folder per class) instead of the digits")
-    data.add_argument("--max-images", type=positive_int, default=None, help="use a random subset of the images")
+                      help="an ImageFolder directory (one sub-folder per class), or fashion-mnist[:DIR] (the "
+                           "four IDX files; default /usr/share/datasets/fashion-mnist from Debian's "
+                           "dataset-fashion-mnist), instead of the digits")
+    data.add_argument("--max-images", type=positive_int, default=None,
+                      help="use a random subset of the images (Fashion-MNIST: a stratified subset of the "
+                           "training split; the test split stays whole)")
     data.add_argument("--view-cache", type=non_negative_int, default=None,
                       help="augmented views cached per image and crop group (local crops: this times half their "
-                           "count; 0: augment on the fly); default 8 for the digits, 0 with --data")
+                           "count; 0: augment on the fly); default 8 for the digits and Fashion-MNIST, 0 for an "
+                           "ImageFolder")
     data.add_argument("--knn-k", type=positive_int, default=d.knn_k, help="neighbours of the kNN evaluation")
     hardware = parser.add_argument_group("hardware (passed to Lightning's Trainer)")
     hardware.add_argument("--accelerator", choices=ACCELERATORS, default=None,
@@ -589,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def count_train_images(config: DemoConfig, images: int) -> int:
     images = min(images, config.max_images or images)
+    if is_data_spec(config.data):  # the official test split is separate
+        return images
     return images - math.ceil(0.25 * images)  # split_indices' test share
 
 
@@ -645,7 +674,12 @@ def check_data(parser: argparse.ArgumentParser, config: DemoConfig) -> None:
 
     if not config.backbone.startswith("timm:") and config.backbone not in list_backbones():
         parser.error(f"--backbone {config.backbone}: unknown; choose from {', '.join(list_backbones())} or timm:<name>")
-    if config.data:
+    if is_data_spec(config.data):
+        try:
+            images = len(fashion_mnist_images("train", parse_data_spec(config.data)))
+        except (FashionMNISTError, ValueError) as err:
+            parser.error(f"--data {config.data}: {err}")
+    elif config.data:
         folder = Path(config.data)
         if not folder.exists():
             parser.error(f"--data {config.data}: no such directory")

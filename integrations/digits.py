@@ -88,6 +88,16 @@ def split_indices(labels: Sequence[int], test_fraction: float, seed: int) -> Tup
     return sorted(train.tolist()), sorted(test.tolist())
 
 
+def stratified_subset(labels: Sequence[int], count: int, seed: int) -> List[int]:
+    """``count`` indices drawn without replacement, with every class in its share (sorted)."""
+    from sklearn.model_selection import train_test_split
+
+    if count >= len(labels):
+        return list(range(len(labels)))
+    chosen, _ = train_test_split(np.arange(len(labels)), train_size=count, random_state=seed, stratify=labels)
+    return sorted(chosen.tolist())
+
+
 def digits_views(image_size: int) -> ViewSpec:
     """Views for small grey digits: no flip (digits are not mirror-symmetric), no colour or blur
     (nothing to jitter, and a blur erases an 8 px glyph), crops of at least 40 % of the area."""

@@ -140,7 +140,8 @@ class IndexedViews(Dataset):
 
 
 class PretrainDataModule(L.LightningDataModule):
-    """Training data with the recipe's views: an ImageFolder at ``root``, or any ``dataset`` of
+    """Training data with the recipe's views: an ImageFolder at ``root`` (or ``root="fashion-mnist[:DIR]"``:
+    Fashion-MNIST's 60,000 training images from its IDX files), or any ``dataset`` of
     ``(image, target)`` pairs (PIL images for the recipe's transform; with ``transform=None`` the
     dataset must return the list of view tensors itself).
 
@@ -173,9 +174,14 @@ class PretrainDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is None:
-            from torchvision.datasets import ImageFolder
+            from .fashion_mnist import fashion_mnist_images, is_data_spec, parse_data_spec
 
-            self.dataset = ImageFolder(self.root)
+            if is_data_spec(self.root):
+                self.dataset = fashion_mnist_images("train", parse_data_spec(self.root))
+            else:
+                from torchvision.datasets import ImageFolder
+
+                self.dataset = ImageFolder(self.root)
 
     def train_dataloader(self) -> DataLoader:
         from lightning.fabric.utilities.seed import pl_worker_init_function

@@ -132,8 +132,10 @@ def _recorder_class():
         """Per epoch: mean training loss, alpha, held-out kNN top-1; at the end of training (on
         the training device, before Lightning moves the module back): kNN and linear probe."""
 
-        def __init__(self, result: RunResult, evaluation: EvalData, knn_k: int, epochs: int, say) -> None:
+        def __init__(self, result: RunResult, evaluation: EvalData, knn_k: int, epochs: int, say,
+                     curve_evaluation: Optional[EvalData] = None) -> None:
             self.result, self.evaluation, self.knn_k, self.epochs, self.say = result, evaluation, knn_k, epochs, say
+            self.curve_evaluation = evaluation if curve_evaluation is None else curve_evaluation
             self.total, self.count, self.start = 0.0, 0, 0.0
 
         def on_train_start(self, trainer, module) -> None:
@@ -149,7 +151,7 @@ def _recorder_class():
             result = self.result
             result.loss_per_epoch.append(self.total / max(self.count, 1))
             result.smoothing_per_epoch.append(float(getattr(module.criterion, "smoothing", 0.0)))
-            knn = self.evaluation.knn(module.model.backbone, module.device, self.knn_k)
+            knn = self.curve_evaluation.knn(module.model.backbone, module.device, self.knn_k)
             result.knn_per_epoch.append(knn)
             module.log("knn", knn, prog_bar=True, on_step=False, on_epoch=True)
             epoch = trainer.current_epoch + 1
@@ -169,13 +171,15 @@ def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed:
              mask_own_keys: bool = False, transform: Optional[str] = None, accelerator: str = "cpu",
              devices: Union[int, str, Sequence[int]] = 1, strategy: str = "auto", workers: int = 0,
              knn_k: int = 20, progress: bool = True, say=None, description: str = "",
-             chunk_size: Optional[int] = None) -> Tuple[Backbone, RunResult]:
+             chunk_size: Optional[int] = None,
+             curve_evaluation: Optional[EvalData] = None) -> Tuple[Backbone, RunResult]:
     """Pre-train ``recipe`` with `PretrainModule` on Lightning's Trainer; kNN top-1 after every
     epoch, kNN and linear probe at the end.
 
     ``train_data``: ``(views, label)`` items with ``transform=None`` (e.g. `CachedViews`), or
     ``(PIL image, label)`` items with ``transform="recipe"`` (the recipe's lightly views, made on
-    the fly). ``recipe.batch_size`` is the batch of one process. ``mask_own_keys`` (MoCo): queue
+    the fly). ``curve_evaluation``: the (smaller) split scored by the kNN of every epoch (default
+    ``evaluation``). ``recipe.batch_size`` is the batch of one process. ``mask_own_keys`` (MoCo): queue
     entries of a query's own image are not its negatives. ``say``: a function for a few status
     lines (every quarter of the run) when there is no progress bar. ``chunk_size`` (MoCo, SimCLR):
     the cached-gradient step (`PretrainModule`).
@@ -192,7 +196,8 @@ def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed:
         data = PretrainDataModule(recipe, dataset=train_data, batch_size=recipe.batch_size, num_workers=workers,
                                   transform=transform)
         bar = progress and sys.stderr.isatty()
-        recorder = _recorder_class()(result, evaluation, knn_k, recipe.epochs, say if progress and not bar else None)
+        recorder = _recorder_class()(result, evaluation, knn_k, recipe.epochs, say if progress and not bar else None,
+                                     curve_evaluation)
         trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=recipe.epochs,
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=bar, callbacks=[recorder])
