@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import textwrap
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from smooth_infonce.integrations.demo import DemoConfig, run_demo
+from smooth_infonce.integrations.evaluation import paired_difference, t_critical
 
 
 def cell_name(alpha: float, mode: str) -> str:
@@ -53,22 +53,15 @@ def train(alpha: float, mode: str, seed: int, epochs: int, max_images: int | Non
                 linear=100 * result.linear_top1, seconds=result.seconds)
 
 
-def t_critical(seeds: int) -> float:
-    """Half-width of the two-sided 95% t interval in standard errors (seeds - 1 degrees of freedom)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, seeds - 1)) if seeds > 1 else float("inf")
-
-
 def paired_effects(runs: list[dict], metric: str) -> dict:
     """{cell: (mean, standard error, seeds)} of metric(cell, seed) - metric(plain, seed)."""
     plain = {r["seed"]: r[metric] for r in runs if r["cell"] == "plain"}
     effects = {}
     for cell in dict.fromkeys(r["cell"] for r in runs if r["cell"] != "plain"):
-        diffs = [r[metric] - plain[r["seed"]] for r in runs if r["cell"] == cell and r["seed"] in plain]
-        if diffs:
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            effects[cell] = (statistics.mean(diffs), se, len(diffs))
+        pairs = [(r[metric], plain[r["seed"]]) for r in runs if r["cell"] == cell and r["seed"] in plain]
+        if pairs:
+            effect = paired_difference(*zip(*pairs))
+            effects[cell] = (effect["mean"], effect["se"], effect["pairs"])
     return effects
 
 
