@@ -137,7 +137,9 @@ class SSLightDINOLoss(DINOLoss):
             teacher_temp, epoch: pick tau_t (see `teacher_temperature`).
         """
         if not isinstance(teacher_out, (list, tuple)) or len(teacher_out) < 2:
-            raise ValueError(f"teacher_out must hold the teacher's outputs of >= 2 global views, got "
+            # "at least two views" is lightly's DINOLoss wording, kept for code that matches it
+            raise ValueError(f"SSLightDINOLoss requires at least two views: teacher_out must hold the teacher's "
+                             f"outputs of >= 2 global views, got "
                              f"{len(teacher_out) if isinstance(teacher_out, (list, tuple)) else type(teacher_out)}")
         shape = _check_outputs("teacher_out", teacher_out)
         if shape[1] != self.center.shape[-1]:
@@ -194,8 +196,9 @@ class SSLightSwaVLoss(SwaVLoss):
                  sinkhorn_gather_distributed: bool = False, loss_weights: Optional[Sequence[float]] = None) -> None:
         if not temperature > 0 or not sinkhorn_epsilon > 0:
             raise ValueError(f"temperature and sinkhorn_epsilon must be > 0, got {temperature!r}, {sinkhorn_epsilon!r}")
-        if int(sinkhorn_iterations) != sinkhorn_iterations or sinkhorn_iterations < 1:
-            raise ValueError(f"sinkhorn_iterations must be an int >= 1, got {sinkhorn_iterations!r}")
+        # 0 is lightly's too: the codes are then the softmax of the scores over the whole batch
+        if int(sinkhorn_iterations) != sinkhorn_iterations or sinkhorn_iterations < 0:
+            raise ValueError(f"sinkhorn_iterations must be an int >= 0, got {sinkhorn_iterations!r}")
         super().__init__(temperature=temperature, sinkhorn_iterations=sinkhorn_iterations,
                          sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_gather_distributed=sinkhorn_gather_distributed)
         self.loss_weights = check_loss_weights(loss_weights)

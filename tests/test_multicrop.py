@@ -188,14 +188,16 @@ def test_dino_sslight_weights_put_a_fifth_on_each_global_pair():
 SWAV_DRAW = dict(
     batch=st.integers(1, 5), prototypes=st.integers(2, 10), num_local=st.integers(0, 4),
     queue=st.one_of(st.none(), st.integers(1, 8)), temperature=st.floats(0.05, 0.5),
-    iterations=st.integers(1, 4), epsilon=st.floats(0.05, 0.5), seed=st.integers(0, 2**16),
+    iterations=st.integers(0, 4), epsilon=st.floats(0.05, 0.5), seed=st.integers(0, 2**16),
 )
 
 
 @settings(max_examples=60)
 @given(**SWAV_DRAW)
+@example(batch=3, prototypes=4, num_local=2, queue=None, temperature=0.1, iterations=0, epsilon=0.05, seed=0)
 def test_swav_without_weights_equals_lightly(batch, prototypes, num_local, queue, temperature, iterations, epsilon,
                                              seed):
+    """Every setting lightly's SwaVLoss runs (sinkhorn_iterations=0 included) gives lightly's result."""
     gen = torch.Generator().manual_seed(seed)
     high = _unit_scores(gen, 2, batch, prototypes, grad=True)
     low = _unit_scores(gen, num_local, batch, prototypes, grad=True)
@@ -287,10 +289,21 @@ def test_dino_constructor_rejects_bad_settings(kwargs, name):
 
 
 def test_swav_constructor_rejects_bad_settings():
-    for kwargs, name in ((dict(temperature=0.0), "temperature"), (dict(sinkhorn_iterations=0), "sinkhorn_iterations"),
+    for kwargs, name in ((dict(temperature=0.0), "temperature"), (dict(sinkhorn_iterations=-1), "sinkhorn_iterations"),
+                         (dict(sinkhorn_iterations=1.5), "sinkhorn_iterations"),
                          (dict(sinkhorn_epsilon=-1.0), "sinkhorn_epsilon")):
         with pytest.raises(ValueError, match=name):
             SSLightSwaVLoss(**kwargs)
+
+
+def test_dino_single_view_error_has_lightlys_wording():
+    """Code that matches lightly's DINOLoss message ("at least two views") still matches ours."""
+    view = [torch.randn(3, 4)]
+    with pytest.raises(ValueError, match="at least two views") as lightly_error:
+        DINOLoss(output_dim=4)(view, view)
+    with pytest.raises(ValueError, match="at least two views.*teacher_out") as ours:
+        SSLightDINOLoss(output_dim=4)(view, view)
+    assert type(ours.value) is type(lightly_error.value)
 
 
 def test_dino_forward_names_the_bad_argument():
