@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import omegaconf
+import torch
 from omegaconf import OmegaConf
 
 from smooth_infonce.integrations.optim import split_no_decay
@@ -31,10 +32,38 @@ def _select(cfg: omegaconf.DictConfig, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def devices_per_node(devices: Any, accelerator: str = "auto") -> int:
+    """The processes Lightning starts per node for ``devices``, read as Lightning reads it: an int
+    (a count; -1: every visible GPU), a list of device ids, or a string ("2": a count, "0,1" or
+    "0,": ids, "-1", "auto": every visible GPU on a GPU accelerator, else 1)."""
+    visible = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 0
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto":
+            return max(visible, 1)
+        if "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+        try:
+            devices = int(text)
+        except ValueError:
+            raise ValueError(f"devices {devices!r}: expected a count, -1, 'auto' or device ids like '0,1'") from None
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        if devices == -1 and visible:
+            return visible
+        if devices < 1:
+            raise ValueError(f"devices {devices!r}: expected a positive count (or -1 with GPUs visible)")
+        return devices
+    if isinstance(devices, (str, bool)) or not hasattr(devices, "__len__"):
+        raise ValueError(f"devices {devices!r}: expected a count, a list of device ids or a string")
+    return len(devices)
+
+
 def total_batch(cfg: omegaconf.DictConfig) -> int:
-    """solo-learn's lr scale numerator (``parse_cfg``): batch per device x len(devices) x nodes
-    (``devices`` is a list of GPU ids, or the string "1" on CPU)."""
-    return int(cfg.optimizer.batch_size) * len(cfg.devices) * int(_select(cfg, "num_nodes", 1))
+    """solo-learn's lr scale numerator (``parse_cfg``): batch per device x devices x nodes, the
+    devices counted as Lightning counts them (`devices_per_node`: solo-learn's own ``len`` takes
+    only a list)."""
+    devices = devices_per_node(cfg.devices, str(_select(cfg, "accelerator", "auto")))
+    return int(cfg.optimizer.batch_size) * devices * int(_select(cfg, "num_nodes", 1))
 
 
 def add_optimizer_cfg(cfg: omegaconf.DictConfig) -> None:
