@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smooth_infonce import SmoothInfoNCELoss, SmoothingSchedule, smooth_infonce
+from smooth_infonce import SmoothInfoNCELoss, SmoothingSchedule, reference_row_losses, smooth_infonce, triton_available
 
 from oracles import moco_oracle, nt_xent_oracle
 
@@ -64,6 +64,14 @@ def test_dtypes_compute_in_float32_or_wider(dtype):
     exact = SmoothInfoNCELoss(0.1, 0.1, 2)(out0.double(), out1.double())
     tolerance = {torch.float16: 5e-3, torch.bfloat16: 3e-2}.get(dtype, 1e-5)
     assert abs(loss.double() - exact) / exact < tolerance
+    # The similarities themselves: raw dot products (normalize=False: no rounding of the inputs to
+    # the dtype after normalising) of values that the dtype holds exactly. Their products are exact
+    # in float32 and the sums of 64 of them round far below 1e-5, while a product rounded to 16
+    # bits (fp16: 2^-11 relative, bf16: 2^-8) moves the row losses by more than 1e-4.
+    a, b = (randn(seed, 8, 64).to(dtype) for seed in (2, 3))
+    rows = SmoothInfoNCELoss(0.5, 0.1, 2, normalize=False, reduction="none")(a, b)
+    exact_rows = SmoothInfoNCELoss(0.5, 0.1, 2, normalize=False, reduction="none")(a.double(), b.double())
+    torch.testing.assert_close(rows.double(), exact_rows, rtol=1e-5, atol=1e-5)
 
 
 def test_half_inputs_get_gradients_in_their_dtype():
@@ -116,6 +124,44 @@ def test_backend_auto_is_reference_on_cpu_and_explicit_reference_agrees():
     out0, out1 = randn(0, 6, 8), randn(1, 6, 8)
     torch.testing.assert_close(SmoothInfoNCELoss(0.2, 0.1, 2, backend="auto")(out0, out1),
                                SmoothInfoNCELoss(0.2, 0.1, 2, backend="reference")(out0, out1))
+
+
+def record_backend_calls(monkeypatch) -> list:
+    """Spies on both backends' row-loss functions where `functional.resolve_backend` looks them up;
+    each call appends the backend's name. The Triton spy computes with the reference op, so it runs
+    without the kernels (no interpreter, no GPU)."""
+    from smooth_infonce import functional
+
+    calls = []
+
+    def reference_spy(*args, **kwargs):
+        calls.append("reference")
+        return reference_row_losses(*args, **kwargs)
+
+    def triton_spy(*args, deterministic=False, allow_tf32=None, **kwargs):
+        calls.append("triton")
+        return reference_row_losses(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "reference_row_losses", reference_spy)
+    if triton_available():
+        monkeypatch.setattr("smooth_infonce.ops.triton.triton_row_losses", triton_spy)
+    return calls
+
+
+def test_backend_auto_calls_the_reference_op_for_cpu_tensors(monkeypatch):
+    """Which backend 'auto' chose, seen through the public API: on CPU tensors the reference op
+    computes the rows and the Triton backend is never called (the interpreter would give the same
+    values, so only the call itself tells them apart)."""
+    calls = record_backend_calls(monkeypatch)
+    out0, out1, queue = randn(0, 6, 8), randn(1, 6, 8), randn(2, 10, 8)
+    SmoothInfoNCELoss(0.2, 0.1, 2, backend="auto")(out0, out1)
+    SmoothInfoNCELoss(0.2, 0.1, 2, backend="auto")(out0, out1, queue=queue)
+    smooth_infonce(torch.cat([out0, out1]), ids=torch.arange(6).repeat(2), temperature=0.2, backend="auto")
+    assert calls == ["reference"] * 3
+    if triton_available():  # the spy does see an explicit choice of the kernel
+        calls.clear()
+        SmoothInfoNCELoss(0.2, 0.1, 2, backend="triton")(out0, out1)
+        assert calls == ["triton"]
 
 
 def test_schedule_drives_the_module():

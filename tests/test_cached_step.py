@@ -263,43 +263,102 @@ def test_plain_loop_api_and_errors():
     assert chunk_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
 
 
-class FakeStrategy:
-    def __init__(self):
-        self.blocked = 0
-        self.inside = False
-
-    @contextlib.contextmanager
-    def block_backward_sync(self):
-        self.blocked += 1
-        self.inside = True
-        yield
-        self.inside = False
-
-
-class FakeLightningModule:
-    """What `lightning_hooks` uses of a LightningModule: ``manual_backward`` and the strategy."""
+class FixedViews(torch.utils.data.Dataset):
+    """12 images, two fixed views each, as `PretrainDataModule`'s items: (views, target, sample id)."""
 
     def __init__(self):
-        self.trainer = type("Trainer", (), {"strategy": FakeStrategy()})()
-        self.backwards = []
+        g = torch.Generator().manual_seed(0)
+        self.views = torch.randn(12, 2, 3, 8, 8, generator=g)
 
-    def manual_backward(self, loss):
-        self.backwards.append(self.trainer.strategy.inside)
-        loss.backward()
+    def __len__(self):
+        return len(self.views)
+
+    def __getitem__(self, index):
+        return [self.views[index, 0], self.views[index, 1]], 0, index
 
 
-def test_lightning_hooks_sync_only_the_last_chunk():
-    case = make_case("moco_ids", "group", dropout=0.3)
-    module = FakeLightningModule()
-    model, criterion, views, kwargs = copy.deepcopy(case)
-    torch.manual_seed(7)
-    model.update_key_encoder()
-    loss = cached_training_loss(model, views, criterion, 5, **kwargs, **lightning_hooks(module))
-    assert module.backwards == [True, True, False]  # chunks of 5, 5, 2: only the last one syncs
-    assert module.trainer.strategy.blocked == 2
-    ref_loss, reference, _ = run_chunkwise_reference(case, 5)
-    torch.testing.assert_close(loss, ref_loss, rtol=TOL, atol=TOL)
-    assert_same(state(model, criterion), reference)
+def simclr_module(chunk_size):
+    """The real `PretrainModule` of a small SimCLR recipe, with a GroupNorm backbone: no batch norm,
+    whose per-chunk batch statistics differ from the whole batch's by design."""
+    from smooth_infonce.integrations.lightning import PretrainModule
+    from smooth_infonce.integrations.recipes import get_preset
+
+    recipe = get_preset("light_moco", framework="simclr", backbone__name="tiny_cnn", backbone__kwargs={"width": 4},
+                        head__hidden_dim=16, head__output_dim=8, head__batch_norm=False, loss__smoothing=0.1,
+                        loss__schedule="constant", loss__warmup_epochs=0, views__local_crops=None)
+    module = PretrainModule(recipe, chunk_size=chunk_size, backend="reference", seed=0)
+    module.model.backbone = group_norm_backbone(0.0)
+    return module
+
+
+def fit_one_step(module, **trainer_options):
+    """One training step of ``module`` on `FixedViews` (one batch of 12) with Lightning's Trainer: one
+    epoch of one batch, so a step that never reaches its optimiser does not keep the run going."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        **trainer_options)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(FixedViews(), batch_size=12))
+    return trainer
+
+
+@contextlib.contextmanager
+def one_process_ddp():
+    """Lightning's DDP strategy in this process (world size 1, gloo): the Trainer wraps the model in
+    a real DistributedDataParallel. Afterwards the process group is destroyed and the environment
+    variables Lightning set (MASTER_ADDR, MASTER_PORT, ...) are restored."""
+    saved = dict(os.environ)
+    try:
+        yield "ddp"
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_lightning_hooks_sync_only_the_last_chunk(monkeypatch):
+    """`PretrainModule(chunk_size=5)` under Lightning's real DDP strategy: the chunks of 5, 5 and 2
+    images are back-propagated through ``manual_backward``, the first two inside the strategy's
+    ``block_backward_sync`` (DDP's ``no_sync``: the gradients are not all-reduced), the last one
+    synchronised."""
+    module = simclr_module(chunk_size=5)
+    synchronised = []
+    manual_backward = module.manual_backward
+
+    def recording_backward(loss, *args, **kwargs):
+        ddp = module.trainer.strategy.model
+        assert isinstance(ddp, nn.parallel.DistributedDataParallel)
+        synchronised.append(ddp.require_backward_grad_sync)
+        return manual_backward(loss, *args, **kwargs)
+
+    monkeypatch.setattr(module, "manual_backward", recording_backward)
+    with one_process_ddp() as strategy:
+        fit_one_step(module, strategy=strategy)
+    assert synchronised == [False, False, True]
+
+
+def test_lightning_hooks_use_the_real_strategys_block_backward_sync():
+    """The names `lightning_hooks` reads of Lightning, pinned on real objects: a DDP trainer's
+    strategy has ``block_backward_sync`` and the hooks use it; a single-device strategy has none
+    (nothing to block); the module has ``manual_backward``."""
+    import lightning as L
+
+    from smooth_infonce.integrations.lightning import PretrainModule
+
+    assert callable(PretrainModule.manual_backward)
+    for strategy, has_block in (("ddp", True), ("auto", False)):
+        trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        module = simclr_module(chunk_size=5)
+        module.trainer = trainer
+        assert hasattr(trainer.strategy, "block_backward_sync") == has_block, type(trainer.strategy).__name__
+        no_sync = lightning_hooks(module)["no_sync"]
+        if has_block:
+            assert no_sync == trainer.strategy.block_backward_sync
+        else:
+            assert no_sync is contextlib.nullcontext
 
 
 # --- DDP: 2 gloo processes, chunked, against one process unchunked on the global batch ---------------
@@ -361,58 +420,34 @@ def test_ddp_chunked_equals_one_process_unchunked_with_one_allreduce_per_bucket(
 
 # --- Lightning: the wiring proposed for PretrainModule(chunk_size=...), under manual optimisation -------
 
-def test_lightning_manual_optimisation_wiring_equals_the_automatic_step():
-    """One SimCLR step of `PretrainModule` (no batch norm) through Lightning: the cached step under
-    manual optimisation with `lightning_hooks` gives the automatic single pass's gradients."""
+def test_lightning_manual_optimisation_wiring_equals_the_automatic_step(monkeypatch):
+    """One SimCLR step of the real `PretrainModule` (no batch norm) through Lightning: with
+    ``chunk_size=5`` its cached step under manual optimisation (`lightning_hooks`) gives the
+    automatic single pass's gradients, and that step really went through the cached step."""
     import lightning as L
-    from torch.utils.data import DataLoader, Dataset
 
-    from smooth_infonce.integrations.lightning import PretrainModule
-    from smooth_infonce.integrations.recipes import get_preset
+    from smooth_infonce.integrations import lightning as lightning_integration
 
-    class ChunkedPretrainModule(PretrainModule):  # the lines proposed for PretrainModule itself
-        def __init__(self, recipe, *, chunk_size=None, **options):
-            super().__init__(recipe, **options)
-            self.chunk_size = chunk_size
-            self.automatic_optimization = chunk_size is None  # the step back-propagates chunk by chunk
+    class GradientRecorder(L.Callback):
+        recorded = None  # the gradients the optimiser step saw
 
-        def training_step(self, batch, batch_idx):
-            if self.chunk_size is None:
-                return super().training_step(batch, batch_idx)
-            views, _, _ = batch
-            self.set_schedules()
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            loss = cached_training_loss(self.model, views, self.criterion, self.chunk_size,
-                                        weights=self.recipe.view_weights(), **lightning_hooks(self))
-            optimizer.step()
-            return loss
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.recorded = torch.cat([p.grad.flatten() for p in pl_module.model.parameters() if p.grad is not None])
 
-        def on_before_optimizer_step(self, optimizer):
-            self.recorded = torch.cat([p.grad.flatten() for p in self.model.parameters() if p.grad is not None])
+    chunked_steps = []
+    cached = lightning_integration.cached_training_loss
 
-    class FixedViews(Dataset):
-        def __init__(self):
-            g = torch.Generator().manual_seed(0)
-            self.views = torch.randn(12, 2, 3, 8, 8, generator=g)
+    def recording_cached(model, views, criterion, chunk_size, **kwargs):
+        chunked_steps.append(chunk_size)
+        return cached(model, views, criterion, chunk_size, **kwargs)
 
-        def __len__(self):
-            return len(self.views)
-
-        def __getitem__(self, index):  # (views, target, sample id), as PretrainDataModule's batches
-            return [self.views[index, 0], self.views[index, 1]], 0, index
-
-    recipe = get_preset("light_moco", framework="simclr", backbone__name="tiny_cnn", backbone__kwargs={"width": 4},
-                        head__hidden_dim=16, head__output_dim=8, head__batch_norm=False, loss__smoothing=0.1,
-                        loss__schedule="constant", loss__warmup_epochs=0, views__local_crops=None)
+    monkeypatch.setattr(lightning_integration, "cached_training_loss", recording_cached)
     grads = {}
     for chunk_size in (None, 5):
         L.seed_everything(0)
-        module = ChunkedPretrainModule(recipe, chunk_size=chunk_size, backend="reference")
-        # no batch norm: per-chunk batch statistics differ from the whole batch's by design
-        module.model.backbone = group_norm_backbone(0.0)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, train_dataloaders=DataLoader(FixedViews(), batch_size=12))
-        grads[chunk_size] = module.recorded
+        module, recorder = simclr_module(chunk_size), GradientRecorder()
+        fit_one_step(module, callbacks=[recorder])
+        assert module.automatic_optimization == (chunk_size is None) and recorder.recorded is not None
+        grads[chunk_size] = recorder.recorded
+    assert chunked_steps == [5]  # the chunked run's one step, none in the automatic run
     torch.testing.assert_close(grads[5], grads[None], rtol=1e-5, atol=1e-6)

@@ -64,12 +64,34 @@ def test_same_seed_same_numbers(tmp_path):
     assert (first.knn_top1, first.linear_top1) == (second.knn_top1, second.linear_top1)
 
 
-def test_chunked_steps_train_moco(tmp_path):
-    """--chunk-size: the cached-gradient step through the Lightning module (manual optimisation)."""
+def test_chunked_steps_train_moco(monkeypatch, tmp_path):
+    """--chunk-size: the cached-gradient step through the Lightning module (manual optimisation).
+    The module that trained got the chunk size, and every optimiser step of the run went through the
+    cached step with it, on batches of 32."""
+    import lightning as L
+
+    from smooth_infonce.integrations import lightning as lightning_integration
+
+    trained, chunked_steps = [], []
+    original_fit, original_cached = L.Trainer.fit, lightning_integration.cached_training_loss
+
+    def recording_fit(trainer, module, *args, **kwargs):
+        trained.append((trainer, module))
+        return original_fit(trainer, module, *args, **kwargs)
+
+    def recording_cached(model, views, criterion, chunk_size, **kwargs):
+        chunked_steps.append((chunk_size, views[0].shape[0]))
+        return original_cached(model, views, criterion, chunk_size, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", recording_fit)
+    monkeypatch.setattr(lightning_integration, "cached_training_loss", recording_cached)
     config = demo.parse_args(TINY + ["--framework", "moco", "--queue-size", "64", "--runs", "neighbors",
                                      "--chunk-size", "8", "--no-plot", "--out", str(tmp_path)])
     result = demo.run_demo(config)["results"][0]
     assert config.chunk_size == 8 and math.isfinite(result.loss_per_epoch[0]) and 0 <= result.knn_top1 <= 1
+    [(trainer, module)] = trained
+    assert module.chunk_size == 8 and not module.automatic_optimization
+    assert trainer.global_step >= 1 and chunked_steps == [(8, 32)] * trainer.global_step
 
 
 def test_moco_with_progress_and_two_seeds(tmp_path, capsys):

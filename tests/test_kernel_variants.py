@@ -14,7 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_triton_kernel import assert_matches_reference, run  # noqa: E402
+from test_triton_kernel import (  # noqa: E402
+    assert_backward_path,
+    assert_matches_reference,
+    record_gradient_launches,
+    run,
+)
 
 from smooth_infonce.layout import dense_masks  # noqa: E402
 from smooth_infonce.ops import row_target_weights  # noqa: E402
@@ -85,7 +90,11 @@ def test_variant_matches_reference_bf16(variants):
 
 @interpreter
 @pytest.mark.parametrize("layout,neighbors", [("inbatch", 3), ("moco", None)])
-def test_occupancy_splits_are_bitwise_reproducible(layout, neighbors):
+def test_occupancy_splits_stay_fixed_and_deterministic_mode_launches_no_atomics(layout, neighbors, monkeypatch):
+    """The occupancy variant plans its splits before the first launch and reuses them; with
+    deterministic=True the backward takes the launch path without atomics (the interpreter runs
+    atomics in order, so bitwise equality of two runs alone cannot show this off a GPU)."""
+    launches = record_gradient_launches(monkeypatch)
     prob = make_problem(layout, 40, 40 if layout == "inbatch" else 72, 72, dtype=torch.float32, seed=5)
     options = dict(temperature=0.2, smoothing=0.1, neighbors=neighbors, deterministic=True)
     host._PROGRAMS_PER_SM.clear()
@@ -93,8 +102,13 @@ def test_occupancy_splits_are_bitwise_reproducible(layout, neighbors):
         first, first_grads = run(triton_row_losses, prob, **options)
         planned = dict(host._PROGRAMS_PER_SM)
         second, second_grads = run(triton_row_losses, prob, **options)
+        assert host._PROGRAMS_PER_SM == planned  # fixed before the first launch, reused after
+        assert_backward_path(launches[:2], deterministic=True)
+        assert launches[2:] == launches[:2]
+        launches.clear()
+        run(triton_row_losses, prob, **{**options, "deterministic": False})
+        assert_backward_path(launches, deterministic=False)
     assert planned and all(v == 1 for v in planned.values())  # the interpreter pretends one per SM
-    assert host._PROGRAMS_PER_SM == planned  # fixed before the first launch, reused after
     assert torch.equal(first, second)
     for a, b in zip(first_grads, second_grads):
         assert (a is None and b is None) or torch.equal(a, b)

@@ -476,18 +476,34 @@ def test_masking_own_image_entries_equals_deleting_them_from_lightly_bank():
     assert not torch.allclose(unmasked(query, key), value)  # the own entries did count before
 
 
-@pytest.mark.parametrize("neighbors", [None, 2, 20])
+@pytest.mark.parametrize("neighbors", [None, 2, 11])
 def test_masking_equals_deletion_with_smoothing(neighbors):
-    neighbors_for_bank = None if neighbors == 20 else neighbors  # k above the bank is refused at construction
-    loss, query, key = _bank_with_own_entries(seed=170, smoothing=0.3, neighbors=neighbors_for_bank)
+    """k = 11 fits the bank of 12 but is larger than the 9 negatives image 1 has left once its 3
+    own entries are masked: that row smooths onto all of them (few_negatives="use_all", the drop-in's
+    default), as the bank without them does with k = its size, 9 (a larger k is refused there)."""
+    loss, query, key = _bank_with_own_entries(seed=170, smoothing=0.3, neighbors=neighbors)
+    if neighbors == 11:
+        assert int((loss.bank_ids == 1).sum()) == 3  # image 1: 12 - 3 = 9 negatives < k
 
     def deleted_bank(size):
-        return SmoothNTXentLoss(0.2, memory_bank_size=(size, 8), smoothing=0.3, neighbors=neighbors_for_bank,
+        k = None if neighbors is None else min(neighbors, size)
+        return SmoothNTXentLoss(0.2, memory_bank_size=(size, 8), smoothing=0.3, neighbors=k,
                                 wait_for_full_bank=False).double()
 
     (value, grad), (expected, expected_grad) = _masked_and_deleted(loss, query, key, deleted_bank)
     torch.testing.assert_close(value, expected, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
+
+
+def test_neighbors_larger_than_the_memory_bank_are_refused_at_construction():
+    """k = 20 above a bank of 12: no row can ever have that many negatives; the error names the
+    argument and the bank's size."""
+    with pytest.raises(ValueError, match=r"neighbors=20 is larger than the memory bank: "
+                                         r"memory_bank_size=\(12, 8\) holds 12 negatives"):
+        SmoothNTXentLoss(0.2, memory_bank_size=(12, 8), smoothing=0.3, neighbors=20)
+    loss = SmoothNTXentLoss(0.2, memory_bank_size=(12, 8), smoothing=0.3, neighbors=12)  # k = the bank: accepted
+    with pytest.raises(ValueError, match="neighbors=20 is larger than the memory bank"):
+        loss.neighbors = 20
 
 
 def test_a_bank_larger_than_the_data_set_masks_every_own_key():

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -284,9 +283,19 @@ def test_ranks_draw_different_views_and_a_run_is_reproducible_from_its_seed(tmp_
 
 
 def _module_on(rank: int, world_size: int):
+    """A module attached to a real Lightning Trainer of ``world_size`` CPU processes (DDP when more
+    than one), as process ``rank`` sees it. The trainer is not launched (no processes, no process
+    group): the rank is set on its real cluster environment, as Lightning's launcher does in each
+    process, so the checkpoint hooks read `Trainer.global_rank`, `Trainer.world_size` and
+    `Strategy.root_device` from Lightning itself."""
     module = from_preset("light_moco", module_options={"backend": "reference"}, **tiny_overrides("light_moco"))
-    module._trainer = SimpleNamespace(global_rank=rank, world_size=world_size,
-                                      strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp" if world_size > 1 else "auto",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    if world_size > 1:
+        trainer.strategy.cluster_environment.set_global_rank(rank)
+    assert (trainer.global_rank, trainer.world_size, trainer.strategy.root_device) == (rank, world_size,
+                                                                                      torch.device("cpu"))
+    module.trainer = trainer
     module.run_seed = 7
     return module
 
@@ -296,7 +305,7 @@ def _draws() -> tuple:
 
 
 def test_rng_checkpoint_per_rank_other_world_size_and_old_format():
-    """The hooks alone, on stand-in trainers: each rank restores its own streams; on another world
+    """The hooks alone, on real unlaunched trainers: each rank restores its own streams; on another world
     size rank 0 restores rank 0's and the others derive distinct ones from the seed, rank and step,
     with a warning on rank 0; a checkpoint of the older format (one state) restores it with a
     warning."""

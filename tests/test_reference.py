@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightly.loss import NTXentLoss
@@ -203,23 +204,72 @@ def test_rotation_invariance(seed, smoothing, k):
 
 
 def test_row_loss_minimum_is_at_the_targets():
-    """Over p, sum_j -y_j log p_j is minimised at p = y (Gibbs), not at the one-hot."""
-    targets = torch.tensor([0.7, 0.2, 0.1, 0.0], dtype=torch.float64)
-    def row_loss(p):
-        return -(targets * torch.log(p.clamp_min(1e-300))).sum()
-    one_hot = torch.tensor([1.0, 1e-12, 1e-12, 1e-12], dtype=torch.float64)
-    assert row_loss(targets) < row_loss(one_hot / one_hot.sum())
+    """The reference op's row loss LSE(z) - sum_j y_j z_j is the cross-entropy of softmax(z) against
+    the targets y: minimal (Gibbs) where softmax(z) = y, with value H(y) and zero gradient there,
+    not at the one-hot. One anchor against the unit vectors e_j (tau = 1): z_j is the anchor's j-th
+    entry, so the anchor sets the logits. Two positives, three negatives, uniform alpha = 0.3."""
+    candidates = torch.eye(5, dtype=torch.float64)
+    pairs = make_pairs(1, 5, anchor_ids=torch.tensor([0]), candidate_ids=torch.tensor([0, 0, 1, 2, 3]))
+    targets = torch.tensor([0.35, 0.35, 0.1, 0.1, 0.1], dtype=torch.float64)  # (1 - alpha) / 2, alpha / 3
+    entropy = -(targets * targets.log()).sum()
+
+    def row_loss(logits):
+        return reference_row_losses(logits[None], candidates, None, pairs, temperature=1.0, smoothing=0.3,
+                                    neighbors=None)[0]
+
+    at_targets = (targets.log() + 2.0).requires_grad_()  # softmax(z) = y (a shift changes nothing)
+    minimum = row_loss(at_targets)
+    torch.testing.assert_close(minimum, entropy, rtol=1e-12, atol=1e-12)
+    (gradient,) = torch.autograd.grad(minimum, at_targets)
+    torch.testing.assert_close(gradient, torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    one_hot = torch.tensor([30.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # softmax ~ the positive's one-hot
+    assert row_loss(one_hot) > entropy + 1.0
     for seed in range(20):
-        p = torch.softmax(randn(seed, 4), 0)
-        assert row_loss(targets) <= row_loss(p)
+        assert row_loss(randn(seed, 5)) > entropy
 
 
 @settings(max_examples=15)
 @given(seed=st.integers(0, 2**16), k=st.sampled_from([None, 1, 3]))
 def test_zero_smoothing_is_infonce_in_every_mode(seed, k):
+    """alpha = 0 is plain InfoNCE whatever k is: each layout against torch's cross-entropy on
+    logits built here (cosines / tau, -inf off the valid columns), the target the positive's column."""
+    tau = 0.2
     out0, out1 = randn(seed, 6, 8), randn(seed + 1, 6, 8)
-    plain = SmoothInfoNCELoss(0.2)(out0, out1)
-    torch.testing.assert_close(SmoothInfoNCELoss(0.2, 0.0, k)(out0, out1), plain, rtol=0, atol=0)
+    plain = SmoothInfoNCELoss(tau)(out0, out1)
+    torch.testing.assert_close(SmoothInfoNCELoss(tau, 0.0, k)(out0, out1), plain, rtol=0, atol=0)
+
+    def assert_cross_entropy(got, logits, target):
+        torch.testing.assert_close(got, F.cross_entropy(logits, target, reduction="none"), rtol=1e-9, atol=1e-9)
+
+    kw = dict(temperature=tau, smoothing=0.0, neighbors=k, reduction="none")
+    # in-batch (SimCLR): row r's positive is the other view of its image, its own column is left out
+    z = unit(torch.cat([out0, out1]))
+    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))
+    assert_cross_entropy(SmoothInfoNCELoss(tau, 0.0, k, reduction="none")(out0, out1), logits,
+                         (torch.arange(12) + 6) % 12)
+    # in-batch with labels: y = 1 / |P(i)| on the other rows of the class, l_i = LSE_i - mean_P z_ij
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    same = (labels.repeat(2)[:, None] == labels.repeat(2)[None, :]).fill_diagonal_(False)
+    supervised = torch.logsumexp(logits, dim=1) - (logits.nan_to_num(neginf=0.0) * same).sum(1) / same.sum(1)
+    torch.testing.assert_close(SmoothInfoNCELoss(tau, 0.0, k, reduction="none")(out0, out1, labels=labels),
+                               supervised, rtol=1e-9, atol=1e-9)
+    # MoCo: column 0 the key, then the queue; with ids, queue entries of the row's own image are left out
+    queue, queue_ids = randn(seed + 2, 10, 8), torch.tensor([0, 7, 2, 9, 9, 5, 8, 0, 7, 9])
+    q, key, bank = unit(out0), unit(out1), unit(queue)
+    moco_logits = torch.cat([(q * key).sum(1, keepdim=True), q @ bank.T], dim=1) / tau
+    zero = torch.zeros(6, dtype=torch.long)
+    assert_cross_entropy(smooth_infonce(out0, queue, positive_keys=out1, **kw), moco_logits, zero)
+    ids = torch.arange(6)
+    own = torch.cat([torch.zeros(6, 1, dtype=torch.bool), ids[:, None] == queue_ids[None, :]], dim=1)
+    assert own.any()  # ids 0 and 2 are in the queue
+    assert_cross_entropy(smooth_infonce(out0, queue, positive_keys=out1, ids=ids, candidate_ids=queue_ids, **kw),
+                         moco_logits.masked_fill(own, float("-inf")), zero)
+    # two-tower (CLIP): row i's positive is column i; symmetric: the mean of both directions
+    x, y = unit(out0), unit(queue[:6])
+    assert_cross_entropy(smooth_infonce(out0, queue[:6], **kw), x @ y.T / tau, ids)
+    both = (F.cross_entropy(x @ y.T / tau, ids) + F.cross_entropy(y @ x.T / tau, ids)) / 2
+    torch.testing.assert_close(smooth_infonce(out0, queue[:6], symmetric="mean", temperature=tau, neighbors=k),
+                               both, rtol=1e-9, atol=1e-9)
 
 
 def test_smoothing_raises_loss_of_a_confident_model():

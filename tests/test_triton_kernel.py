@@ -390,18 +390,68 @@ def test_allow_tf32_follows_torch(monkeypatch):
 
 # --- determinism, gradcheck -------------------------------------------------------------------
 
+class LaunchSpy:
+    """Stands in for one @triton.jit kernel of `smooth_infonce.ops.kernels`: records the kernel's
+    name and its ATOMIC_ANCHOR_GRAD flag at each ``kernel[grid](...)`` launch, then launches it."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def recorded(*args, **kwargs):
+            self.launches.append((self.name, kwargs.get("ATOMIC_ANCHOR_GRAD")))
+            return launch(*args, **kwargs)
+
+        return recorded
+
+    def __getattr__(self, name):  # anything else (warmup, fn, __name__): the kernel's
+        return getattr(self.kernel, name)
+
+
+def record_gradient_launches(monkeypatch) -> list:
+    """(kernel, ATOMIC_ANCHOR_GRAD) of every launch of the two backward kernels, in order:
+    "candidate_grad" (dC, plus dA with atomics when the flag is True) and "anchor_grad" (dA over
+    anchor blocks, no atomics)."""
+    from smooth_infonce.ops import kernels
+
+    launches = []
+    for name in ("candidate_grad", "anchor_grad"):
+        kernel = f"{name}_kernel"
+        monkeypatch.setattr(kernels, kernel, LaunchSpy(getattr(kernels, kernel), name, launches))
+    return launches
+
+
+def assert_backward_path(launches, deterministic):
+    """Both dA and dC were needed: deterministic mode forms dA in the anchor-block kernel and
+    launches the candidate-block kernel without atomics; the default mode fuses dA into the
+    candidate-block kernel with atomics and never launches the anchor-block one."""
+    if deterministic:
+        assert launches == [("candidate_grad", False), ("anchor_grad", None)], launches
+    else:
+        assert launches == [("candidate_grad", True)], launches
+
+
 @interpreter
 @pytest.mark.parametrize("layout,neighbors", [("inbatch", 3), ("twotower", None)])
-def test_deterministic_mode_is_bitwise_reproducible(layout, neighbors):
+def test_deterministic_mode_launches_no_atomics_and_agrees_with_the_atomic_mode(layout, neighbors, monkeypatch):
+    """What the interpreter can show of the two backward modes: which launch path each takes, and
+    that they agree to rounding. The interpreter runs atomics in order, so it cannot tell them
+    apart by bitwise reproducibility; `test_gpu_deterministic_bitwise` checks that on a device."""
+    launches = record_gradient_launches(monkeypatch)
     prob = make_problem(layout, 48, 60, 33, torch.float32, seed=11)
     options = dict(temperature=0.1, smoothing=0.2, neighbors=neighbors, deterministic=True)
     first, first_grads = run(triton_row_losses, prob, **options)
+    assert_backward_path(launches, deterministic=True)
     second, second_grads = run(triton_row_losses, prob, **options)
     assert torch.equal(first, second)
     for a, b in zip(first_grads, second_grads):
         assert (a is None and b is None) or torch.equal(a, b)
     # the default (atomic) mode agrees to rounding
+    launches.clear()
     third, third_grads = run(triton_row_losses, prob, **{**options, "deterministic": False})
+    assert_backward_path(launches, deterministic=False)
     torch.testing.assert_close(third, first)
     for a, b in zip(third_grads, first_grads):
         if a is not None:
