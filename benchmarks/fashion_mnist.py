@@ -285,10 +285,16 @@ def supervised_run(recipe: Recipe, data, evaluation: EvalData, settings: Setting
                 loss_per_epoch=per_epoch, knn_per_epoch=[])
 
 
-def references(settings: Settings) -> Dict[str, Dict[str, float]]:
-    """Random init (both widths, seed 0) and raw pixels, in %."""
+def references(settings: Settings, out: Path) -> Dict[str, Dict[str, float]]:
+    """Random init (both widths, seed 0) and raw pixels, in %; kept in ``<out>/references.json``
+    and read back by a resumed benchmark of the same settings (the raw pixels' probe takes minutes)."""
     from smooth_infonce.integrations.pretraining import seed_everything
 
+    path = out / "references.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept["settings"] == dataclasses.asdict(settings):
+            return kept["references"]
     evaluation, _ = _worker_evaluation(settings)
     scores = {"raw pixels": evaluation.raw_pixels(settings.knn_k)}
     for arm, name in (("tiny", f"random init, width {settings.width}"),
@@ -296,7 +302,9 @@ def references(settings: Settings) -> Dict[str, Dict[str, float]]:
         seed_everything(0)
         scores[name] = evaluation.evaluate(build_recipe(settings, "supervised", arm).backbone.build(), "cpu",
                                            settings.knn_k)
-    return {name: {"knn": 100 * s["knn_top1"], "linear": 100 * s["linear_top1"]} for name, s in scores.items()}
+    refs = {name: {"knn": 100 * s["knn_top1"], "linear": 100 * s["linear_top1"]} for name, s in scores.items()}
+    path.write_text(json.dumps(dict(settings=dataclasses.asdict(settings), references=refs), indent=1))
+    return refs
 
 
 # --- the summary ------------------------------------------------------------------------------------------
@@ -386,7 +394,8 @@ def plot(path: Path, record: dict) -> None:
     diff_axis.axvline(0, color="black", linewidth=0.8)
     diff_axis.set_yticks(range(len(labels)), labels, fontsize=7)
     diff_axis.invert_yaxis()
-    diff_axis.set(xlabel="paired difference (points), 95 % t interval", title="circles kNN, squares linear")
+    diff_axis.set(xlabel="paired difference (points), 95 % t interval",
+                  title="arm - baseline per seed: kNN (circles), linear (squares)")
     diff_axis.grid(alpha=0.3)
     for axis, study, classes in ((dino_axis, "views-dino", 64), (swav_axis, "views-swav", 30)):
         for run in (r for r in record["runs"] if r["study"] == study):
@@ -459,7 +468,7 @@ def main(argv=None) -> int:
     say(f"{len(tasks)} runs, {len(tasks) - len(todo)} already done in {out / 'runs'}; {len(todo)} to train, "
         f"{args.jobs} at a time")
     torch.set_num_threads(1)
-    refs = references(settings)
+    refs = references(settings, out)
     say("references: " + ", ".join(f"{n} kNN {s['knn']:.1f} / linear {s['linear']:.1f}" for n, s in refs.items()))
     samplings = {}
     for study, arm, _ in todo:  # one cache task per view sampling

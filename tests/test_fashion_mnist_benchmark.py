@@ -74,9 +74,9 @@ def test_a_tiny_benchmark_trains_writes_and_resumes(tmp_path, capsys):
     assert one["images_per_second"] > 0 and len(one["loss_per_epoch"]) == 1 and one["recipe"]["epochs"] == 1
     assert (out / "results.png").stat().st_size > 0 and "| views-dino | sslight | 2 |" in \
         (out / "results.md").read_text()
-    # resume: nothing already finished is trained again
-    written = {path: (path.stat().st_mtime_ns, path.read_text()) for path in runs}
+    # resume: nothing already finished is trained again, and the references are read back
+    written = {path: (path.stat().st_mtime_ns, path.read_text()) for path in runs + [out / "references.json"]}
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert "14 already done" in capsys.readouterr().out
-    assert {path: (path.stat().st_mtime_ns, path.read_text()) for path in runs} == written
+    assert {path: (path.stat().st_mtime_ns, path.read_text()) for path in written} == written
