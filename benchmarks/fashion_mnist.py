@@ -173,7 +173,6 @@ def build_cache(task) -> str:
 
     out, settings, study, arm = task
     recipe = build_recipe(settings, study, arm)
-    path = cache_path(out, settings, recipe.views.crop_groups()[0])
     for crop in recipe.views.crop_groups():
         path = cache_path(out, settings, crop)
         if not path.exists():
@@ -327,7 +326,7 @@ def summarise(runs: List[dict]) -> Dict[str, dict]:
                                  final_loss=statistics.fmean(r["loss_per_epoch"][-1] for r in done))
         base = {r["seed"]: r for r in mine if r["arm"] == study.baseline}
         differences = {}
-        for arm in study.arms[1:] if study.arms[0] == study.baseline else study.arms:
+        for arm in study.arms:
             pairs = [(r, base[r["seed"]]) for r in mine if r["arm"] == arm and r["seed"] in base]
             if pairs and arm != study.baseline:
                 differences[arm] = {metric: paired_difference([a[metric] for a, _ in pairs],
