@@ -114,7 +114,7 @@ class RecordStep(L.Callback):
         record = {"grad": grads, "world_size": trainer.world_size, "allreduce_calls": self.allreduce_calls}
         if module.recipe.framework == "dino":
             record["center"] = module.criterion.center.clone()
-            record["teacher"] = torch.cat([p.flatten() for p in module.model.teacher_head.parameters()])
+            record["teacher"] = {name: p.detach().clone() for name, p in module.model.teacher_head.named_parameters()}
         if module.recipe.framework == "swav":  # the rows' order differs between the runs: compare Gram matrices
             queue = module.model.queue
             record["queue_gram"] = torch.einsum("vqd,vqe->vde", queue, queue)

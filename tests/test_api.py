@@ -90,9 +90,11 @@ def test_low_temperature_is_finite():
 
 @settings(max_examples=15)
 @given(mode=st.sampled_from(["in_batch", "moco", "two_tower", "symmetric"]), k=st.sampled_from([None, 2]),
-       seed=st.integers(0, 1000))
-def test_inputs_are_never_modified(mode, k, seed):
-    x, y, q = randn(seed, 6, 5), randn(seed + 1, 6, 5), randn(seed + 2, 9, 5)
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 1000))
+def test_inputs_are_never_modified(mode, k, dtype, seed):
+    """In every layout and dtype (float64 normalises without a cast, where an in-place division would
+    reach the caller's tensor)."""
+    x, y, q = (randn(seed + i, rows, 5, dtype=dtype) for i, rows in enumerate((6, 6, 9)))
     before = [t.clone() for t in (x, y, q)]
     kw = dict(temperature=0.2, smoothing=0.3, neighbors=k)
     if mode == "in_batch":
@@ -165,8 +167,14 @@ def test_backend_auto_calls_the_reference_op_for_cpu_tensors(monkeypatch):
 
 
 def test_schedule_drives_the_module():
+    """set_epoch's alpha is the one the loss computes with (mutation module-ignores-a-changed-smoothing)."""
     loss = SmoothInfoNCELoss(0.2, schedule=SmoothingSchedule(0.2, "warmup", warmup_epochs=2))
     assert [loss.set_epoch(e) for e in range(4)] == [0.0, 0.0, 0.2, 0.2]
+    x, y = randn(0, 8, 5), randn(1, 8, 5)
+    for epoch, alpha in ((0, 0.0), (2, 0.2)):
+        loss.set_epoch(epoch)
+        assert torch.equal(loss(x, y), SmoothInfoNCELoss(0.2, smoothing=alpha)(x, y))
+    assert not torch.equal(SmoothInfoNCELoss(0.2, smoothing=0.0)(x, y), SmoothInfoNCELoss(0.2, smoothing=0.2)(x, y))
     with pytest.raises(RuntimeError, match="schedule"):
         SmoothInfoNCELoss(0.2).set_epoch(0)
 

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

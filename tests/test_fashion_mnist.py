@@ -178,7 +178,6 @@ def test_bad_data_specs(tmp_path):
 # --- the demo and the Lightning data module take it ---------------------------------------------------------
 
 def test_the_demo_trains_on_fashion_mnist(fake_dir, tmp_path):
-    pytest.importorskip("lightning")
     from smooth_infonce.integrations import demo
 
     folder, _ = fake_dir
@@ -204,7 +203,6 @@ def test_the_demo_refuses_missing_files_with_the_install_line(tmp_path, capsys):
 
 
 def test_the_lightning_data_module_reads_it(fake_dir):
-    pytest.importorskip("lightning")
     from smooth_infonce.integrations.lightning import PretrainDataModule
     from smooth_infonce.integrations.recipes import get_preset
 

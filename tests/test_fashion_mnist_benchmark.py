@@ -7,12 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+import lightning  # noqa: E402,F401  # a required test dependency: a broken install fails here instead of skipping
+import matplotlib  # noqa: E402,F401
 import pytest
 
 from integration_helpers import fake_fashion_mnist
 
-pytest.importorskip("lightning")
-pytest.importorskip("matplotlib")
 # imported by name from benchmarks/ (on sys.path, which spawned workers inherit): the process pool's
 # workers find its functions by module name
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -14,11 +14,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L  # noqa: E402  # a required test dependency: a broken install fails here instead of skipping
 import numpy as np
 import pytest
 import torch
-
-L = pytest.importorskip("lightning")
 
 from smooth_infonce.integrations.lightning import (  # noqa: E402
     RNG_STATE_KEY,
@@ -115,7 +114,19 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, p
     torch.testing.assert_close(two["grad"], one["grad"], **tolerance)
     if preset == "sslight_dino":
         torch.testing.assert_close(two["center"], one["center"], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(two["teacher"], one["teacher"], rtol=1e-4, atol=1e-4)
+        # Parameter by parameter, each at its own scale: the head's biases reach about 150 while its
+        # weights stay near 0.05, so one tolerance over all of them would check only the biases. The
+        # large biases are this toy head's, not a bug: its bottleneck output has norm ~4e-5 before
+        # DINO's L2 normalisation (lightly's trunc-normal 0.02 init through three layers of width 16
+        # and 8), whose Jacobian scales the gradient by 1 / ||h|| ~ 2e4; the biases are outside LARS'
+        # adaptation (plain SGD at lr 0.03, as in the authors' LARS), so the student's last bias
+        # steps to ~900 in the first step and the teacher's EMA (momentum 0.9) follows to 90, then 151.
+        # At DINO's real sizes (hidden 2048, bottleneck 256) ||h|| is O(0.1) and nothing blows up.
+        assert one["teacher"].keys() == two["teacher"].keys()
+        for name, theirs in one["teacher"].items():
+            scale = float(theirs.abs().max().clamp_min(1e-3))
+            torch.testing.assert_close(two["teacher"][name], theirs, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda detail, name=name: f"teacher {name}: {detail}")
     if preset == "sslight_swav":
         assert one["queue_in_use"] and two["queue_in_use"] and one["queue_filled"] == two["queue_filled"] == 32
         torch.testing.assert_close(two["queue_gram"], one["queue_gram"], rtol=1e-5, atol=1e-5)

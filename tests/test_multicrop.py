@@ -92,6 +92,32 @@ def _sslight_loss(targets: List[List[List[float]]], log_probs: List[List[List[fl
     return lambda_gg * sum(global_pairs) / len(global_pairs) + lambda_gl * sum(local_pairs) / len(local_pairs)
 
 
+def _sslight_score_grads(targets: List[List[List[float]]], probs: List[List[List[float]]],
+                         lambdas: Optional[Sequence[float]], temperature: float) -> List[List[List[float]]]:
+    """d loss / d z for every view, row and prototype, written out from `_sslight_loss`: with the
+    targets held fixed (SwAV's codes carry no gradient) and lp = log softmax(z / T), the pair (a, v)
+    with weight w_av contributes w_av (|q_ab| p_vb - q_ab) / (T B) to view v's row b, where |q_ab| is
+    the code row's mass (1 after a Sinkhorn iteration; any value with ``sinkhorn_iterations=0``)."""
+    num_global, num_views, batch = len(targets), len(probs), len(targets[0])
+    global_pairs, local_pairs = num_global * (num_global - 1), num_global * (num_views - num_global)
+    if lambdas is None or local_pairs == 0:
+        per_global = per_local = 1.0 / (global_pairs + local_pairs)
+    else:
+        lambda_gg, lambda_gl = (w / sum(lambdas) for w in lambdas)
+        per_global, per_local = lambda_gg / global_pairs, lambda_gl / local_pairs
+    grads = [[[0.0] * len(row) for row in view] for view in probs]
+    for a in range(num_global):
+        for v in range(num_views):
+            if v == a:
+                continue
+            weight = per_global if v < num_global else per_local
+            for b in range(batch):
+                mass = sum(targets[a][b])
+                for k, (p, q) in enumerate(zip(probs[v][b], targets[a][b])):
+                    grads[v][b][k] += weight * (mass * p - q) / (temperature * batch)
+    return grads
+
+
 # --- DINO ---------------------------------------------------------------------------------------
 
 DINO_DRAW = dict(
@@ -219,8 +245,8 @@ def test_swav_without_weights_equals_lightly(batch, prototypes, num_local, queue
 def test_swav_with_lambdas_equals_the_authors_formula_row_by_row(batch, prototypes, num_local, queue, temperature,
                                                                  iterations, epsilon, seed, lambdas):
     gen = torch.Generator().manual_seed(seed)
-    high = _unit_scores(gen, 2, batch, prototypes)
-    low = _unit_scores(gen, num_local, batch, prototypes)
+    high = _unit_scores(gen, 2, batch, prototypes, grad=True)
+    low = _unit_scores(gen, num_local, batch, prototypes, grad=True)
     queued = None if queue is None else _unit_scores(gen, 2, queue, prototypes)
     got = SSLightSwaVLoss(temperature=temperature, sinkhorn_iterations=iterations, sinkhorn_epsilon=epsilon,
                           loss_weights=lambdas)(high, low, queue_outputs=queued)
@@ -228,8 +254,17 @@ def test_swav_with_lambdas_equals_the_authors_formula_row_by_row(batch, prototyp
     # codes of global view a: Sinkhorn over its batch rows plus its queue rows, the batch's rows kept
     codes = [_sinkhorn_rows(h.tolist() + ([] if queued is None else queued[a].tolist()), iterations, epsilon)[:batch]
              for a, h in enumerate(high)]
-    log_probs = [[_log_softmax_row([x / temperature for x in row]) for row in z.tolist()] for z in high + low]
+    scaled = [[[x / temperature for x in row] for row in z.tolist()] for z in high + low]
+    log_probs = [[_log_softmax_row(row) for row in view] for view in scaled]
     assert float(got) == pytest.approx(_sslight_loss(codes, log_probs, lambdas), rel=1e-5, abs=1e-9)
+
+    # and its gradients, view by view, against the formula's derivative written out row by row
+    got.backward()
+    expected = _sslight_score_grads(codes, [[_softmax_row(row) for row in view] for view in scaled], lambdas,
+                                    temperature)
+    for view, (scores, oracle) in enumerate(zip(high + low, expected)):
+        torch.testing.assert_close(scores.grad, torch.tensor(oracle, dtype=F64), rtol=1e-7, atol=1e-10,
+                                   msg=lambda detail, view=view: f"view {view}: {detail}")
 
 
 def test_swav_queue_changes_the_codes():

@@ -164,7 +164,8 @@ def test_swav_presets_follow_the_authors_configs():
 def test_dino_teacher_schedules_equal_lightlys_and_dinos():
     """tau_t per epoch as lightly's DINOLoss computes it (DINO's linspace), the teacher's EMA as
     DINO's per-iteration cosine."""
-    lightly_loss = pytest.importorskip("lightly.loss")
+    from lightly import loss as lightly_loss
+
     for spec in (get_preset("dino_baseline").dino, get_preset("dino_vit_baseline").dino):
         theirs = lightly_loss.DINOLoss(output_dim=8, warmup_teacher_temp=spec.warmup_teacher_temperature,
                                        teacher_temp=spec.teacher_temperature,

@@ -5,10 +5,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import lightning  # noqa: E402,F401  # a required test dependency: a broken install fails here instead of skipping
+import matplotlib  # noqa: E402,F401
 import pytest
 
-pytest.importorskip("lightning")
-pytest.importorskip("matplotlib")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "smoothing_sweep.py"
 spec = importlib.util.spec_from_file_location("smoothing_sweep", SCRIPT)
 sweep = importlib.util.module_from_spec(spec)

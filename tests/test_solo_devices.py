@@ -2,9 +2,7 @@
 checked against a real Lightning Trainer where the CPU can build one; no solo-learn needed."""
 
 import pytest
-
-pytest.importorskip("omegaconf")
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402  # hydra-core's, a required test dependency
 
 from smooth_infonce.integrations.solo.optimizer_cfg import devices_per_node, total_batch  # noqa: E402
 
