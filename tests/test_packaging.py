@@ -1,11 +1,9 @@
 """pyproject lists packages explicitly (integrations/ is mapped into smooth_infonce): every package
 directory must be listed, or a non-editable install silently ships without it."""
 
+import tomllib  # Python >= 3.11, the project's floor
 from pathlib import Path
 
-import pytest
-
-tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 
 

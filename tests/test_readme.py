@@ -71,7 +71,8 @@ def installed_closure(names: set[str]) -> set[str]:
 
 def extras() -> dict[str, set[str]]:
     """{extra: import names of the optional packages it installs, directly or through them}."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import tomllib
+
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {}
     for extra, requirements in table.items():
