@@ -72,7 +72,7 @@ class SmoothNTXentLoss(NTXentLoss):
 
     With smoothing alpha, each row's target keeps 1 - alpha on its positive and spreads alpha over
     its ``neighbors`` most similar negatives (``neighbors=None``: over all negatives); the loss is
-    defined in the README's section "The loss".
+    defined in the docs/loss.md.
 
     Multi-view: ``loss(out0, out1, out2, ..., weights=...)``. In-batch, every view of an image is
     a positive of every other view (multi-crop). With a memory bank, ``out1`` is the key (global

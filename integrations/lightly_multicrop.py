@@ -9,7 +9,7 @@ view is never its own target, and no pair has a local target:
 
 with ``l(a, v)`` the batch mean of the cross-entropy from target a to prediction v. The weighting
 is stated once, in `smooth_infonce.integrations.multicrop` (``pair_weights`` and
-``multicrop_cross_entropy``; the README states the recipe), and both losses call it. What stays
+``multicrop_cross_entropy``; docs/loss.md states the recipe), and both losses call it. What stays
 lightly's: the teacher-temperature schedule, the centre and its update (all-reduced over the
 processes), the Sinkhorn-Knopp codes (``sinkhorn``, distributed when asked).
 

@@ -1,5 +1,5 @@
 """SSLight's pair-weighted multi-crop loss, for DINO and SwAV (toolkit-free: torch only); the loss
-is stated in the README's section "SSLight's multi-crop loss (DINO, SwAV)". In brief:
+is stated in docs/loss.md, "SSLight's multi-crop loss (DINO, SwAV)". In brief:
 
 Views come globals first, then locals: v = 0 .. G-1 are the G global crops, v = G .. V-1 the
 local ones. Only global views give targets (DINO's teacher sees the globals only; SwAV assigns

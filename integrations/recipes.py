@@ -141,7 +141,7 @@ class HeadSpec:
 @dataclass(frozen=True)
 class LossSpec:
     """Smoothed InfoNCE settings of a recipe; `to_options` gives the core's `LossOptions`, which
-    validates the values (the loss is defined in the README's section "The loss").
+    validates the values (the loss is defined in the docs/loss.md).
 
     Attributes:
         temperature: tau.

@@ -63,7 +63,7 @@ def smooth_infonce(
     options: Optional[LossOptions] = None,
     **option_fields: Any,
 ) -> Tensor:
-    """Smoothed InfoNCE (arXiv 2212.07158) for every layout (README, "The loss").
+    """Smoothed InfoNCE (arXiv 2212.07158) for every layout (docs/loss.md).
 
     Layouts, chosen by which arguments are given:
 

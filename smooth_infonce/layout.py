@@ -1,4 +1,4 @@
-"""Which pairs a row compares: the valid set V(i) and the positive set P(i) (README, "The loss").
+"""Which pairs a row compares: the valid set V(i) and the positive set P(i) (docs/loss.md).
 
 Every toolkit layout (SimCLR / NT-Xent, multi-crop, SupCon ids, MoCo, two-tower) reduces to one
 `Pairs` description over an anchor matrix (N x D) and a candidate matrix (M x D):

@@ -16,10 +16,10 @@ class SmoothInfoNCELoss(nn.Module):
     """Smoothed InfoNCE loss ("Establishing a stronger baseline for lightweight contrastive
     models", arXiv 2212.07158).
 
-    The loss, its targets and its conventions are defined once, in the README's section "The
-    loss": cross-entropy of each row's softmax over its valid candidates against a soft target
-    that keeps 1 - alpha on the positives and moves alpha onto all negatives (``neighbors=None``)
-    or onto the ``neighbors`` most similar ones. ``smoothing=0`` is plain InfoNCE / NT-Xent.
+    The loss, its targets and its conventions are defined once, in docs/loss.md: cross-entropy of
+    each row's softmax over its valid candidates against a soft target that keeps 1 - alpha on the
+    positives and moves alpha onto all negatives (``neighbors=None``) or onto the ``neighbors`` most
+    similar ones. ``smoothing=0`` is plain InfoNCE / NT-Xent.
 
     Call forms:
 

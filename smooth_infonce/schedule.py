@@ -1,4 +1,4 @@
-"""The per-epoch smoothing (alpha) schedule of the authors' code (README, "The loss")."""
+"""The per-epoch smoothing (alpha) schedule of the authors' code (docs/loss.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Independent oracles: the loss restated row by row with plain Python, not with the code under test.
 
-Each layout is written out as two predicates over (row i, column j) straight from the README's "The loss", and
+Each layout is written out as two predicates over (row i, column j) straight from docs/loss.md, and
 every row's loss is torch's cross-entropy with a probability target built by a Python loop. The
 neighbour set is a brute-force sort of Python floats.
 """

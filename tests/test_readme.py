@@ -1,5 +1,5 @@
-"""The README's quickstarts run as written, each with only the extra its heading names: every Python
-block after a `<!-- readme-test extra=NAME -->` marker runs in a fresh interpreter in which the
+"""The Python blocks of the README and of docs/ run as written, each with only the extra its section
+names: every Python block after a `<!-- readme-test extra=NAME -->` marker runs in a fresh interpreter in which the
 optional packages of every other extra cannot be imported (no extra: the core's torch, numpy and
 triton only)."""
 
@@ -14,7 +14,9 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
-BLOCKS = re.findall(r"<!-- readme-test extra=(\w*) -->\n```python\n(.*?)```", README.read_text(), flags=re.S)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the front door and the reference pages
+MARKED_BLOCK = re.compile(r"<!-- readme-test extra=(\w*) -->\n```python\n(.*?)```", flags=re.S)
+BLOCKS = [block for page in PAGES for block in MARKED_BLOCK.findall(page.read_text())]
 # import name of each optional distribution the extras install
 IMPORT_NAMES = {"lightly": "lightly", "torchvision": "torchvision", "timm": "timm", "hydra-core": "hydra",
                 "lightning": "lightning", "scikit-learn": "sklearn", "matplotlib": "matplotlib", "tqdm": "tqdm"}

@@ -1,4 +1,4 @@
-"""The reference op against independent oracles and the invariants of the loss (README, "The loss")."""
+"""The reference op against independent oracles and the invariants of the loss (docs/loss.md)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tiled Triton kernels for the smoothed InfoNCE row losses (README, "The loss"), FlashAttention style.
+"""Tiled Triton kernels for the smoothed InfoNCE row losses (docs/loss.md), FlashAttention style.
 
 Notation: s_ij = <a_i, c_j> (the similarity), z_ij = s_ij / tau (the logit), V(i) the valid columns
 of row i, P(i) its positives, Neg(i) = V(i) minus P(i). The host passes two per-row target weights
