@@ -210,10 +210,10 @@ MUTATIONS: List[Mutation] = [
       ("tests/test_optim.py", "-k", "decay_exemptions_match_the_groups or depthwise_kernels_bias_and_norm"),
       "exclude_depthwise is ignored: depthwise kernels get weight decay", ci=True),
     # --- the docs' figures against the committed results ----------------------------------------------
-    M("readme-figure-drifts", "README.md",
+    M("docs-figure-drifts", "docs/large-batches.md",
       "takes 0.82-1.02x lightly's `NTXentLoss` step", "takes 0.86-1.02x lightly's `NTXentLoss` step",
       ("tests/test_doc_figures.py",),
-      "a README figure no longer matches the result file it cites", ci=True),
+      "a figure of the docs no longer matches the result file it cites", ci=True),
     # --- data, evaluation, solo glue ------------------------------------------------------------------
     M("idx-header-dimensions-unchecked", "integrations/fashion_mnist.py",
       "    if expected_shape is not None and tuple(shape) != tuple(expected_shape):",
