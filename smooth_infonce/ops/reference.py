@@ -54,18 +54,39 @@ def reference_row_losses(
 
     Inputs are used as given (normalise first if wanted); gradients flow to all three tensors.
     """
+    w_pos, w_smooth = row_target_weights(pairs, smoothing, neighbors, compute_dtype(anchors, candidates,
+                                                                                   positive_keys))
+    return weighted_row_losses(anchors, candidates, positive_keys, pairs, w_pos, w_smooth, temperature=temperature,
+                               neighbors=neighbors if smoothing > 0 else None,
+                               uniform=smoothing > 0 and neighbors is None)
+
+
+def weighted_row_losses(
+    anchors: Tensor,
+    candidates: Tensor,
+    positive_keys: Optional[Tensor],
+    pairs: Pairs,
+    w_pos: Tensor,
+    w_smooth: Tensor,
+    *,
+    temperature: float,
+    neighbors: Optional[int],
+    uniform: bool,
+) -> Tensor:
+    """`reference_row_losses` given its per-row targets (`row_target_weights`) instead of alpha: the
+    form the fused op receives its arguments in, so its self-check fallback computes exactly this
+    (`smooth_infonce.self_check`). ``neighbors``: k of the neighbour mode (None: no search);
+    ``uniform``: add the uniform targets w_smooth[i] on all of Neg(i)."""
     dtype = compute_dtype(anchors, candidates, positive_keys)
     a, c = anchors.to(dtype), candidates.to(dtype)
     if c is a:  # in-batch: one tensor as both inputs; torch.compile traces apply() only with distinct ones
         c = a.view_as(a)
-    w_pos, w_smooth = row_target_weights(pairs, smoothing, neighbors, dtype)
     key_logits = None  # MoCo: z_i0 = <a_i, k_i> / tau, the positive column 0
     if positive_keys is not None:
         key_logits = (a * positive_keys.to(dtype)).sum(dim=1) / temperature
-    select = neighbors if smoothing > 0 else None  # neighbour mode: S(i) is read off the similarities
 
-    rows = _CrossEntropy.apply(a, c, key_logits, w_pos, w_smooth, pairs, temperature, select)
-    if smoothing > 0 and neighbors is None:  # uniform: - w_smooth[i] <a_i, sum_{j in Neg(i)} c_j> / tau
+    rows = _CrossEntropy.apply(a, c, key_logits, w_pos, w_smooth, pairs, temperature, neighbors)
+    if uniform:  # - w_smooth[i] <a_i, sum_{j in Neg(i)} c_j> / tau
         rows = rows - w_smooth * (a * negative_sums(c, pairs)).sum(dim=1) / temperature
     return rows
 
