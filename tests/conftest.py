@@ -13,9 +13,18 @@ Where the kernels run (the default test command must pass on a CPU machine and o
 - tests marked ``gpu`` need a CUDA device and are skipped without one;
 - every other test runs on the CPU either way (the reference backend, or ``backend="auto"``,
   which picks the reference for CPU tensors).
+
+The kernel's first-use self-check (`smooth_infonce.self_check`) stays on, as users get it: each new
+kind is probed once per process (about 0.2 s under the interpreter), with its verdicts cached in a
+temporary directory of this run (never the user's cache; child processes inherit it). A kind that
+fails its probe is an error here, not a warning: the fallback to the reference op would otherwise
+hide a broken kernel from the very tests that check it.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -29,6 +38,9 @@ if not CUDA:
 # when it is imported, so fixed for the whole run)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 torch.set_num_threads(min(2, torch.get_num_threads()))
+_SELF_CHECK_CACHE = tempfile.mkdtemp(prefix="smooth_infonce_test_cache_")
+os.environ["SMOOTH_INFONCE_CACHE_DIR"] = _SELF_CHECK_CACHE
+atexit.register(shutil.rmtree, _SELF_CHECK_CACHE, True)
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -56,6 +68,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "interpreter: runs the Triton kernels on CPU tensors under the interpreter (in a "
         "child process when CUDA is present)")
+    # a kernel that fails its self-check fails the test (tests of the fallback catch it with pytest.warns)
+    config.addinivalue_line("filterwarnings", "error::smooth_infonce.self_check.KernelFallbackWarning")
 
 
 def _interpreter_numpy_clash():

@@ -63,6 +63,8 @@ the environment variable SMOOTH_INFONCE_KERNEL_VARIANTS="topk=two_pass,atomics=r
 
 Registered as the custom ops ``torch.ops.smooth_infonce.triton_row_losses`` (+ ``_backward``) with
 fake (meta) kernels and an autograd formula, so torch.compile treats the loss as one opaque node.
+The ops' bodies consult the first-use self-check (`smooth_infonce.self_check`): the first call of a
+new kind (`kind_of`) probes the kernel against the reference op; a kind that fails runs the reference.
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before this module is imported; slow, for tests).
 """
@@ -77,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import self_check
 from ..layout import Pairs
 from . import compute_dtype, row_target_weights
 
@@ -181,6 +184,7 @@ class KernelVariants:
 
 
 _VARIANTS = KernelVariants.parse(os.environ.get(VARIANTS_ENV, ""))
+_VARIANTS_TEXT = _VARIANTS.text()  # the self-check's kinds name it on every call: formed once per selection
 
 
 def current_kernel_variants() -> KernelVariants:
@@ -190,12 +194,13 @@ def current_kernel_variants() -> KernelVariants:
 def set_kernel_variants(variants=None, **fields) -> KernelVariants:
     """Select the variants of later launches (a KernelVariants, a string as `KernelVariants.parse`
     reads, and / or fields); fields not named keep their defaults. Returns the previous selection."""
-    global _VARIANTS
+    global _VARIANTS, _VARIANTS_TEXT
     if isinstance(variants, str):
         variants = KernelVariants.parse(variants)
     base = dict((variants or KernelVariants()).__dict__)
     base.update(fields)
     previous, _VARIANTS = _VARIANTS, KernelVariants(**base)
+    _VARIANTS_TEXT = _VARIANTS.text()
     return previous
 
 
@@ -804,6 +809,12 @@ class RowLossInputs(NamedTuple):
     neighbors: int  # k of the neighbour search; 0: uniform smoothing (or alpha = 0)
     deterministic: bool
     allow_tf32: bool  # resolved (`resolve_allow_tf32`)
+    # read by the self-check only (`kind_of`, `smooth_infonce.self_check.kernel_verified`):
+    smoothed: bool = True  # alpha > 0: names the kind (the targets themselves are w_pos / w_smooth)
+    needs_grad: bool = True  # the call computes gradients: under torch.distributed the ranks agree on its kind
+
+
+_CHECK_ONLY = ("smoothed", "needs_grad")
 
 
 class BackwardRequest(NamedTuple):
@@ -823,11 +834,12 @@ _OPTION_FIELDS = tuple(name for name in RowLossInputs._fields if name not in _TE
 
 
 def _with_signature(*structures, returns):
-    """Give an ``fn(*args)`` the typed signature of the structures' fields (custom_op reads the
-    op schema from it)."""
+    """Give an ``fn(*args)`` the typed signature of the structures' fields, with their defaults
+    (custom_op reads the op schema from it)."""
     def wrap(fn):
         fn.__signature__ = inspect.Signature(
-            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind)
+            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
+                               default=s._field_defaults.get(name, inspect.Parameter.empty))
              for s in structures for name, kind in s.__annotations__.items()],
             return_annotation=returns)
         return fn
@@ -837,17 +849,87 @@ def _with_signature(*structures, returns):
 _THREE_TENSORS = Tuple[Tensor, Tensor, Tensor]
 
 
-@torch.library.custom_op("smooth_infonce::triton_row_losses", mutates_args=())
-@_with_signature(RowLossInputs, returns=_THREE_TENSORS)
-def _row_losses_op(*args):
-    """(row losses (N,), row log-sum-exp (N,) (+inf for a row without valid columns, so that its
-    backward has p = 0), neighbour columns (N, k) int64)."""
-    x = RowLossInputs(*args)
-    p = _prepare(**x._asdict())
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+
+
+_KINDS: Dict[tuple, "self_check.Kind"] = {}
+
+
+def kind_of(x: RowLossInputs) -> self_check.Kind:
+    """The self-check's kind of a call (`smooth_infonce.self_check.Kind`): what the launches are
+    planned for, the kernels' dtype (as `_prepare` casts), the layout family, the smoothing mode, the
+    speed variants selected now and the backward mode. It runs on every call: the facts that decide
+    the kind (the planner `_target` among them: the offline tools replace it) are read and looked up,
+    and the kind is formed only the first time."""
+    keys = x.positive_keys
+    facts = (x.anchors.dtype, x.candidates.dtype, None if keys is None else keys.dtype, x.allow_tf32,
+             x.anchors.device, x.anchor_ids is None, x.ids_exclude, x.self_offset is None, x.neighbors > 0,
+             x.smoothed, x.deterministic, _VARIANTS_TEXT, _target)
+    kind = _KINDS.get(facts)
+    if kind is None:
+        kind = _KINDS[facts] = _new_kind(x)
+    return kind
+
+
+def _new_kind(x: RowLossInputs) -> self_check.Kind:
+    for name in ("anchors", "candidates", "positive_keys"):
+        t = getattr(x, name)
+        if t is not None and t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"triton backend: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    acc = compute_dtype(x.anchors, x.candidates, x.positive_keys)
+    dtype = acc if acc == torch.float64 or x.anchors.dtype != x.candidates.dtype else x.anchors.dtype
+    dtype_name = "float32-tf32" if dtype == torch.float32 and x.allow_tf32 else _DTYPE_NAMES[dtype]
+    if x.positive_keys is not None:
+        layout = "moco_ids" if x.ids_exclude and x.anchor_ids is not None else "moco"
+    else:
+        layout = "two_tower" if x.self_offset is None else "in_batch"
+    smoothing = "neighbors" if x.neighbors else ("uniform" if x.smoothed else "none")
+    arch = _target(x.anchors.device).arch
+    return self_check.Kind("interpreter" if arch is None else f"sm_{arch}", dtype_name, layout, smoothing,
+                           _VARIANTS_TEXT, bool(x.deterministic))
+
+
+def _problem(x: RowLossInputs) -> _Problem:
+    return _prepare(**{name: value for name, value in x._asdict().items() if name not in _CHECK_ONLY})
+
+
+def _kernel_forward(x: RowLossInputs) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward op's body when the kernel is trusted: the launches. (Also what the self-check's
+    probe runs; tests replace this function to plant a wrong kernel, tests/test_self_check.py.)"""
+    p = _problem(x)
     if x.anchors.shape[0] == 0:
         empty = x.anchors.new_empty((0,), dtype=p.acc)
         return empty, empty.clone(), x.anchors.new_empty((0, p.neighbors), dtype=torch.long)
     return _forward(p)
+
+
+def _kernel_backward(r: BackwardRequest, x: RowLossInputs):
+    """The backward op's body when the kernel is trusted: (dA, dC, dK) in the accumulation dtype,
+    None where not computed. (Also what the probe runs; tests replace it to plant a wrong kernel.)"""
+    p = _problem(x)
+    da = dc = dk = None
+    if x.anchors.shape[0] > 0:
+        da, dc, dk = _backward(p, r.grad, r.log_normalizers, r.neighbor_cols,
+                               r.need_anchor_grad, r.need_candidate_grad, r.need_key_grad)
+    if r.need_candidate_grad and dc is None:
+        dc = torch.zeros(x.candidates.shape, dtype=p.acc, device=x.candidates.device)
+    return da, dc, dk
+
+
+@torch.library.custom_op("smooth_infonce::triton_row_losses", mutates_args=())
+@_with_signature(RowLossInputs, returns=_THREE_TENSORS)
+def _row_losses_op(*args):
+    """(row losses (N,), row log-sum-exp (N,) (+inf for a row without valid columns, so that its
+    backward has p = 0), neighbour columns (N, k) int64).
+
+    The self-check decides here, in the op's body, which runs eagerly even inside a compiled graph:
+    the kernel for a verified kind (one dict lookup), the reference op for a kind that failed its
+    probe (`smooth_infonce.self_check`: the first call of a new kind runs the probe)."""
+    x = RowLossInputs(*args)
+    if self_check.kernel_verified(kind_of(x), x.anchors.device, x.needs_grad):
+        return _kernel_forward(x)
+    return self_check.reference_forward(x)
 
 
 @_row_losses_op.register_fake
@@ -861,15 +943,13 @@ def _row_losses_fake(*args):
 @torch.library.custom_op("smooth_infonce::triton_row_losses_backward", mutates_args=())
 @_with_signature(BackwardRequest, RowLossInputs, returns=_THREE_TENSORS)
 def _row_losses_backward_op(*args):
-    """(dA, dC, dK) in the inputs' dtypes; an empty tensor for a gradient not asked for."""
+    """(dA, dC, dK) in the inputs' dtypes; an empty tensor for a gradient not asked for. The kernel
+    or, for a kind that failed its self-check, the reference op's gradients (as the forward op)."""
     r, x = BackwardRequest(*args[:len(BackwardRequest._fields)]), RowLossInputs(*args[len(BackwardRequest._fields):])
-    p = _prepare(**x._asdict())
-    da = dc = dk = None
-    if x.anchors.shape[0] > 0:
-        da, dc, dk = _backward(p, r.grad, r.log_normalizers, r.neighbor_cols,
-                               r.need_anchor_grad, r.need_candidate_grad, r.need_key_grad)
-    if r.need_candidate_grad and dc is None:
-        dc = torch.zeros(x.candidates.shape, dtype=p.acc, device=x.candidates.device)
+    if self_check.kernel_verified(kind_of(x), x.anchors.device):
+        da, dc, dk = _kernel_backward(r, x)
+    else:
+        da, dc, dk = self_check.reference_backward(r, x)
 
     def out(g, like, needed):  # contiguous whatever the input's strides (the fake kernel says so)
         if not needed:
@@ -950,15 +1030,27 @@ def triton_row_losses(
         raise ValueError("positive_keys must be given exactly when pairs.has_positive_key")
     if neighbors is not None and neighbors < 1:
         raise ValueError(f"neighbors must be None or >= 1, got {neighbors}")
+    inputs = row_loss_inputs(anchors, candidates, positive_keys, pairs, temperature=temperature,
+                             smoothing=smoothing, neighbors=neighbors, deterministic=deterministic,
+                             allow_tf32=allow_tf32)
+    losses, _, _ = torch.ops.smooth_infonce.triton_row_losses(*inputs)
+    return losses
+
+
+def row_loss_inputs(anchors: Tensor, candidates: Tensor, positive_keys: Optional[Tensor], pairs: Pairs, *,
+                    temperature: float, smoothing: float, neighbors: Optional[int], deterministic: bool = False,
+                    allow_tf32: Optional[bool] = None) -> RowLossInputs:
+    """The custom op's arguments for a `triton_row_losses` call (the self-check's probe builds its
+    own the same way)."""
     acc = compute_dtype(anchors, candidates, positive_keys)
     w_pos, w_smooth = row_target_weights(pairs, float(smoothing), neighbors, acc)
     search = int(neighbors) if neighbors is not None and smoothing > 0 else 0  # nothing to search at alpha 0
-    inputs = RowLossInputs(
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (anchors, candidates, positive_keys))
+    return RowLossInputs(
         anchors, candidates, positive_keys, pairs.anchor_ids, pairs.candidate_ids,
         w_pos.to(anchors.device), w_smooth.to(anchors.device), pairs.self_offset, bool(pairs.ids_exclude),
-        float(temperature), search, bool(deterministic), resolve_allow_tf32(allow_tf32))
-    losses, _, _ = torch.ops.smooth_infonce.triton_row_losses(*inputs)
-    return losses
+        float(temperature), search, bool(deterministic), resolve_allow_tf32(allow_tf32), smoothing > 0, needs_grad)
 
 
 @torch.no_grad()
