@@ -5,6 +5,11 @@
 # smooth_infonce and smooth_infonce.integrations, as pyproject's package-dir does) and lightly need
 # not be there (what needs it is skipped with a note). At most 8 minutes, cold Triton cache included:
 #   1. versions (GPU, driver, CUDA, python, torch, triton, the optional packages), the import check;
+#   1b. the doctor (python -m smooth_infonce.doctor): the kernel's first-use self-check probed for every
+#      kind (dtype x layout x smoothing x backward mode) it has time for, the environment and a short
+#      timing, in -doctor.json before anything else can fail; its verdicts are this run's self-check
+#      cache, so the later stages skip those probes (it compiles into a Triton cache of its own: stage 2
+#      still measures a cold compile);
 #   2. compile: the Triton kernels of every benchmark shape compiled in parallel processes into a
 #      fresh Triton cache, each task's compile time recorded apart from its run time;
 #   3. the tests marked `gpu` (pytest -m gpu, the test files that use the marker);
@@ -20,7 +25,7 @@
 #   5. issue 18's step memory (cached-gradient step vs single pass, bf16, 96 px) and
 #   6. whole training steps (bf16 autocast, 224 px): both need lightly (the project's lightly models);
 #   7. the summaries and each stage's time.
-# Every file goes to benchmarks/results/<device>-<date>*: .json/.png (benchmark), -compile.json,
+# Every file goes to benchmarks/results/<device>-<date>*: .json/.png (benchmark), -doctor.json, -compile.json,
 # -pytest.txt/.xml, -tiles.json, -variants.json, -step_memory.*, -training_step.*, -versions.txt, -stages.tsv, -log.txt.
 #
 #   bash benchmarks/gpu_check.sh                 # .venv/bin/python if present, else python3
@@ -136,14 +141,17 @@ TEE=$!
 cat "$OUT-versions.txt"
 echo "results: $OUT*"
 
+DOCTOR_TRITON_CACHE=
 if [ "${GPU_CHECK_WARM_CACHE:-0}" != 1 ]; then  # a fresh cache: stage 2 measures a cold compile
     export TRITON_CACHE_DIR="$SHIM/triton-cache"
+    DOCTOR_TRITON_CACHE="$SHIM/doctor-triton-cache"
 fi
+export SMOOTH_INFONCE_CACHE_DIR="$SHIM/self-check-cache"  # this run's self-check verdicts, the doctor's first
 HAVE_LIGHTLY=0
 grep -q "^lightly [0-9]" "$SHIM/probe.txt" && HAVE_LIGHTLY=1
 
 # stage name, weight, minimum seconds; the weights of the stages still to come
-STAGES="compile:2:20 pytest:2:20 benchmark:4:45 tiles:1:60 variants:1:45"
+STAGES="doctor:1.5:40 compile:2:20 pytest:2:20 benchmark:4:45 tiles:1:60 variants:1:45"
 if [ $HAVE_LIGHTLY = 1 ]; then
     STAGES="$STAGES step_memory:1.5:50 training_step:1.5:50"
 fi
@@ -159,7 +167,7 @@ stage_min() { local s; for s in $STAGES; do [ "${s%%:*}" = "$1" ] && { echo "${s
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$OUT-stages.tsv"; }
 # run_stage NAME: runs the function NAME_stage in a child bash under `timeout $SHARE` (the whole
 # process group is stopped at the limit), unless the share is below the stage's minimum
-export PY OUT SHARE GPU_TEST_FILES
+export PY OUT SHARE GPU_TEST_FILES DOCTOR_TRITON_CACHE
 run_stage() {
     local name=$1
     stage_share "$name"
@@ -177,6 +185,14 @@ run_stage() {
     echo "-- $name: exit code $rc in $used s of its $SHARE s$([ $rc -eq 124 ] && echo ' (stopped by the time limit)')"
     record "$name" "$SHARE" "$used" "$rc" "$([ $rc -eq 124 ] && echo 'stopped by the time limit')"
 }
+
+echo "== 1b. doctor: the kernel's self-check of every kind, a short timing ($(left) s left) -> $OUT-doctor.json"
+doctor_stage() {  # kinds not probed 30 s before the share ends are listed as not checked; exit code 1: a kind falls back
+    [ -n "$DOCTOR_TRITON_CACHE" ] && export TRITON_CACHE_DIR=$DOCTOR_TRITON_CACHE
+    "$PY" -m smooth_infonce.doctor --json "$OUT-doctor.json" --budget $(( SHARE > 50 ? SHARE - 30 : SHARE / 2 )) \
+        --timing-seconds 10
+}
+run_stage doctor
 
 echo "== 2. compile: the Triton kernels of the benchmark's shapes ($(left) s left; cache ${TRITON_CACHE_DIR:-the default})"
 compile_stage() {  # stops itself 15 s before its share to write the JSON
