@@ -73,6 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--budget must be > 0 seconds, got {args.budget}")
     if args.timing_seconds < 0:
         parser.error(f"--timing-seconds must be >= 0, got {args.timing_seconds}")
+    try:
+        self_check.mode()
+    except ValueError as err:  # the first kernel call would raise it: say it up front
+        parser.error(str(err))
     if args.interpreter_worker:
         return _interpreter_worker(args.interpreter_worker, args.all_kinds, args.budget)
 

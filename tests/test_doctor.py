@@ -84,12 +84,16 @@ def test_a_kind_that_falls_back_exits_1(tmp_path, monkeypatch, capsys):
     assert f"please report them on the project's issue tracker with this output and {out}" in printed
 
 
-def test_usage_errors_exit_2(capsys):
+def test_usage_errors_exit_2(capsys, monkeypatch):
     for argv in (["--budget", "0"], ["--timing-seconds", "-1"], ["--bogus"]):
         with pytest.raises(SystemExit) as stopped:
             doctor.main(argv)
         assert stopped.value.code == 2
     assert "--budget must be > 0 seconds" in capsys.readouterr().err
+    monkeypatch.setenv(self_check.MODE_ENV, "on")
+    with pytest.raises(SystemExit) as stopped:
+        doctor.main([])
+    assert stopped.value.code == 2 and "SMOOTH_INFONCE_SELF_CHECK='on' is not one of" in capsys.readouterr().err
 
 
 def test_the_console_script_is_declared():
