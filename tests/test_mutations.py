@@ -33,7 +33,7 @@ def test_every_core_module_and_integration_has_a_mutation():
         "smooth_infonce/functional.py", "smooth_infonce/layout.py", "smooth_infonce/validation.py",
         "smooth_infonce/schedule.py", "smooth_infonce/views.py", "smooth_infonce/distributed.py",
         "smooth_infonce/ops/__init__.py", "smooth_infonce/ops/reference.py", "smooth_infonce/ops/triton.py",
-        "smooth_infonce/ops/kernels.py",
+        "smooth_infonce/ops/kernels.py", "smooth_infonce/self_check.py", "smooth_infonce/doctor.py",
         "integrations/lightly.py", "integrations/multicrop.py", "integrations/cached_step.py",
         "integrations/optim.py", "integrations/demo.py", "integrations/fashion_mnist.py",
         "integrations/solo/optimizer_cfg.py",
