@@ -123,3 +123,16 @@ def pytest_runtest_protocol(item, nextitem):
     finally:
         done.set()
         thread.join()
+
+
+@pytest.fixture
+def isolated_self_check(tmp_path, monkeypatch):
+    """A self-check cache directory of the test's own, the default mode, no verdict from earlier tests
+    (the self-check's and the doctor's tests)."""
+    from smooth_infonce import self_check
+
+    monkeypatch.setenv(self_check.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(self_check.MODE_ENV, raising=False)
+    self_check.reset()
+    yield
+    self_check.reset()

@@ -19,16 +19,10 @@ from smooth_infonce import doctor, self_check
 from smooth_infonce.ops import triton as host
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("isolated_self_check")
 cpu_report = pytest.mark.skipif(torch.cuda.is_available(), reason="the doctor's report without CUDA (CUDA is here)")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv(self_check.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(self_check.MODE_ENV, raising=False)
-    self_check.reset()
-    yield
-    self_check.reset()
 
 
 EXPECTED_KINDS = [f"interpreter {dtype} {layout} smoothing={smoothing} variants=default "

@@ -23,18 +23,10 @@ from smooth_infonce.ops import row_target_weights
 from smooth_infonce.ops import triton as host
 from smooth_infonce.self_check import KernelFallbackWarning, Kind
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("isolated_self_check")]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """A cache directory of the test's own, the default mode, no verdict from earlier tests."""
-    monkeypatch.setenv(self_check.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(self_check.MODE_ENV, raising=False)
-    self_check.reset()
-    yield
-    self_check.reset()
 
 
 def kinds(**fixed):
