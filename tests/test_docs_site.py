@@ -1,5 +1,5 @@
 """docs/ builds as a MkDocs site in strict mode: a broken link, a missing anchor or a page left out
-of the navigation fails (issue 25)."""
+of the navigation fails (issue 25; mkdocs.yml's `validation` makes each a warning, strict mode an error)."""
 
 import subprocess
 import sys
@@ -14,9 +14,3 @@ def test_the_docs_build_strictly(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "site" / "loss" / "index.html").is_file()
 
-
-def test_every_page_is_in_the_navigation():
-    """A new page must be added to nav (MkDocs would only warn about it in a plain build)."""
-    config = (ROOT / "mkdocs.yml").read_text()
-    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
-    assert {p for p in pages if f": {p}" not in config} == set()
