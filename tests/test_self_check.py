@@ -157,8 +157,9 @@ def test_a_failing_kind_warns_once_and_then_computes_the_reference(monkeypatch):
     calls = plant(monkeypatch, "_kernel_backward", lambda x: x.neighbors > 0, perturb_candidate_grad)
     with pytest.warns(KernelFallbackWarning) as caught:
         got = in_batch_call()
-    assert len([w for w in caught if issubclass(w.category, KernelFallbackWarning)]) == 1
-    message = str(caught[0].message)
+    fallbacks = [w for w in caught if issubclass(w.category, KernelFallbackWarning)]
+    assert len(fallbacks) == 1  # older stacks add numpy DeprecationWarnings from the interpreter around it
+    message = str(fallbacks[0].message)
     kind = Kind("interpreter", "float32", "in_batch", "neighbors", "default", False)
     env = self_check.environment(CPU)
     for text in (kind.text(), env["gpu"], f"torch {torch.__version__}", f"triton {env['triton']}",
