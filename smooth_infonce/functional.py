@@ -18,7 +18,15 @@ from torch import Tensor
 from .layout import NO_ID, check_counts, resolve_layout
 from .ops.reference import reference_row_losses
 from .options import SYMMETRIC, LossOptions
-from .validation import check_choice, check_embeddings, check_finite, check_ids, check_same_device, check_weights
+from .validation import (
+    check_choice,
+    check_embeddings,
+    check_finite,
+    check_ids,
+    check_logit_scale,
+    check_same_device,
+    check_weights,
+)
 
 
 def triton_available() -> bool:
@@ -58,6 +66,7 @@ def smooth_infonce(
     positive_keys: Optional[Tensor] = None,
     weights: Optional[Tensor] = None,
     symmetric: Optional[str] = None,
+    logit_scale: Optional[Tensor] = None,
     gather_distributed: bool = False,
     validate: bool = True,
     options: Optional[LossOptions] = None,
@@ -88,6 +97,12 @@ def smooth_infonce(
         positive_keys: (N, D) MoCo keys, one positive per row.
         weights: (N,) row weights w_i >= 0 (SSLight's global / local weighting).
         symmetric: None, "mean" or "sum" (two-tower only; symmetric MoCo: `views.symmetric_moco_loss`).
+        logit_scale: a learnable temperature: a one-element floating tensor s > 0 (shape () or
+            (1,), on the anchors' device, may require grad), the logits then being
+            s <a_i, c_j> instead of <a_i, c_j> / tau; the ``temperature`` option is not used.
+            open_clip's ``logit_scale.exp()``; to learn tau itself pass ``1 / tau``. Both backends
+            return dL/ds (docs/loss.md, "A learnable temperature"). None (default): the float
+            ``temperature``, exactly as without this argument.
         gather_distributed: gather the candidates (in-batch and two-tower layouts) of all ranks,
             gradients flowing back to their owners. Needs the same batch size on every rank and
             ids that mean the same on every rank (the module's instance ids take care of this).
@@ -136,11 +151,13 @@ def smooth_infonce(
         if symmetric is not None:
             raise ValueError("weights apply to one direction; pass symmetric=None and combine the two calls")
         check_weights(weights, n, validate=validate)
+    if logit_scale is not None:
+        logit_scale = check_logit_scale(logit_scale, anchors.device, validate=validate)
     if validate:
         check_finite(anchors=anchors, candidates=candidates, positive_keys=positive_keys)
     return compute_loss(anchors, candidates, ids=ids, candidate_ids=candidate_ids, positive_keys=positive_keys,
                         weights=weights, symmetric=symmetric, gather_distributed=gather_distributed,
-                        options=options, validate=validate)
+                        options=options, validate=validate, logit_scale=logit_scale)
 
 
 def compute_loss(
@@ -157,13 +174,17 @@ def compute_loss(
     gather_distributed: bool = False,
     validate: bool = True,
     candidates_normalized: bool = False,
+    logit_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """`smooth_infonce` without the argument checks (the caller has made them). ``smoothing``
     overrides ``options.smoothing`` (an adapter's scheduled alpha); ``validate`` still decides the
     checks that need the resolved layout (per-row counts, equal batches across ranks).
     ``candidates_normalized``: the candidates' rows are unit vectors already (the lightly drop-in's
     bank, normalised when each key was enqueued), so ``normalize`` leaves them as they are instead
-    of an O(M D) pass per call; the public `smooth_infonce` always normalises what it is given."""
+    of an O(M D) pass per call; the public `smooth_infonce` always normalises what it is given.
+    ``logit_scale``: a checked 0-dim s (`validation.check_logit_scale`); each direction's backend
+    then gets its own anchors scaled by s and temperature 1, so autograd gives dL/ds (docs/loss.md,
+    "A learnable temperature"). None: the float temperature, the call unchanged."""
     smoothing = options.smoothing if smoothing is None else smoothing
     if options.normalize:
         anchors = _l2_normalize(anchors)
@@ -178,8 +199,13 @@ def compute_loss(
                                 check_batch=validate)
         if validate:
             check_counts(layout.pairs, options.neighbors, options.few_negatives)
-        return row_losses(layout.anchors, layout.candidates, layout.positive_keys, layout.pairs,
-                          temperature=options.temperature, smoothing=smoothing, neighbors=options.neighbors)
+        if logit_scale is None:
+            return row_losses(layout.anchors, layout.candidates, layout.positive_keys, layout.pairs,
+                              temperature=options.temperature, smoothing=smoothing, neighbors=options.neighbors)
+        # s <a_i, c_j> = <s a_i, c_j>: only the anchor role is scaled (in-batch, the candidates are
+        # the unscaled anchors, local and gathered), the MoCo key logit <s a_i, k_i> with it
+        return row_losses(_scale_rows(layout.anchors, logit_scale), layout.candidates, layout.positive_keys,
+                          layout.pairs, temperature=1.0, smoothing=smoothing, neighbors=options.neighbors)
 
     if symmetric is None:
         return _reduce(one_direction(anchors, candidates, ids, candidate_ids, positive_keys),
@@ -211,6 +237,13 @@ def _l2_normalize(x: Tensor) -> Tensor:
     """Unit rows, normalised in float32 (float64 stays float64) and returned in the input dtype."""
     wide = x if x.dtype == torch.float64 else x.float()
     return F.normalize(wide, dim=1).to(x.dtype)
+
+
+def _scale_rows(x: Tensor, scale: Tensor) -> Tensor:
+    """s x in x's dtype, multiplied in float32 or wider and rounded once: a half-precision x is not
+    multiplied by an s rounded to its dtype first (what a CUDA bf16 x * float32 s would do)."""
+    wide = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), torch.float32)
+    return (x.to(wide) * scale.to(wide)).to(x.dtype)
 
 
 def _reduce(rows: Tensor, weights: Optional[Tensor], reduction: str) -> Tensor:

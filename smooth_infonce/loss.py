@@ -37,6 +37,12 @@ class SmoothInfoNCELoss(nn.Module):
     ``weights`` is one float per anchor view (rows of view v get weights[v]; the loss is
     sum_i w_i l_i / sum_i w_i) or a tensor with one weight per row.
 
+    ``logit_scale=s`` (any call form): a learnable temperature, a one-element floating tensor
+    s > 0 on the views' device that may require grad (open_clip's ``logit_scale.exp()``; to learn
+    tau pass ``1 / tau``): the logits are s <a_i, c_j> and the ``temperature`` option is not used.
+    dL/ds flows back through both backends (docs/loss.md, "A learnable temperature"); without it the
+    float temperature is used exactly as before.
+
     Args:
         temperature, smoothing, neighbors, schedule, normalize, reduction, backend, deterministic,
             allow_tf32, few_negatives: the loss options (`LossOptions`, where each is described);
@@ -56,6 +62,11 @@ class SmoothInfoNCELoss(nn.Module):
         >>> loss = loss_fn(out0, out1)
         >>> queue = torch.randn(4096, 128)
         >>> loss = loss_fn(out0, out1, queue=queue)   # MoCo: out0 queries, out1 keys
+        >>> log_scale = torch.nn.Parameter(torch.tensor(2.659))   # open_clip: log(1 / 0.07)
+        >>> loss = loss_fn(out0, out1, logit_scale=log_scale.exp())
+        >>> loss.backward()
+        >>> log_scale.grad is not None
+        True
     """
 
     def __init__(
@@ -96,11 +107,12 @@ class SmoothInfoNCELoss(nn.Module):
         queue_ids: Optional[Tensor] = None,
         weights: Weights = None,
         labels: Optional[Tensor] = None,
+        logit_scale: Optional[Tensor] = None,
     ) -> Tensor:
         return multi_view_loss(
             (out0, out1, *more_views), self.options, smoothing=check_smoothing(self.smoothing),
             queue=queue, ids=ids, queue_ids=queue_ids, weights=weights, labels=labels,
-            gather_distributed=self.gather_distributed, validate=self.validate,
+            gather_distributed=self.gather_distributed, validate=self.validate, logit_scale=logit_scale,
         )
 
     def extra_repr(self) -> str:

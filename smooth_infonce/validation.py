@@ -118,3 +118,25 @@ def check_weights(weights: Tensor, rows: int, *, validate: bool = True) -> None:
         raise ValueError("weights must be >= 0")
     if not bool(weights.sum() > 0):
         raise ValueError("weights must not all be zero")
+
+
+def check_logit_scale(logit_scale: Tensor, device: torch.device, *, validate: bool = True) -> Tensor:
+    """The learnable inverse temperature s (logits s <a_i, c_j>, open_clip's ``logit_scale``): a
+    floating tensor with one element (shape () or (1,)) on the anchors' device; with ``validate``
+    also finite and > 0, which reads it back from the device. Returns it as a 0-dim tensor."""
+    if not isinstance(logit_scale, Tensor):
+        raise TypeError(f"logit_scale must be a one-element floating-point torch.Tensor (s = 1 / tau, may "
+                        f"require grad), got {type(logit_scale).__name__}; a fixed temperature is the "
+                        "temperature option")
+    if logit_scale.dim() > 1 or logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must have one element (shape () or (1,)), got shape {tuple(logit_scale.shape)}")
+    if not logit_scale.dtype.is_floating_point:
+        raise TypeError(f"logit_scale must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                        f"got {logit_scale.dtype}")
+    if logit_scale.device != device:
+        raise ValueError(f"logit_scale must be on the anchors' device ({device}), got {logit_scale.device}")
+    if validate:
+        value = float(logit_scale.detach())
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"logit_scale must be finite and > 0 (s = 1 / tau), got {value}")
+    return logit_scale.reshape(())

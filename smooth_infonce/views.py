@@ -26,7 +26,15 @@ from . import distributed
 from .functional import compute_loss
 from .ops import compute_dtype
 from .options import SYMMETRIC, LossOptions
-from .validation import check_choice, check_embeddings, check_finite, check_ids, check_same_device, check_weights
+from .validation import (
+    check_choice,
+    check_embeddings,
+    check_finite,
+    check_ids,
+    check_logit_scale,
+    check_same_device,
+    check_weights,
+)
 
 Weights = Union[None, Sequence[float], Tensor]
 
@@ -74,6 +82,7 @@ def multi_view_loss(
     validate: bool = True,
     queue_finite: bool = False,
     queue_normalized: bool = False,
+    logit_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """The loss of one call form (see the module docstring).
 
@@ -96,9 +105,13 @@ def multi_view_loss(
         queue_normalized: the rows of ``queue`` are already unit vectors, normalised as
             ``options.normalize`` would (the drop-in's bank): they are not normalised again.
             Ignored with ``normalize=False``.
+        logit_scale: a learnable temperature, s = 1 / tau as a one-element tensor (may require
+            grad): logits s <a_i, c_j>, ``options.temperature`` unused (`smooth_infonce`).
     """
     check_views(views, queue)
     batch, device = views[0].shape[0], views[0].device
+    if logit_scale is not None:
+        logit_scale = check_logit_scale(logit_scale, device, validate=validate)
     dtype = compute_dtype(*views, queue)
     if validate:
         check_finite(**{f"out{v}": view for v, view in enumerate(views)}, queue=None if queue_finite else queue)
@@ -119,6 +132,7 @@ def multi_view_loss(
             ids=None if ids is None else ids.repeat(len(queries)), candidate_ids=queue_ids,
             weights=view_row_weights(weights, len(queries), batch, device, dtype=dtype, validate=validate),
             options=options, smoothing=smoothing, validate=validate, candidates_normalized=queue_normalized,
+            logit_scale=logit_scale,
         )
 
     if ids is not None or queue_ids is not None:
@@ -134,7 +148,7 @@ def multi_view_loss(
     return compute_loss(
         torch.cat(views), ids=row_ids.repeat(len(views)), gather_distributed=gather_distributed,
         weights=view_row_weights(weights, len(views), batch, device, dtype=dtype, validate=validate),
-        options=options, smoothing=smoothing, validate=validate,
+        options=options, smoothing=smoothing, validate=validate, logit_scale=logit_scale,
     )
 
 
@@ -148,6 +162,7 @@ def symmetric_moco_loss(
     validate: bool = True,
     queue_finite: bool = False,
     queue_normalized: bool = False,
+    logit_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """light-moco's symmetric MoCo loss: query0 against key1 and query1 against key0, both against
     the same queue as it was before this step, combined by ``"sum"`` (the authors' code) or
@@ -156,7 +171,7 @@ def symmetric_moco_loss(
     Both directions are one MoCo call with the queries stacked and the keys swapped, so the rows
     of the two directions share one pass over the queue: the mean over the 2B rows is the
     ``"mean"`` of the two directions, twice it their ``"sum"``. ``queue_finite`` /
-    ``queue_normalized``: as in `multi_view_loss`.
+    ``queue_normalized``, ``logit_scale``: as in `multi_view_loss`.
     """
     check_choice("combine", combine, tuple(s for s in SYMMETRIC if s is not None))
     check_views((query0, key0, query1, key1), queue)
@@ -166,5 +181,5 @@ def symmetric_moco_loss(
     loss = multi_view_loss((torch.cat([query0, query1]), torch.cat([key1, key0])), options,
                            smoothing=smoothing, queue=queue, validate=validate, queue_finite=queue_finite,
                            queue_normalized=queue_normalized, ids=None if ids is None else ids.repeat(2),
-                           queue_ids=queue_ids)
+                           queue_ids=queue_ids, logit_scale=logit_scale)
     return 2 * loss if combine == "sum" else loss
