@@ -185,32 +185,36 @@ def test_variant_on_gpu_matches_reference_bf16(layout, dim, neighbors):
 
 # --- the GPU check's variant stage (benchmarks/kernel_throughput.py --variants), without a GPU --------
 
-def _kernel_throughput():
+def _throughput():
+    """benchmarks/throughput, the package behind the command kernel_throughput.py (imported first)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import kernel_throughput
+    import kernel_throughput  # noqa: F401
+    import throughput.problems
+    import throughput.studies
+    import throughput.study_runs
 
-    return kernel_throughput
+    return throughput
 
 
 def test_variant_stage_plan_covers_every_axis():
-    kt = _kernel_throughput()
-    assert set(kt.VARIANT_AXES) == set(host.VARIANT_CHOICES)
-    for axis, (alternatives, _, _) in kt.VARIANT_AXES.items():
+    kt = _throughput()
+    assert set(kt.studies.VARIANT_AXES) == set(host.VARIANT_CHOICES)
+    for axis, (alternatives, _, _) in kt.studies.VARIANT_AXES.items():
         assert set(alternatives) == set(host.VARIANT_CHOICES[axis][1:])
-    jobs = dict(kt.variant_jobs())
+    jobs = dict(kt.studies.variant_jobs())
     for shape in ("S1", "S3", "S4"):
         assert "topk" in jobs[(shape, 5)] and "splits" in jobs[(shape, None)]
     assert "atomics" in jobs[("S1", None)] and ("S3", None) in jobs and "atomics" not in jobs[("S3", None)]
     assert jobs[("S2", None)] == ["grad_d"]
-    assert [key[0] for key, _ in kt.variant_jobs()][-1] == "S4"  # the most expensive last
-    assert dict(kt.variant_jobs(axes=["topk"], shapes=["S1"])) == {("S1", 5): ["topk"]}
+    assert [key[0] for key, _ in kt.studies.variant_jobs()][-1] == "S4"  # the most expensive last
+    assert dict(kt.studies.variant_jobs(axes=["topk"], shapes=["S1"])) == {("S1", 5): ["topk"]}
 
 
 def test_variant_stage_fastest_and_suggestion():
-    kt = _kernel_throughput()
+    kt = _throughput()
     rows = []
     for shape, default, two_pass, red in (("S1", 10.0, 8.0, 9.9), ("S4", 100.0, 90.0, 101.0)):
         for mode, k in (("uniform", None), ("k5", 5)):
@@ -221,16 +225,16 @@ def test_variant_stage_fastest_and_suggestion():
                 rows.append(dict(shape=shape, mode=mode, axis="topk", variant="two_pass", status="ok",
                                  fwdbwd_ms=two_pass))
     rows.append(dict(shape="S3", mode="k5", axis="topk", variant="two_pass", status="skipped"))
-    fastest = {(f["shape"], f["axis"]): f for f in kt.fastest_variants(rows)}
+    fastest = {(f["shape"], f["axis"]): f for f in kt.studies.fastest_variants(rows)}
     assert fastest["S1", "topk"]["fastest"] == "two_pass" and fastest["S1", "topk"]["speedup"] == pytest.approx(1.25)
     assert fastest["S4", "atomics"]["fastest"] == "atom"  # slower at S4: the default stays the fastest
     assert fastest["S1", "atomics"]["times_ms"]["uniform"] == {"default": 10.0, "red": 9.9}
     assert ("S3", "topk") not in fastest
     assert all(f["default"] == host.VARIANT_CHOICES[axis][0] for (_, axis), f in fastest.items())
-    text = kt.variant_suggestion(kt.fastest_variants(rows))
+    text = kt.studies.variant_suggestion(kt.studies.fastest_variants(rows))
     assert "- topk: make 'two_pass' the default" in text and "S4 1.11x" in text
     assert "  atomics: keep 'atom'" in text
-    assert kt.variant_suggestion([]) == "speed variants: nothing timed"
+    assert kt.studies.variant_suggestion([]) == "speed variants: nothing timed"
 
 
 @interpreter
@@ -240,18 +244,18 @@ def test_variant_stage_runs_end_to_end_on_tiny_shapes(monkeypatch, tmp_path):
     import json
     from argparse import Namespace
 
-    kt = _kernel_throughput()
-    monkeypatch.setitem(kt.GPU_SHAPES, "S1", ("inbatch", 40, 40, 72))
-    real_build = kt.build_problem
-    monkeypatch.setattr(kt, "build_problem", lambda layout, n, m, d, dtype, device, seed=0:
+    kt = _throughput()
+    monkeypatch.setitem(kt.problems.GPU_SHAPES, "S1", ("inbatch", 40, 40, 72))
+    real_build = kt.problems.build_problem
+    monkeypatch.setattr(kt.study_runs, "build_problem", lambda layout, n, m, d, dtype, device, seed=0:
                         real_build(layout, n, m, d, torch.float32, "cpu", seed))
-    monkeypatch.setattr(kt, "bench_ms", lambda fn, quick: (fn(), (1.0, 1))[1])
-    monkeypatch.setattr(kt, "gpu_environment", lambda: dict(gpu="interpreter"))
+    monkeypatch.setattr(kt.study_runs, "bench_ms", lambda fn, quick: (fn(), (1.0, 1))[1])
+    monkeypatch.setattr(kt.study_runs, "gpu_environment", lambda: dict(gpu="interpreter"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     main = tmp_path / "main.json"
     main.write_text(json.dumps({"results": []}))
-    kt.run_variants(Namespace(out=str(tmp_path / "v"), quick=True, shapes=["S1"], variant_axes=["topk", "atomics"],
-                              record_in=str(main)))
+    kt.study_runs.run_variants(Namespace(out=str(tmp_path / "v"), quick=True, shapes=["S1"],
+                                         variant_axes=["topk", "atomics"], record_in=str(main)))
     report = json.loads((tmp_path / "v.json").read_text())
     rows = report["results"]
     assert not report["partial"] and all(r["status"] == "ok" for r in rows), rows
