@@ -47,9 +47,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from smooth_infonce.integrations.demo import DemoConfig, demo_recipe, multicrop_recipe
-from smooth_infonce.integrations.evaluation import EvalData, eval_transform, paired_difference
-from smooth_infonce.integrations.fashion_mnist import fashion_mnist_images, fashion_mnist_views
+from smooth_infonce.integrations.data.fashion_mnist import fashion_mnist_images, fashion_mnist_views
+from smooth_infonce.integrations.demo.cli import DemoConfig, demo_recipe, multicrop_recipe
+from smooth_infonce.integrations.demo.evaluation import EvalData, eval_transform, paired_difference
 from smooth_infonce.integrations.recipes import Recipe, get_preset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fashion_mnist"
@@ -146,7 +146,7 @@ def build_recipe(settings: Settings, study: str, arm: str) -> Recipe:
 # --- data and view caches (one per view sampling, shared by every run that uses it) ------------------------
 
 def load_splits(settings: Settings):
-    from smooth_infonce.integrations.digits import stratified_subset
+    from smooth_infonce.integrations.data.digits import stratified_subset
 
     train = fashion_mnist_images("train", settings.data)
     train = train.subset(stratified_subset(train.labels, settings.train_images, seed=0))
@@ -169,7 +169,7 @@ def cache_path(out: Path, settings: Settings, crop) -> Path:
 
 def build_cache(task) -> str:
     """Worker task: augment ``view_cache`` views (locals: times half their count) of one crop group."""
-    from smooth_infonce.integrations.pretraining import build_view_cache
+    from smooth_infonce.integrations.demo.pretraining import build_view_cache
 
     out, settings, study, arm = task
     recipe = build_recipe(settings, study, arm)
@@ -217,7 +217,7 @@ def train_run(task) -> dict:
     """Worker task: one (study, arm, seed), written to its JSON file; returns the record."""
     out, settings, study, arm, seed = task
     torch.set_num_threads(1)  # two runs on two cores beat one run on two threads for a network this small
-    from smooth_infonce.integrations.pretraining import CachedViews, pretrain
+    from smooth_infonce.integrations.demo.pretraining import CachedViews, pretrain
 
     train, _ = _worker_data(settings)
     evaluation, curve = _worker_evaluation(settings)
@@ -248,7 +248,7 @@ def supervised_run(recipe: Recipe, data, evaluation: EvalData, settings: Setting
     of each item, SGD, the recipe's lr and cosine schedule), on Lightning's Trainer."""
     import lightning as L
 
-    from smooth_infonce.integrations.pretraining import quiet_lightning
+    from smooth_infonce.integrations.demo.pretraining import quiet_lightning
 
     class Supervised(L.LightningModule):
         def __init__(self) -> None:
@@ -287,7 +287,7 @@ def supervised_run(recipe: Recipe, data, evaluation: EvalData, settings: Setting
 def references(settings: Settings, out: Path) -> Dict[str, Dict[str, float]]:
     """Random init (both widths, seed 0) and raw pixels, in %; kept in ``<out>/references.json``
     and read back by a resumed benchmark of the same settings (the raw pixels' probe takes minutes)."""
-    from smooth_infonce.integrations.pretraining import seed_everything
+    from smooth_infonce.integrations.demo.pretraining import seed_everything
 
     path = out / "references.json"
     if path.exists():

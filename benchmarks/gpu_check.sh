@@ -69,13 +69,13 @@ if sys.version_info < (3, 11):
     print("warning: python < 3.11 ignores PYTHONSAFEPATH: the current directory may shadow the shim")
 import smooth_infonce
 import smooth_infonce.integrations
-import smooth_infonce.integrations.cached_step
+import smooth_infonce.cached_step
 import smooth_infonce.integrations.recipes
 for name, module in (("smooth_infonce", smooth_infonce), ("smooth_infonce.integrations", smooth_infonce.integrations)):
     where = os.path.realpath(module.__file__)
     assert where.startswith(root + os.sep), f"{name} comes from {where}, not from this tree ({root})"
 spec = importlib.util.find_spec("smooth_infonce.integrations.lightning")
-expected = os.path.join(root, "integrations", "lightning.py")
+expected = os.path.join(root, "integrations", "lightning", "__init__.py")
 assert spec is not None and os.path.realpath(spec.origin) == expected, (spec, expected)
 try:
     import smooth_infonce.integrations.lightning  # noqa: F401

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from smooth_infonce.integrations.demo import DemoConfig, run_demo
-from smooth_infonce.integrations.evaluation import paired_difference, t_critical
+from smooth_infonce.integrations.demo.cli import DemoConfig, run_demo
+from smooth_infonce.integrations.demo.evaluation import paired_difference, t_critical
 
 
 def cell_name(alpha: float, mode: str) -> str:

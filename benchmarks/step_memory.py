@@ -1,5 +1,5 @@
 """Peak memory of one training step against the global batch: the cached-gradient step
-(`smooth_infonce.integrations.cached_step`, chunk 128) against the single pass.
+(`smooth_infonce.cached_step`, chunk 128) against the single pass.
 
 One step = the recipe's whole step: momentum update, MoCo keys, queries, the smoothed loss against
 the queue (read once, enqueued once), backward, optimiser step. The recipe is ``light_moco`` on a
@@ -56,11 +56,11 @@ SEED = 0
 def build_step(args, batch: int, chunk_size, device: str):
     """(step, warm_up): closures running one training step on ``batch`` images (warm_up: on one
     chunk's worth), chunked when ``chunk_size`` is set."""
-    from smooth_infonce.integrations.cached_step import cached_training_loss
     from smooth_infonce.integrations.lightly import build_loss
-    from smooth_infonce.integrations.lightly_models import build_model
-    from smooth_infonce.integrations.optim import build_optimizer
+    from smooth_infonce.integrations.lightly.models import build_model
+    from smooth_infonce.integrations.lightly.steps import cached_training_loss
     from smooth_infonce.integrations.recipes import get_preset
+    from smooth_infonce.integrations.recipes.optim import build_optimizer
 
     torch.manual_seed(SEED)
     recipe = get_preset("light_moco", backbone__name=args.backbone, moco__queue_size=args.queue)

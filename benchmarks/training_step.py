@@ -87,9 +87,9 @@ class Family:
     """One recipe family on one backbone: its model, optimiser, views, and a loss per variant."""
 
     def __init__(self, name: str, backbone: str, args, device: str):
-        from smooth_infonce.integrations.lightly_models import build_model
-        from smooth_infonce.integrations.optim import build_optimizer
+        from smooth_infonce.integrations.lightly.models import build_model
         from smooth_infonce.integrations.recipes import get_preset
+        from smooth_infonce.integrations.recipes.optim import build_optimizer
 
         preset, overrides = FAMILIES[name]
         self.recipe = get_preset(preset, backbone__name=backbone, **overrides)
@@ -108,7 +108,7 @@ class Family:
 
     def embed(self):
         """The model side of the step, the same code for every variant: (queries or views, keys)."""
-        from smooth_infonce.integrations.lightly_models import encode_views
+        from smooth_infonce.integrations.lightly.models import encode_views
 
         if self.recipe.framework == "moco":
             self.model.update_key_encoder()

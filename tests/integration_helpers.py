@@ -1,11 +1,11 @@
 """Small shared helpers for the integration tests: real digit images from the project's one
-digits loader (`smooth_infonce.integrations.digits`, scikit-learn's bundled digits, no download),
+digits loader (`smooth_infonce.integrations.data.digits`, scikit-learn's bundled digits, no download),
 and Fashion-MNIST's four IDX files made up at the official counts (no Debian package needed)."""
 
 import numpy as np
 
-from smooth_infonce.integrations import fashion_mnist as fm
-from smooth_infonce.integrations.digits import digit_images
+from smooth_infonce.integrations.data import fashion_mnist as fm
+from smooth_infonce.integrations.data.digits import digit_images
 
 __all__ = ["digit_images", "fake_fashion_mnist"]
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 
-from smooth_infonce.integrations.backbones import list_backbones, register_backbone  # noqa: E402
-from smooth_infonce.integrations.digits import digit_images  # noqa: E402
+from smooth_infonce.integrations.data.digits import digit_images  # noqa: E402
 from smooth_infonce.integrations.lightning import PretrainDataModule, from_preset  # noqa: E402
 from smooth_infonce.integrations.recipes import get_preset  # noqa: E402
+from smooth_infonce.integrations.recipes.backbones import list_backbones, register_backbone  # noqa: E402
 
 TINY = dict(backbone__name="tiny_cnn", backbone__kwargs={"width": 8}, head__hidden_dim=32,
             head__output_dim=16, views__global_crops={"size": 16}, views__local_crops=None)

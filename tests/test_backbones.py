@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from smooth_infonce.integrations.backbones import build_backbone, list_backbones, measure_output_width
+from smooth_infonce.integrations.recipes.backbones import build_backbone, list_backbones, measure_output_width
 
 # (name, expected width) from the networks' definitions; measured by a forward pass below.
 BACKBONES = [("mobilenetv3_large_100", 1280), ("efficientnet_b0", 1280), ("mobilenet_v2", 1280),

@@ -1,4 +1,4 @@
-"""The cached-gradient step (`integrations/cached_step.py`) is exact, in float64, with the real
+"""The cached-gradient step (`smooth_infonce/cached_step.py`) is exact, in float64, with the real
 lightly models of the project and the lightly drop-in loss.
 
 - Without batch norm (GroupNorm), dropout off: a chunked step equals today's single pass
@@ -26,17 +26,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from smooth_infonce.integrations import cached_step as cs
-from smooth_infonce.integrations.backbones import Backbone, build_backbone
-from smooth_infonce.integrations.cached_step import (
-    cached_step,
-    cached_training_loss,
-    chunk_slices,
-    lightly_step_parts,
-    lightning_hooks,
-)
+from smooth_infonce import cached_step as cs
+from smooth_infonce.cached_step import cached_step, chunk_slices
 from smooth_infonce.integrations.lightly import SmoothNTXentLoss
-from smooth_infonce.integrations.lightly_models import MoCoModel, SimCLRModel
+from smooth_infonce.integrations.lightly.models import MoCoModel, SimCLRModel
+from smooth_infonce.integrations.lightly.steps import cached_training_loss, lightly_step_parts
+from smooth_infonce.integrations.lightning.module import lightning_hooks
+from smooth_infonce.integrations.recipes.backbones import Backbone, build_backbone
 
 BATCH, DIM, TOL = 12, 16, 1e-10
 LAYOUTS = ["simclr", "simclr_multicrop", "moco_ids", "sslight_moco", "symmetric_moco"]
@@ -426,7 +422,7 @@ def test_lightning_manual_optimisation_wiring_equals_the_automatic_step(monkeypa
     automatic single pass's gradients, and that step really went through the cached step."""
     import lightning as L
 
-    from smooth_infonce.integrations import lightning as lightning_integration
+    from smooth_infonce.integrations.lightning import module as lightning_integration
 
     class GradientRecorder(L.Callback):
         recorded = None  # the gradients the optimiser step saw

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from smooth_infonce.integrations import demo
-from smooth_infonce.integrations.digits import digit_images
+from smooth_infonce.integrations.data.digits import digit_images
+from smooth_infonce.integrations.demo import cli as demo
 
 TINY = ["--epochs", "1", "--max-images", "160", "--batch-size", "32", "--width", "4", "--view-cache", "2",
         "--seeds", "0", "--knn-k", "5", "--no-progress"]
@@ -70,7 +70,7 @@ def test_chunked_steps_train_moco(monkeypatch, tmp_path):
     cached step with it, on batches of 32."""
     import lightning as L
 
-    from smooth_infonce.integrations import lightning as lightning_integration
+    from smooth_infonce.integrations.lightning import module as lightning_integration
 
     trained, chunked_steps = [], []
     original_fit, original_cached = L.Trainer.fit, lightning_integration.cached_training_loss
@@ -232,10 +232,10 @@ def message(module):
 found = {}
 sys.modules["lightning"] = None  # as if not installed: import raises, find_spec gives None
 found["lightning"] = message("smooth_infonce.integrations.lightning")
-found["demo without lightning"] = message("smooth_infonce.integrations.demo")
+found["demo without lightning"] = message("smooth_infonce.integrations.demo.cli")
 del sys.modules["lightning"]
 sys.modules["lightly"] = None
-for name in ("lightly", "lightly_models", "demo"):
+for name in ("lightly", "lightly.models", "demo.cli"):
     found[name] = message("smooth_infonce.integrations." + name)
 print(json.dumps(found))
 """
@@ -249,8 +249,8 @@ def test_a_missing_extra_names_the_extra_to_install():
     assert "pip install 'smooth-infonce[demo]'" in found["demo without lightning"]
     assert "lightning" in found["demo without lightning"]
     assert "pip install 'smooth-infonce[lightly]'" in found["lightly"]
-    assert "pip install 'smooth-infonce[lightly]'" in found["lightly_models"]
-    assert "pip install 'smooth-infonce[demo]'" in found["demo"] and "lightly" in found["demo"]
+    assert "pip install 'smooth-infonce[lightly]'" in found["lightly.models"]
+    assert "pip install 'smooth-infonce[demo]'" in found["demo.cli"] and "lightly" in found["demo.cli"]
 
 
 @pytest.mark.parametrize("framework", ["dino", "swav"])

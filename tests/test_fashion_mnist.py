@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from smooth_infonce.integrations import fashion_mnist as fm
+from smooth_infonce.integrations.data import fashion_mnist as fm
 
 from integration_helpers import fake_fashion_mnist
 
@@ -178,7 +178,7 @@ def test_bad_data_specs(tmp_path):
 # --- the demo and the Lightning data module take it ---------------------------------------------------------
 
 def test_the_demo_trains_on_fashion_mnist(fake_dir, tmp_path):
-    from smooth_infonce.integrations import demo
+    from smooth_infonce.integrations.demo import cli as demo
 
     folder, _ = fake_dir
     config = demo.parse_args(["--data", f"fashion-mnist:{folder}", "--max-images", "300", "--epochs", "1",
@@ -193,7 +193,7 @@ def test_the_demo_trains_on_fashion_mnist(fake_dir, tmp_path):
 
 
 def test_the_demo_refuses_missing_files_with_the_install_line(tmp_path, capsys):
-    from smooth_infonce.integrations import demo
+    from smooth_infonce.integrations.demo import cli as demo
 
     with pytest.raises(SystemExit) as info:
         demo.parse_args(["--data", f"fashion-mnist:{tmp_path}"])
@@ -216,7 +216,7 @@ def test_the_lightning_data_module_reads_it(fake_dir):
 
 
 def test_stratified_subset_keeps_every_class_share(fake_dir):
-    from smooth_infonce.integrations.digits import stratified_subset
+    from smooth_infonce.integrations.data.digits import stratified_subset
 
     _, arrays = fake_dir
     labels = arrays["train"][1].tolist()

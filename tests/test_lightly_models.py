@@ -1,4 +1,4 @@
-"""lightly models, heads, transforms and losses built from the presets (`lightly_models`,
+"""lightly models, heads, transforms and losses built from the presets (`integrations.lightly.models`,
 `lightly.build_loss`), training with the drop-in on real digits."""
 
 from __future__ import annotations
@@ -8,10 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from smooth_infonce.integrations.backbones import build_backbone
-from smooth_infonce.integrations.digits import digit_images
+from smooth_infonce.integrations.data.digits import digit_images
 from smooth_infonce.integrations.lightly import SmoothNTXentLoss, build_loss
-from smooth_infonce.integrations.lightly_models import (
+from smooth_infonce.integrations.lightly.models import (
     MoCoModel,
     SimCLRModel,
     build_model,
@@ -19,6 +18,7 @@ from smooth_infonce.integrations.lightly_models import (
     encode_views,
 )
 from smooth_infonce.integrations.recipes import CropSpec, ViewSpec, get_preset
+from smooth_infonce.integrations.recipes.backbones import build_backbone
 
 # --- lightly models training with the drop-in on real images ----------------------------------
 
@@ -155,7 +155,7 @@ def test_symmetric_training_step_enqueues_both_keys():
                                              ("sslight_moco", "resnet18")])
 def test_preset_builds_a_lightly_model_whose_head_fits(preset, backbone):
     from smooth_infonce.integrations.lightly import build_loss
-    from smooth_infonce.integrations.lightly_models import MoCoModel, build_model
+    from smooth_infonce.integrations.lightly.models import MoCoModel, build_model
 
     recipe = get_preset(preset, backbone__name=backbone, moco__queue_size=256)
     model = build_model(recipe).eval()
@@ -182,7 +182,7 @@ def test_sslight_view_transform_on_a_real_photo():
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from smooth_infonce.integrations.lightly_models import build_view_transform
+    from smooth_infonce.integrations.lightly.models import build_view_transform
 
     photo = Image.fromarray(load_sample_image("china.jpg"))
     views = build_view_transform(get_preset("sslight_moco").views)(photo)
@@ -229,8 +229,8 @@ def _views(batch=4, num_local=2):
 def test_build_model_and_loss_for_dino():
     from lightly.loss import DINOLoss
 
-    from smooth_infonce.integrations.lightly_models import DINOModel
-    from smooth_infonce.integrations.lightly_multicrop import SSLightDINOLoss
+    from smooth_infonce.integrations.lightly.models import DINOModel
+    from smooth_infonce.integrations.lightly.multicrop import SSLightDINOLoss
 
     recipe = _small("sslight_dino")
     model, criterion = build_model(recipe), build_loss(recipe)
@@ -258,8 +258,8 @@ def test_build_model_and_loss_for_dino():
 
 
 def test_swav_model_queue_is_fifo_checkpointed_and_used_once_full():
-    from smooth_infonce.integrations.lightly_models import SwAVModel
-    from smooth_infonce.integrations.lightly_multicrop import SSLightSwaVLoss
+    from smooth_infonce.integrations.lightly.models import SwAVModel
+    from smooth_infonce.integrations.lightly.multicrop import SSLightSwaVLoss
 
     recipe = _small("sslight_swav", swav__queue_start_epoch=1)
     model, criterion = build_model(recipe), build_loss(recipe)

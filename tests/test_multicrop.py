@@ -1,5 +1,5 @@
 """SSLight's pair-weighted multi-crop loss through lightly's DINO and SwAV losses
-(`integrations/lightly_multicrop.py`) and the weighting itself (`integrations/multicrop.py`).
+(`integrations/lightly/multicrop.py`) and the weighting itself (`integrations/recipes/multicrop.py`).
 
 - loss_weights=None: the subclasses equal lightly's DINOLoss / SwaVLoss (fp64: value, gradient,
   the centre after the call; SwAV with and without a queue);
@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from lightly.loss import DINOLoss, SwaVLoss
 from torch.nn.functional import normalize
 
-from smooth_infonce.integrations.lightly_multicrop import SSLightDINOLoss, SSLightSwaVLoss
-from smooth_infonce.integrations.multicrop import pair_weights
+from smooth_infonce.integrations.lightly.multicrop import SSLightDINOLoss, SSLightSwaVLoss
+from smooth_infonce.integrations.recipes.multicrop import pair_weights
 
 F64 = torch.float64
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from smooth_infonce.integrations.backbones import build_backbone
-from smooth_infonce.integrations.optim import LARS, build_optimizer, is_depthwise_conv, parameter_groups
 from smooth_infonce.integrations.recipes import OptimizerSpec, get_preset
+from smooth_infonce.integrations.recipes.backbones import build_backbone
+from smooth_infonce.integrations.recipes.optim import LARS, build_optimizer, is_depthwise_conv, parameter_groups
 
 
 def _group_of(groups):
@@ -98,7 +98,7 @@ def test_lars_adapts_depthwise_kernels_without_decaying_them():
 
 
 def test_decay_exemptions_match_the_groups():
-    from smooth_infonce.integrations.optim import decay_exemptions
+    from smooth_infonce.integrations.recipes.optim import decay_exemptions
 
     model = build_backbone("mobilenet_v2")
     spec = get_preset("sslight_moco").optimizer
@@ -109,7 +109,7 @@ def test_decay_exemptions_match_the_groups():
 
 
 def test_vit_preset_gets_adamw_and_its_weight_decay_schedule_reaches_only_the_decaying_group():
-    from smooth_infonce.integrations.optim import set_schedules
+    from smooth_infonce.integrations.recipes.optim import set_schedules
 
     recipe = get_preset("sslight_dino_vit")
     model = build_backbone("vit_tiny_patch16")

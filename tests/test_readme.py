@@ -102,12 +102,13 @@ def test_readme_block_runs_with_only_its_extra(index, tmp_path):
     assert done.returncode == 0, f"block {index} (extra {extra!r}, blocked {sorted(blocked)}):\n{done.stderr[-4000:]}"
 
 
+BUILD_BACKBONE = "from smooth_infonce.integrations.recipes.backbones import build_backbone"
+
+
 @pytest.mark.parametrize("blocked, code, extra", [
     ("lightly", "from smooth_infonce.integrations.lightly import SmoothNTXentLoss", "lightly"),
-    ("timm", "from smooth_infonce.integrations.backbones import build_backbone\nbuild_backbone('efficientnet_b0')",
-     "timm"),
-    ("torchvision", "from smooth_infonce.integrations.backbones import build_backbone\nbuild_backbone('resnet18')",
-     "lightly"),
+    ("timm", f"{BUILD_BACKBONE}\nbuild_backbone('efficientnet_b0')", "timm"),
+    ("torchvision", f"{BUILD_BACKBONE}\nbuild_backbone('resnet18')", "lightly"),
 ])
 def test_a_missing_package_names_the_extra_to_install(blocked, code, extra, tmp_path):
     """The runner can fail, and a feature whose package is missing names the extra that brings it."""

@@ -19,8 +19,6 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from smooth_infonce import LossOptions, SmoothingSchedule, smooth_infonce
-from smooth_infonce.integrations.backbones import build_backbone
-from smooth_infonce.integrations.optim import parameter_groups, split_no_decay
 from smooth_infonce.integrations.recipes import (
     OptimizerSpec,
     get_preset,
@@ -28,6 +26,8 @@ from smooth_infonce.integrations.recipes import (
     query_view_weights,
     view_loss_weights,
 )
+from smooth_infonce.integrations.recipes.backbones import build_backbone
+from smooth_infonce.integrations.recipes.optim import parameter_groups, split_no_decay
 from smooth_infonce.integrations.solo import (
     CONFIG_PACKAGE,
     METHOD_NAMES,

@@ -34,7 +34,7 @@ from test_solo_integration import (  # noqa: E402
     train_loader,
 )
 
-from smooth_infonce.integrations.multicrop import pair_weights  # noqa: E402
+from smooth_infonce.integrations.recipes.multicrop import pair_weights  # noqa: E402
 from smooth_infonce.integrations.solo import multicrop_methods, register  # noqa: E402
 from smooth_infonce.integrations.solo.launcher import hydra_quote  # noqa: E402
 from smooth_infonce.integrations.solo.multicrop_methods import (  # noqa: E402

@@ -13,6 +13,8 @@ Command line (see README.md next to this file):
     smooth-infonce-solo pretrain --config-name light_moco backbone=efficientnet_b0 dataset=imagenet100
     smooth-infonce-solo linear --config-name linear --checkpoint ...ckpt
     smooth-infonce-solo configs --write     # regenerate the preset configs (see `generate`)
+
+Imports: the core, `integrations.recipes`, and solo-learn itself (lazily, in `register`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""solo-learn backbone factories over the shared builders of `smooth_infonce.integrations.backbones`.
+"""solo-learn backbone factories over the shared builders of `smooth_infonce.integrations.recipes.backbones`.
 
 Toolkit-free: a factory has solo-learn's signature ``factory(method, **kwargs)`` and returns the
 shared `Backbone` (pooled features, ``num_features`` measured, not reported), which is what
@@ -25,7 +25,7 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from smooth_infonce.integrations.backbones import build_backbone, list_backbones, measure_output_width
+from smooth_infonce.integrations.recipes.backbones import build_backbone, list_backbones, measure_output_width
 
 # The lightweight backbones of the recipes, plus the shared CPU test network.
 SOLO_BACKBONES = ("mobilenetv3_large_100", "efficientnet_b0", "mobilenet_v2", "efficientnet_b1", "tiny_cnn",

@@ -31,8 +31,8 @@ from solo.utils.misc import concat_all_gather_no_grad, omegaconf_select
 from solo.utils.momentum import initialize_momentum_params
 from torch import nn
 
-from smooth_infonce.integrations.optim import split_no_decay
 from smooth_infonce.integrations.recipes import OptimizerSpec, view_loss_weights
+from smooth_infonce.integrations.recipes.optim import split_no_decay
 
 from .losses import KeyQueue, moco_step, simclr_loss
 from .optimizer_cfg import add_optimizer_cfg

@@ -11,7 +11,7 @@ Imports solo-learn: load it through `smooth_infonce.integrations.solo.register`.
   is also a buffer from the start, so solo-learn's checkpoints restore it (solo's SwAV creates it
   in ``on_train_start``, after a resume would have loaded it).
 
-What is ours is only SSLight's pair weighting (`smooth_infonce.integrations.multicrop`):
+What is ours is only SSLight's pair weighting (`smooth_infonce.integrations.recipes.multicrop`):
 
     L = lambda_gg * mean(global-global pairs) + lambda_gl * mean(global-local pairs)
 
@@ -33,7 +33,7 @@ from solo.methods.dino import DINO
 from solo.methods.swav import SwAV
 from torch import Tensor
 
-from smooth_infonce.integrations.multicrop import multicrop_cross_entropy, pair_weights
+from smooth_infonce.integrations.recipes.multicrop import multicrop_cross_entropy, pair_weights
 
 from .methods import METHOD_MARKER
 from .optimizer_cfg import RecipeOptimizer, add_optimizer_cfg, total_batch

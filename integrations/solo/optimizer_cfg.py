@@ -21,8 +21,8 @@ import omegaconf
 import torch
 from omegaconf import OmegaConf
 
-from smooth_infonce.integrations.optim import split_no_decay
 from smooth_infonce.integrations.recipes import OptimizerSpec, cosine_ramp
+from smooth_infonce.integrations.recipes.optim import split_no_decay
 
 PER_256_KEYS = {"scheduler.min_lr_per_256": "min_lr", "scheduler.warmup_start_lr_per_256": "warmup_start_lr"}
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from smooth_infonce import LossOptions, SmoothingSchedule
-from smooth_infonce.integrations.multicrop import check_loss_weights
+from smooth_infonce.integrations.recipes.multicrop import check_loss_weights
 from smooth_infonce.options import SYMMETRIC
 
 LOSS_KEYS: Tuple[str, ...] = LossOptions.field_names()

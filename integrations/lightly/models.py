@@ -5,12 +5,12 @@
 (student + EMA teacher, `DINOModel`) or SwAV (prototypes + queue, `SwAVModel`) model,
 ``build_view_transform(recipe.views)`` lightly's multi-view (multi-crop) transform; the loss of a
 recipe is `smooth_infonce.integrations.lightly.build_loss` (for DINO and SwAV the pair-weighted
-subclasses of lightly's losses in `smooth_infonce.integrations.lightly_multicrop`).
+subclasses of lightly's losses in `smooth_infonce.integrations.lightly.multicrop`).
 
 Example:
     >>> import torch
     >>> from smooth_infonce.integrations.lightly import build_loss
-    >>> from smooth_infonce.integrations.lightly_models import build_model
+    >>> from smooth_infonce.integrations.lightly.models import build_model
     >>> from smooth_infonce.integrations.recipes import get_preset
     >>> recipe = get_preset("light_moco", backbone__name="tiny_cnn", moco__queue_size=64)
     >>> model, criterion = build_model(recipe), build_loss(recipe)
@@ -51,16 +51,16 @@ try:
     from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
     from lightly.utils import dist as lightly_dist
 except ImportError as err:  # exercised by tests/test_demo.py with lightly blocked
-    raise ImportError(f"smooth_infonce.integrations.lightly_models needs lightly: pip install "
+    raise ImportError(f"smooth_infonce.integrations.lightly.models needs lightly: pip install "
                       f"'smooth-infonce[lightly]' ({err})") from err
 
+from smooth_infonce.cached_step import StepParts, embed_in_chunks
+from smooth_infonce.integrations.recipes import CropSpec, Recipe, ViewSpec
+from smooth_infonce.integrations.recipes.backbones import Backbone
 from smooth_infonce.views import Weights
 
-from .backbones import Backbone
-from .cached_step import StepParts, embed_in_chunks
-from .lightly import SmoothNTXentLoss
-from .lightly_multicrop import SSLightDINOLoss, SSLightSwaVLoss
-from .recipes import CropSpec, Recipe, ViewSpec
+from .loss import SmoothNTXentLoss
+from .multicrop import SSLightDINOLoss, SSLightSwaVLoss
 
 
 def build_crop_transform(crop: CropSpec, views: ViewSpec, view: int = 0) -> T.Compose:
@@ -108,9 +108,9 @@ class SimCLRModel(nn.Module):
 
     Example:
         >>> import torch
-        >>> from smooth_infonce.integrations.backbones import build_backbone
+        >>> from smooth_infonce.integrations.recipes.backbones import build_backbone
         >>> from smooth_infonce.integrations.lightly import SmoothNTXentLoss
-        >>> from smooth_infonce.integrations.lightly_models import SimCLRModel
+        >>> from smooth_infonce.integrations.lightly.models import SimCLRModel
         >>> model = SimCLRModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=16)
         >>> views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
         >>> loss = model.training_loss(views, SmoothNTXentLoss(0.2, smoothing=0.1, neighbors=3))
@@ -151,9 +151,9 @@ class MoCoModel(nn.Module):
 
     Example:
         >>> import torch
-        >>> from smooth_infonce.integrations.backbones import build_backbone
+        >>> from smooth_infonce.integrations.recipes.backbones import build_backbone
         >>> from smooth_infonce.integrations.lightly import SmoothNTXentLoss
-        >>> from smooth_infonce.integrations.lightly_models import MoCoModel
+        >>> from smooth_infonce.integrations.lightly.models import MoCoModel
         >>> model = MoCoModel(build_backbone("tiny_cnn", width=8), hidden_dim=64, output_dim=16)
         >>> criterion = SmoothNTXentLoss(0.2, memory_bank_size=(64, 16), smoothing=0.1, neighbors=3)
         >>> views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)]
@@ -270,9 +270,9 @@ class DINOModel(nn.Module):
 
     Example:
         >>> import torch
-        >>> from smooth_infonce.integrations.backbones import build_backbone
-        >>> from smooth_infonce.integrations.lightly_models import DINOModel
-        >>> from smooth_infonce.integrations.lightly_multicrop import SSLightDINOLoss
+        >>> from smooth_infonce.integrations.recipes.backbones import build_backbone
+        >>> from smooth_infonce.integrations.lightly.models import DINOModel
+        >>> from smooth_infonce.integrations.lightly.multicrop import SSLightDINOLoss
         >>> model = DINOModel(build_backbone("tiny_cnn", width=8), hidden_dim=32, bottleneck_dim=16,
         ...                   num_prototypes=64, batch_norm=True, freeze_last_layer_epochs=1)
         >>> criterion = SSLightDINOLoss(output_dim=64, warmup_teacher_temp_epochs=50, teacher_temp=0.07,
@@ -361,9 +361,9 @@ class SwAVModel(nn.Module):
 
     Example:
         >>> import torch
-        >>> from smooth_infonce.integrations.backbones import build_backbone
-        >>> from smooth_infonce.integrations.lightly_models import SwAVModel
-        >>> from smooth_infonce.integrations.lightly_multicrop import SSLightSwaVLoss
+        >>> from smooth_infonce.integrations.recipes.backbones import build_backbone
+        >>> from smooth_infonce.integrations.lightly.models import SwAVModel
+        >>> from smooth_infonce.integrations.lightly.multicrop import SSLightSwaVLoss
         >>> model = SwAVModel(build_backbone("tiny_cnn", width=8), hidden_dim=32, output_dim=16,
         ...                   num_prototypes=30, queue_start_epoch=0)
         >>> model.set_queue_length(16)

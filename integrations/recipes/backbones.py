@@ -11,7 +11,7 @@ from the reported number would not fit.
 
 Example:
     >>> import torch
-    >>> from smooth_infonce.integrations.backbones import build_backbone, list_backbones
+    >>> from smooth_infonce.integrations.recipes.backbones import build_backbone, list_backbones
     >>> backbone = build_backbone("mobilenetv3_large_100")
     >>> backbone.num_features
     1280

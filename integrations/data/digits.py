@@ -3,7 +3,7 @@ torchvision ImageFolder, as PIL images with labels; the one digits loader of the
 demo and the tests use it).
 
 Example:
-    >>> from smooth_infonce.integrations.digits import digit_images, load_digits_images
+    >>> from smooth_infonce.integrations.data.digits import digit_images, load_digits_images
     >>> images, labels = digit_images(4, size=16)
     >>> images[0].size, images[0].mode, labels
     ((16, 16), 'RGB', [0, 1, 2, 3])
@@ -18,7 +18,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .recipes import CropSpec, ViewSpec
+from smooth_infonce.integrations.recipes import CropSpec, ViewSpec
 
 NUM_DIGITS = 1797  # images in scikit-learn's load_digits: 8 x 8 px, 10 classes
 

@@ -8,7 +8,7 @@ view is never its own target, and no pair has a local target:
     L = lambda_gg * mean_{a != v both global} l(a, v) + lambda_gl * mean_{a global, v local} l(a, v)
 
 with ``l(a, v)`` the batch mean of the cross-entropy from target a to prediction v. The weighting
-is stated once, in `smooth_infonce.integrations.multicrop` (``pair_weights`` and
+is stated once, in `smooth_infonce.integrations.recipes.multicrop` (``pair_weights`` and
 ``multicrop_cross_entropy``; docs/loss.md states the recipe), and both losses call it. What stays
 lightly's: the teacher-temperature schedule, the centre and its update (all-reduced over the
 processes), the Sinkhorn-Knopp codes (``sinkhorn``, distributed when asked).
@@ -18,7 +18,7 @@ lightly's (value, gradient and, for DINO, the centre after the call), for 2 or m
 
 Example:
     >>> import torch
-    >>> from smooth_infonce.integrations.lightly_multicrop import SSLightDINOLoss, SSLightSwaVLoss
+    >>> from smooth_infonce.integrations.lightly.multicrop import SSLightDINOLoss, SSLightSwaVLoss
     >>> dino = SSLightDINOLoss(output_dim=32, warmup_teacher_temp_epochs=5, loss_weights=(0.4, 0.6))
     >>> teacher_out = [torch.randn(4, 32) for _ in range(2)]            # the 2 global views
     >>> student_out = [torch.randn(4, 32, requires_grad=True) for _ in range(8)]  # + 6 locals
@@ -41,10 +41,10 @@ try:
     from lightly.loss import DINOLoss, SwaVLoss
     from lightly.loss.swav_loss import sinkhorn
 except ImportError as err:  # exercised by tests/test_demo.py with lightly blocked
-    raise ImportError(f"smooth_infonce.integrations.lightly_multicrop needs lightly: pip install "
+    raise ImportError(f"smooth_infonce.integrations.lightly.multicrop needs lightly: pip install "
                       f"'smooth-infonce[lightly]' ({err})") from err
 
-from .multicrop import check_loss_weights, multicrop_cross_entropy, pair_weights
+from smooth_infonce.integrations.recipes.multicrop import check_loss_weights, multicrop_cross_entropy, pair_weights
 
 LossWeights = Optional[Tuple[float, float]]
 
@@ -87,7 +87,7 @@ class SSLightDINOLoss(DINOLoss):
 
     Example:
         >>> import torch
-        >>> from smooth_infonce.integrations.lightly_multicrop import SSLightDINOLoss
+        >>> from smooth_infonce.integrations.lightly.multicrop import SSLightDINOLoss
         >>> criterion = SSLightDINOLoss(output_dim=16, warmup_teacher_temp=0.04, teacher_temp=0.07,
         ...                             warmup_teacher_temp_epochs=50, loss_weights=(0.4, 0.6))
         >>> float(criterion.teacher_temperature(epoch=0))
@@ -182,7 +182,7 @@ class SSLightSwaVLoss(SwaVLoss):
     Example:
         >>> import torch
         >>> from torch.nn.functional import normalize
-        >>> from smooth_infonce.integrations.lightly_multicrop import SSLightSwaVLoss
+        >>> from smooth_infonce.integrations.lightly.multicrop import SSLightSwaVLoss
         >>> criterion = SSLightSwaVLoss(temperature=0.1, loss_weights=(0.4, 0.6))
         >>> high = [normalize(torch.randn(8, 30), dim=1).requires_grad_() for _ in range(2)]
         >>> low = [normalize(torch.randn(8, 30), dim=1).requires_grad_() for _ in range(2)]

@@ -1,44 +1,10 @@
-"""The lightweight-model recipes as named, overridable presets (timm-style registry).
+"""The recipe as data: `Recipe`, a frozen dataclass tree holding everything a run needs (backbone,
+projection head, loss, MoCo / DINO / SwAV settings, optimiser with its parameter-group rules and
+lr scaling, view sampling, epochs), and the view-weighting rules the recipes share.
 
-A preset is a frozen dataclass tree (`Recipe`) holding everything a run needs: backbone, projection
-head, loss (tau, alpha, k, mode, schedule), MoCo settings, optimiser with its parameter-group
-rules and lr scaling, view sampling, epochs. It is plain data, toolkit-free (no lightly, no solo
-import): the lightly integration (`smooth_infonce.integrations.lightly`) and the solo-learn
-integration read the same objects, so a preset name means the same run in both.
-
-Presets (see `list_presets()`):
-
-- ``moco_v2_baseline``: MoCo v2 with the ResNet-50 recipe on MobileNetV3-Large (tau 0.2, plain
-  InfoNCE): the 36.3 % baseline of the light-moco paper.
-- ``light_moco``: the light-moco recipe ("Establishing a stronger baseline for lightweight
-  contrastive models"): tau 0.07 and smoothed InfoNCE on neighbours.
-- ``sslight_baseline``: MoCo v2 on MobileNetV2 with SSLight's optimisation and the baseline
-  multi-crop (2 x 224 at (0.14, 1), 6 x 96 at (0.05, 0.14), plain mean).
-- ``sslight_moco``: SSLight's view sampling ("Effective Self-supervised Pre-training on
-  Low-compute Networks without Distillation"): 2 x 224 at (0.3, 1), 6 x 128 at (0.05, 0.3),
-  weights (0.4, 0.6). Plain InfoNCE, as published.
-- ``sslight_moco_smooth``: ``sslight_moco`` plus light-moco's smoothing (the combination; not a
-  published configuration).
-- ``dino_baseline`` / ``sslight_dino``: DINO on MobileNetV2 (or ResNet-18/34), baseline or SSLight
-  views; ``dino_vit_baseline`` / ``sslight_dino_vit``: the same on ViT-Tiny/16 with AdamW.
-- ``swav_baseline`` / ``sslight_swav``: SwAV on MobileNetV2, baseline or SSLight views.
-
-The MoCo-v2 presets of SSLight and its DINO presets use the authors' photometric augmentations
-(BYOL's asymmetric blur and solarisation per global view); SwAV uses SwAV's.
-
-Every number is overridable: ``get_preset(name, **overrides)`` takes top-level fields, nested
-fields as ``section__field`` (``loss__smoothing=0.2``) or a dict per section
-(``loss={"smoothing": 0.2}``).
-
-Example:
-    >>> from smooth_infonce.integrations.recipes import get_preset, list_presets
-    >>> "light_moco" in list_presets()
-    True
-    >>> recipe = get_preset("light_moco", epochs=100, loss__smoothing=0.2, backbone__name="efficientnet_b0")
-    >>> recipe.loss.temperature, recipe.loss.smoothing, recipe.epochs
-    (0.07, 0.2, 100)
-    >>> recipe.optimizer.scaled_lr(batch_size=512)
-    0.06
+Plain data, toolkit-free: every integration reads the same objects, so a preset means the same run
+in lightly, Lightning and solo-learn. The named presets are in `light_moco` and `sslight`, the
+registry in `registry`.
 """
 
 from __future__ import annotations
@@ -46,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from smooth_infonce.options import SYMMETRIC, LossOptions
 from smooth_infonce.schedule import SmoothingSchedule
@@ -100,7 +66,7 @@ def cosine_ramp(progress: float, start: float, end: float) -> float:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Which network encodes the images (see `smooth_infonce.integrations.backbones`).
+    """Which network encodes the images (see `smooth_infonce.integrations.recipes.backbones`).
 
     Attributes:
         name: a registered backbone name or ``"timm:<model>"``.
@@ -518,13 +484,13 @@ def view_loss_weights(framework: str, num_global: int, num_local: int,
 @dataclass(frozen=True)
 class Recipe:
     """A complete pre-training recipe. Build pieces with ``recipe.backbone.build()``,
-    ``recipe.loss.smoothing_schedule(recipe.epochs)``, `smooth_infonce.integrations.optim`
+    ``recipe.loss.smoothing_schedule(recipe.epochs)``, `smooth_infonce.integrations.recipes.optim`
     (optimiser) and the toolkit integrations (models, transforms, losses).
 
     Attributes:
         framework: ``"moco"`` (key encoder + queue) or ``"simclr"`` (in-batch negatives), both with
             the smoothed InfoNCE of ``loss``; ``"dino"`` (``dino``) or ``"swav"`` (``swav``), with
-            SSLight's pair-weighted multi-crop loss (`smooth_infonce.integrations.multicrop`;
+            SSLight's pair-weighted multi-crop loss (`smooth_infonce.integrations.recipes.multicrop`;
             ``views.loss_weights`` are its (lambda_gg, lambda_gl)).
         batch_size: the recipe's total batch (learning rates scale from it per 256 images).
     """
@@ -604,264 +570,3 @@ def _apply_overrides(obj: Any, overrides: Mapping[str, Any]) -> Any:
                              f"(e.g. {head}=dict(...)) instead of its fields {sorted(sub)}")
         direct[head] = _apply_overrides(current, sub)
     return dataclasses.replace(obj, **direct)
-
-
-# --- registry ---------------------------------------------------------------------------------
-
-_PRESETS: Dict[str, Callable[[], Recipe]] = {}
-
-
-def register_preset(factory: Callable[[], Recipe]) -> Callable[[], Recipe]:
-    """Decorator: register a preset under its function's name (one name, one factory)."""
-    name = factory.__name__
-    if name in _PRESETS:
-        raise ValueError(f"preset {name!r} is already registered")
-    _PRESETS[name] = factory
-    return factory
-
-
-def list_presets() -> List[str]:
-    return sorted(_PRESETS)
-
-
-def get_preset(preset: str, /, **overrides: Any) -> Recipe:
-    """The preset named ``preset`` with ``overrides`` applied (see `Recipe.override`; a ``name``
-    override renames the copy)."""
-    if preset not in _PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {list_presets()}")
-    return _PRESETS[preset]().override(**overrides)
-
-
-# --- the presets --------------------------------------------------------------------------------
-
-_MOCO_V2_VIEWS = ViewSpec(global_crops=CropSpec(2, 224, (0.2, 1.0)))
-
-
-@register_preset
-def moco_v2_baseline() -> Recipe:
-    """MoCo v2 with its ResNet-50 recipe on MobileNetV3-Large: the light-moco paper's baseline
-    (36.3 % linear top-1 on ImageNet; 42.2 % with EfficientNet-B0)."""
-    return Recipe(
-        name="moco_v2_baseline",
-        framework="moco",
-        backbone=BackboneSpec("mobilenetv3_large_100"),
-        head=HeadSpec(hidden_dim=2048, output_dim=128, num_layers=2, batch_norm=False),
-        loss=LossSpec(temperature=0.2, smoothing=0.0),
-        moco=MoCoSpec(queue_size=65536, key_momentum=0.999),
-        # MoCo v2 decays every parameter (no exclusion rules); cosine lr, no warm-up.
-        optimizer=OptimizerSpec(name="sgd", lr_per_256=0.03, momentum=0.9, weight_decay=1e-4),
-        views=_MOCO_V2_VIEWS,
-        epochs=200,
-        batch_size=256,
-        description="MoCo v2, ResNet-50 recipe, on a lightweight backbone (plain InfoNCE, tau 0.2)",
-    )
-
-
-@register_preset
-def light_moco() -> Recipe:
-    """The light-moco recipe: MoCo v2 with tau 0.07 and smoothed InfoNCE (62.3 % with
-    MobileNetV3-Large, 65.8 % with EfficientNet-B0 in the paper).
-
-    The published alpha, k, mode and schedule are unknown (neither the paper's abstract nor its
-    public code states them). Chosen defaults:
-
-    - mode ``neighbors``: the default strategy of the authors' code.
-    - alpha = 0.1: the customary label-smoothing mass; it keeps 90 % of the target on the
-      positive, so the loss stays an instance-discrimination loss.
-    - k = 10: the neighbours should be likely same-class images. A 65536-key queue holds about
-      65 images per ImageNet class, so the 10 most similar negatives are mostly same-class ones
-      once the features are meaningful, while k stays far below 65.
-    - warm-up: 3 epochs, as in the authors' scripts, where one flag (``--warm``) drives both: the
-      learning rate warms up linearly (then the cosine schedule) and alpha is held at 0 for those
-      epochs, so early, meaningless neighbours stay out of the targets. ``wait_for_full_bank``
-      also holds alpha at 0 until the queue is full.
-    """
-    base = moco_v2_baseline()
-    return base.override(
-        name="light_moco",
-        loss=LossSpec(temperature=0.07, smoothing=DEFAULT_SMOOTHING, mode="neighbors",
-                      neighbors=DEFAULT_NEIGHBORS, schedule="warmup", warmup_epochs=LIGHT_MOCO_WARMUP_EPOCHS),
-        optimizer=dataclasses.replace(base.optimizer, warmup_epochs=LIGHT_MOCO_WARMUP_EPOCHS),
-        description="light-moco: MoCo v2, tau 0.07, smoothed InfoNCE on the 10 nearest negatives",
-    )
-
-
-# SSLight's optimisation for CNNs (batch 1024 = 128 x 8 GPUs, 200 epochs): LARS, peak lr
-# 1.92 = 0.48 per 256, 10 warm-up epochs, per-iteration cosine to 0.0048 = 0.0012 per 256,
-# weight decay 1e-6, none on 1-D parameters and depthwise kernels.
-_SSLIGHT_OPTIMIZER = OptimizerSpec(
-    name="lars", lr_per_256=0.48, min_lr_per_256=0.0012, momentum=0.9, weight_decay=1e-6,
-    warmup_epochs=10, lr_schedule="cosine", exclude_bias_norm=True, exclude_depthwise=True,
-    trust_coefficient=1e-3,
-)
-
-
-# The SSLight authors' photometric augmentations for MoCo and DINO (BYOL's asymmetric pair): blur
-# always on global 1, rarely on global 2, half the time on locals; solarisation on global 2 only.
-_SSLIGHT_PHOTOMETRIC = dict(color_jitter=(0.4, 0.4, 0.2, 0.1), color_jitter_prob=0.8, grayscale_prob=0.2,
-                            hflip_prob=0.5, blur_prob=(1.0, 0.1, 0.5), solarize_prob=(0.0, 0.2, 0.0))
-# ... and for SwAV (SwAV's own colour distortion of strength 1): blur 0.5 on every view, no solarisation.
-_SWAV_PHOTOMETRIC = dict(color_jitter=(0.8, 0.8, 0.8, 0.2), color_jitter_prob=0.8, grayscale_prob=0.2,
-                         hflip_prob=0.5, blur_prob=0.5, solarize_prob=0.0)
-
-
-def _multicrop_views(global_scale: Tuple[float, float], local: CropSpec, sslight: bool,
-                     photometric: Mapping[str, Any]) -> ViewSpec:
-    """2 x 224 px global crops at ``global_scale`` + ``local``, bicubic; SSLight weighs the
-    global and local pairs (0.4, 0.6), the baselines take the plain mean (None)."""
-    return ViewSpec(global_crops=CropSpec(2, 224, global_scale), local_crops=local,
-                    loss_weights=(0.4, 0.6) if sslight else None, interpolation="bicubic", **photometric)
-
-
-# View sampling, baseline vs SSLight (the authors' configs): CNNs split global and local crops at
-# scale 0.14 (baseline) or 0.3 (SSLight, with 128 px locals); ViT-Tiny at 0.25 or 0.3, 10 locals.
-_CNN_BASELINE_LOCALS, _CNN_SSLIGHT_LOCALS = CropSpec(6, 96, (0.05, 0.14)), CropSpec(6, 128, (0.05, 0.3))
-_VIT_BASELINE_LOCALS, _VIT_SSLIGHT_LOCALS = CropSpec(10, 96, (0.05, 0.25)), CropSpec(10, 128, (0.05, 0.3))
-
-
-@register_preset
-def sslight_baseline() -> Recipe:
-    """MoCo v2 on MobileNetV2 with SSLight's optimisation and the baseline multi-crop (60.6 %
-    linear top-1 on ImageNet in SSLight's README): 2 x 224 px at (0.14, 1), 6 x 96 px at
-    (0.05, 0.14), every query view weighing the same ((1/7, 6/7))."""
-    return Recipe(
-        name="sslight_baseline",
-        framework="moco",
-        backbone=BackboneSpec("mobilenet_v2"),
-        head=HeadSpec(hidden_dim=2048, output_dim=128, num_layers=2, batch_norm=False),
-        loss=LossSpec(temperature=0.2, smoothing=0.0),
-        moco=MoCoSpec(queue_size=65536, key_momentum=0.999, shuffle_bn=True),
-        optimizer=_SSLIGHT_OPTIMIZER,
-        views=_multicrop_views((0.14, 1.0), _CNN_BASELINE_LOCALS, sslight=False, photometric=_SSLIGHT_PHOTOMETRIC),
-        epochs=200,
-        batch_size=1024,
-        description="MoCo v2 + baseline multi-crop, SSLight optimisation (LARS), MobileNetV2",
-    )
-
-
-@register_preset
-def sslight_moco() -> Recipe:
-    """SSLight's view sampling for MoCo v2 (61.6 % on ImageNet with MobileNetV2, README):
-    2 x 224 px at (0.3, 1), 6 x 128 px at (0.05, 0.3), weights 0.4 for the global query and 0.6
-    shared by the 6 local queries. Plain InfoNCE, as published; the key is global view 1."""
-    return sslight_baseline().override(
-        name="sslight_moco",
-        views=_multicrop_views((0.3, 1.0), _CNN_SSLIGHT_LOCALS, sslight=True, photometric=_SSLIGHT_PHOTOMETRIC),
-        description="MoCo v2 + SSLight view sampling (0.4 / 0.6 weights), LARS, MobileNetV2",
-    )
-
-
-@register_preset
-def sslight_moco_smooth() -> Recipe:
-    """``sslight_moco`` with light-moco's smoothing (alpha 0.1 on the 10 nearest negatives after
-    3 epochs at 0; see `light_moco` for why). The combination of the two papers: its effect is not
-    published."""
-    return sslight_moco().override(
-        name="sslight_moco_smooth",
-        loss__smoothing=DEFAULT_SMOOTHING, loss__mode="neighbors", loss__neighbors=DEFAULT_NEIGHBORS,
-        loss__schedule="warmup", loss__warmup_epochs=3,
-        description="SSLight view sampling + smoothed InfoNCE (neighbours)",
-    )
-
-
-# --- SSLight's DINO and SwAV ------------------------------------------------------------------
-
-
-@register_preset
-def dino_baseline() -> Recipe:
-    """DINO on a CNN with the SSLight authors' baseline views (66.2 % linear top-1 on ImageNet
-    with MobileNetV2, 62.2 % ResNet-18, 67.7 % ResNet-34: ``backbone__name="resnet18"``): 2 x 224
-    px at (0.14, 1), 6 x 96 px at (0.05, 0.14), the plain mean over the 14 (global target, view)
-    pairs. Head 2048-2048-256 with BN and GELU, weight-normalised last layer of 4096 outputs with
-    its gain fixed; student tau 0.1, teacher tau 0.04 -> 0.07 over 50 epochs, centre momentum 0.9,
-    teacher EMA 0.996 -> 1 (cosine), last layer frozen in epoch 0; LARS as SSLight's MoCo."""
-    return Recipe(
-        name="dino_baseline",
-        framework="dino",
-        backbone=BackboneSpec("mobilenet_v2"),
-        head=HeadSpec(hidden_dim=2048, output_dim=256, num_layers=3, batch_norm=True),
-        dino=DINOSpec(),
-        optimizer=_SSLIGHT_OPTIMIZER,
-        views=_multicrop_views((0.14, 1.0), _CNN_BASELINE_LOCALS, sslight=False, photometric=_SSLIGHT_PHOTOMETRIC),
-        epochs=200,
-        batch_size=1024,
-        description="DINO + baseline multi-crop, LARS, MobileNetV2 (or ResNet-18/34)",
-    )
-
-
-@register_preset
-def sslight_dino() -> Recipe:
-    """`dino_baseline` with SSLight's views (68.3 % MobileNetV2, 65.7 % ResNet-18, 69.7 %
-    ResNet-34): 2 x 224 px at (0.3, 1), 6 x 128 px at (0.05, 0.3), lambda (0.4, 0.6): 0.2 per
-    global-global pair, 0.05 per global-local pair."""
-    return dino_baseline().override(
-        name="sslight_dino",
-        views=_multicrop_views((0.3, 1.0), _CNN_SSLIGHT_LOCALS, sslight=True, photometric=_SSLIGHT_PHOTOMETRIC),
-        description="DINO + SSLight view sampling (0.4 / 0.6), LARS, MobileNetV2 (or ResNet-18/34)",
-    )
-
-
-@register_preset
-def dino_vit_baseline() -> Recipe:
-    """DINO on ViT-Tiny/16 (drop path 0.1) with the baseline views (66.7 %): 2 x 224 px at
-    (0.25, 1), 10 x 96 px at (0.05, 0.25), plain mean over the 22 pairs. Head 2048-2048-256
-    without BN, 65536 outputs, last-layer gain learnt; teacher tau warm-up over 30 epochs; AdamW,
-    lr 5e-4 per 256 (2e-3 at 1024) to 1e-5 at 1024, weight decay 0.04 -> 0.4 (cosine)."""
-    return Recipe(
-        name="dino_vit_baseline",
-        framework="dino",
-        backbone=BackboneSpec("vit_tiny_patch16", kwargs={"drop_path_rate": 0.1}),
-        head=HeadSpec(hidden_dim=2048, output_dim=256, num_layers=3, batch_norm=False),
-        dino=DINOSpec(num_prototypes=65536, norm_last_layer=False, warmup_teacher_temperature_epochs=30),
-        optimizer=OptimizerSpec(name="adamw", lr_per_256=5e-4, min_lr_per_256=2.5e-6, weight_decay=0.04,
-                                weight_decay_end=0.4, warmup_epochs=10, lr_schedule="cosine",
-                                exclude_bias_norm=True, exclude_depthwise=False),
-        views=_multicrop_views((0.25, 1.0), _VIT_BASELINE_LOCALS, sslight=False, photometric=_SSLIGHT_PHOTOMETRIC),
-        epochs=200,
-        batch_size=1024,
-        description="DINO + baseline multi-crop, AdamW, ViT-Tiny/16",
-    )
-
-
-@register_preset
-def sslight_dino_vit() -> Recipe:
-    """`dino_vit_baseline` with SSLight's views (69.5 %): 2 x 224 px at (0.3, 1), 10 x 128 px at
-    (0.05, 0.3), lambda (0.4, 0.6): 0.2 per global-global pair, 0.03 per global-local pair."""
-    return dino_vit_baseline().override(
-        name="sslight_dino_vit",
-        views=_multicrop_views((0.3, 1.0), _VIT_SSLIGHT_LOCALS, sslight=True, photometric=_SSLIGHT_PHOTOMETRIC),
-        description="DINO + SSLight view sampling (0.4 / 0.6), AdamW, ViT-Tiny/16",
-    )
-
-
-@register_preset
-def swav_baseline() -> Recipe:
-    """SwAV on MobileNetV2 with the baseline views (65.2 %): 2 x 224 px at (0.14, 1), 6 x 96 px
-    at (0.05, 0.14), plain mean over the 14 pairs; SwAV's colour distortion. Head 4096 hidden with
-    BN and ReLU -> 128 -> L2 -> 3000 prototypes (normalised every step, frozen in epoch 0);
-    codes by Sinkhorn (epsilon 0.05, 3 iterations, over every process) of the 2 global views,
-    predicted at tau 0.1; queue of 3840 (3072 at batch 1024) from epoch 15; LARS, lr 0.3 per 256
-    (1.2 at 1024), warm-up from 0.075 at 1024, to 0.0048 at 1024."""
-    return Recipe(
-        name="swav_baseline",
-        framework="swav",
-        backbone=BackboneSpec("mobilenet_v2"),
-        head=HeadSpec(hidden_dim=4096, output_dim=128, num_layers=2, batch_norm=True),
-        swav=SwAVSpec(),
-        optimizer=dataclasses.replace(_SSLIGHT_OPTIMIZER, lr_per_256=0.3, warmup_start_lr_per_256=0.075 / 4),
-        views=_multicrop_views((0.14, 1.0), _CNN_BASELINE_LOCALS, sslight=False, photometric=_SWAV_PHOTOMETRIC),
-        epochs=200,
-        batch_size=1024,
-        description="SwAV + baseline multi-crop, LARS, MobileNetV2",
-    )
-
-
-@register_preset
-def sslight_swav() -> Recipe:
-    """`swav_baseline` with SSLight's views (67.3 %): 2 x 224 px at (0.3, 1), 6 x 128 px at
-    (0.05, 0.3), lambda (0.4, 0.6)."""
-    return swav_baseline().override(
-        name="sslight_swav",
-        views=_multicrop_views((0.3, 1.0), _CNN_SSLIGHT_LOCALS, sslight=True, photometric=_SWAV_PHOTOMETRIC),
-        description="SwAV + SSLight view sampling (0.4 / 0.6), LARS, MobileNetV2",
-    )

@@ -7,7 +7,7 @@ Swap one line and existing lightly code runs unchanged::
     criterion = SmoothNTXentLoss(temperature=0.2, memory_bank_size=(4096, 128), smoothing=0.1, neighbors=5)
 
 ``build_loss(recipe)`` builds it from a preset (`smooth_infonce.integrations.recipes`); lightly
-models, heads and transforms of the recipes: `smooth_infonce.integrations.lightly_models`.
+models, heads and transforms of the recipes: `smooth_infonce.integrations.lightly.models`.
 Imports in this module are absolute: ``import lightly`` is the real lightly package, not this file.
 """
 
@@ -30,13 +30,13 @@ except ImportError as err:  # exercised by tests/test_demo.py with lightly block
     raise ImportError(f"smooth_infonce.integrations.lightly needs lightly: pip install 'smooth-infonce[lightly]' "
                       f"({err})") from err
 
+from smooth_infonce.integrations.recipes import Recipe
 from smooth_infonce.options import LossOptions, add_option_properties
 from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_smoothing
 from smooth_infonce.views import Weights, check_views, multi_view_loss, symmetric_moco_loss
 
-from .lightly_multicrop import SSLightDINOLoss, SSLightSwaVLoss
-from .recipes import Recipe
+from .multicrop import SSLightDINOLoss, SSLightSwaVLoss
 
 NO_ID = -1  # a bank entry whose sample id is unknown: never masked
 UNIT_TOLERANCE = 16  # bank rows within this many epsilons of unit norm need no normalisation

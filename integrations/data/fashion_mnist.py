@@ -15,7 +15,7 @@ error names the file, what was expected and how to install the data.
 
 Example (on generated files; `write_idx` is the writer the tests use):
     >>> import numpy as np, tempfile
-    >>> from smooth_infonce.integrations.fashion_mnist import read_idx, write_idx
+    >>> from smooth_infonce.integrations.data.fashion_mnist import read_idx, write_idx
     >>> folder = tempfile.mkdtemp()
     >>> write_idx(f"{folder}/x.gz", np.arange(12, dtype=np.uint8).reshape(3, 2, 2))
     >>> read_idx(f"{folder}/x.gz").shape
@@ -32,8 +32,9 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from smooth_infonce.integrations.recipes import CropSpec, ViewSpec
+
 from .digits import ImageList
-from .recipes import CropSpec, ViewSpec
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_SPEC = "fashion-mnist"  # --data fashion-mnist[:DIR]

@@ -14,7 +14,7 @@ download), upsampled to ``--image-size`` px and split 75 / 25 (stratified) into 
 memory split and a held-out test split. ``--data`` takes a torchvision ImageFolder instead, or
 ``fashion-mnist[:DIR]``: Fashion-MNIST's official 60,000 training images (``--max-images``: a
 stratified subset of them) as pre-training / memory split and its 10,000 test images as the test
-split, read from the four IDX files (`smooth_infonce.integrations.fashion_mnist`; Debian's
+split, read from the four IDX files (`smooth_infonce.integrations.data.fashion_mnist`; Debian's
 ``apt-get install dataset-fashion-mnist`` by default, never downloaded).
 
 The recipe is ``light_moco`` scaled down to the data (`demo_recipe`): tiny CNN, small head, short
@@ -47,9 +47,9 @@ the PIL augmentations cost more than the tiny network, so this makes the compari
 identical in data for every run.
 ``--view-cache 0`` augments on the fly (the default for ``--data``).
 
-Code: the images in `smooth_infonce.integrations.digits`, the Trainer call and the training-curve
-callback in `smooth_infonce.integrations.pretraining`, kNN and linear probe in
-`smooth_infonce.integrations.evaluation`; this module holds the run configuration, the report and
+Code: the images in `smooth_infonce.integrations.data.digits`, the Trainer call and the training-curve
+callback in `smooth_infonce.integrations.demo.pretraining`, kNN and linear probe in
+`smooth_infonce.integrations.demo.evaluation`; this module holds the run configuration, the report and
 the command line.
 """
 
@@ -72,11 +72,25 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .digits import NUM_DIGITS, digits_views, load_digits_images, load_image_folder, split_indices, stratified_subset
+from smooth_infonce.integrations.data.digits import (
+    NUM_DIGITS,
+    digits_views,
+    load_digits_images,
+    load_image_folder,
+    split_indices,
+    stratified_subset,
+)
+from smooth_infonce.integrations.data.fashion_mnist import (
+    FashionMNISTError,
+    fashion_mnist_images,
+    fashion_mnist_views,
+    is_data_spec,
+    parse_data_spec,
+)
+from smooth_infonce.integrations.recipes import CropSpec, Recipe, ViewSpec, get_preset
+
 from .evaluation import EvalData, eval_transform
-from .fashion_mnist import FashionMNISTError, fashion_mnist_images, fashion_mnist_views, is_data_spec, parse_data_spec
 from .pretraining import CachedViews, RunResult, build_view_cache, pretrain, seed_everything
-from .recipes import CropSpec, Recipe, ViewSpec, get_preset
 
 # The [demo] extra, checked without importing it (Lightning and lightly load when training starts,
 # after the first status line).
@@ -670,7 +684,7 @@ def check_hardware(parser: argparse.ArgumentParser, args: Dict) -> None:
 
 
 def check_data(parser: argparse.ArgumentParser, config: DemoConfig) -> None:
-    from .backbones import list_backbones
+    from smooth_infonce.integrations.recipes.backbones import list_backbones
 
     if not config.backbone.startswith("timm:") and config.backbone not in list_backbones():
         parser.error(f"--backbone {config.backbone}: unknown; choose from {', '.join(list_backbones())} or timm:<name>")

@@ -3,7 +3,7 @@
 
 Example:
     >>> import torch
-    >>> from smooth_infonce.integrations.evaluation import knn_top1
+    >>> from smooth_infonce.integrations.demo.evaluation import knn_top1
     >>> train = torch.tensor([[1.0, 0.0], [0.0, 1.0]]); labels = torch.tensor([0, 1])
     >>> knn_top1(train, labels, torch.tensor([[0.9, 0.1]]), torch.tensor([0]), k=1)
     1.0
@@ -18,8 +18,8 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor, nn
 
-from .digits import ImageList
-from .recipes import ViewSpec
+from smooth_infonce.integrations.data.digits import ImageList
+from smooth_infonce.integrations.recipes import ViewSpec
 
 
 def eval_transform(image_size: int, views: ViewSpec):

@@ -34,7 +34,7 @@ A plain training loop (any model, any loss over the embeddings):
     >>> import torch
     >>> from torch import nn
     >>> from smooth_infonce import SmoothInfoNCELoss
-    >>> from smooth_infonce.integrations.cached_step import cached_step
+    >>> from smooth_infonce.cached_step import cached_step
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 16))
     >>> criterion = SmoothInfoNCELoss(temperature=0.2, smoothing=0.1, neighbors=5)
@@ -48,24 +48,12 @@ A plain training loop (any model, any loss over the embeddings):
     (False, 0)
 
 The lightly models of this project (`SimCLRModel`, `MoCoModel`, SSLight multi-crop, symmetric
-MoCo) with the lightly drop-in loss, in one call (call ``model.update_key_encoder()`` first for
-MoCo, as always):
+MoCo) with the lightly drop-in loss, in one call, are
+`smooth_infonce.integrations.lightly.steps.cached_training_loss`; the Lightning module's chunked
+steps go through it with `smooth_infonce.integrations.lightning.module.lightning_hooks`.
 
-    >>> from smooth_infonce.integrations.backbones import build_backbone
-    >>> from smooth_infonce.integrations.lightly import SmoothNTXentLoss
-    >>> from smooth_infonce.integrations.lightly_models import MoCoModel
-    >>> from smooth_infonce.integrations.cached_step import cached_training_loss
-    >>> moco = MoCoModel(build_backbone("tiny_cnn", width=4), hidden_dim=32, output_dim=16)
-    >>> bank = SmoothNTXentLoss(0.2, memory_bank_size=(128, 16), smoothing=0.1, neighbors=3)
-    >>> views = [torch.randn(24, 3, 8, 8), torch.randn(24, 3, 8, 8)]   # key view, query view
-    >>> moco.update_key_encoder()
-    >>> loss = cached_training_loss(moco, views, bank, chunk_size=8, ids=torch.arange(24))
-    >>> int(bank.bank_enqueued)                         # the 24 keys, enqueued once
-    24
-
-The core of this module (`cached_step`, `embed_without_graph`, `backward_chunks`) needs torch
-only; the lightly models state their own call of the loss once, in their ``step_parts``, which
-both their ``training_loss`` (the single pass) and `lightly_step_parts` use.
+This module needs torch only: it is the one copy of the cached-gradient step that every
+integration uses.
 """
 
 from __future__ import annotations
@@ -310,8 +298,6 @@ def embed_in_chunks(fn: Callable[[Tensor], Tensor], images: Tensor, chunk_size: 
     return torch.cat([fn(images[rows]) for rows in chunk_slices(images.shape[0], chunk_size)])
 
 
-# --- the project's lightly models ------------------------------------------------------------
-
 @dataclass
 class StepParts:
     """The pieces `cached_step` takes for one model and loss: ``cached_step(parts.embed,
@@ -324,50 +310,3 @@ class StepParts:
     def loss(self) -> Tensor:
         """The single pass: the whole batch embedded with a graph, then the loss."""
         return self.loss_of(_as_list(self.embed(self.inputs)))
-
-
-def lightly_step_parts(model: nn.Module, views: Sequence[Tensor], criterion: nn.Module, *, weights=None,
-                       ids: Optional[Tensor] = None, key_chunk_size: Optional[int] = None) -> StepParts:
-    """The cached-step pieces of the project's lightly models (`lightly_models.SimCLRModel`,
-    `lightly_models.MoCoModel`, their ``step_parts``: the same call of the loss as their
-    ``training_loss``) with the lightly drop-in loss (`lightly.SmoothNTXentLoss`, or lightly's
-    `NTXentLoss`): SimCLR and multi-crop in-batch; MoCo with its keys from the momentum encoder,
-    now, without a graph, ``key_chunk_size`` images at a time, the queries the cached part (SSLight:
-    one weight per query view); symmetric MoCo. The loss (and so the queue's read and enqueue) runs
-    once, on the whole batch."""
-    return model.step_parts(views, criterion, weights=weights, ids=ids, key_chunk_size=key_chunk_size)
-
-
-def cached_training_loss(model: nn.Module, views: Sequence[Tensor], criterion: nn.Module,
-                         chunk_size: Optional[int], *, weights=None, ids: Optional[Tensor] = None,
-                         no_sync: Optional[Callable[[], ContextManager]] = None,
-                         backward: Optional[Backward] = None) -> Tensor:
-    """`cached_step` of a project lightly model (`lightly_step_parts`: SimCLR, multi-crop, MoCo
-    with a queue and ids, SSLight's weights, symmetric MoCo): the step's loss, detached, with the
-    parameter gradients accumulated. MoCo keys are computed ``chunk_size`` images at a time too.
-    Call ``model.update_key_encoder()`` before, as for ``model.training_loss``."""
-    parts = lightly_step_parts(model, views, criterion, weights=weights, ids=ids, key_chunk_size=chunk_size)
-    return cached_step(parts.embed, parts.inputs, parts.loss_of, chunk_size, modules=model, no_sync=no_sync,
-                       backward=backward)
-
-
-# --- Lightning (manual optimisation) -----------------------------------------------------------
-
-def lightning_hooks(module) -> dict:
-    """``no_sync`` and ``backward`` for `cached_step` inside a LightningModule's
-    ``training_step`` under manual optimisation (``automatic_optimization = False``).
-
-    Every chunk is back-propagated through ``module.manual_backward`` (so the precision plugin
-    scales each alike) of a scalar whose gradient with respect to the chunk's outputs is exactly
-    the cached gradient; all chunks but the last run under the strategy's
-    ``block_backward_sync()`` (DDP's ``no_sync``), where Lightning does not arm DDP's reducer. The
-    gradients are thus all-reduced once per step, during the last chunk's backward. Single-device
-    strategies have no ``block_backward_sync``: nothing to block there.
-    """
-    strategy = module.trainer.strategy
-    no_sync = getattr(strategy, "block_backward_sync", None) or contextlib.nullcontext
-
-    def backward(outputs: Sequence[Tensor], gradients: Sequence[Tensor], last: bool) -> None:
-        module.manual_backward(sum((out * grad).sum() for out, grad in zip(outputs, gradients)))
-
-    return {"no_sync": no_sync, "backward": backward}

@@ -17,7 +17,7 @@ centre, temperature schedule and Sinkhorn; this module holds only the weighting.
 
 Example:
     >>> import torch
-    >>> from smooth_infonce.integrations.multicrop import multicrop_cross_entropy, pair_weights
+    >>> from smooth_infonce.integrations.recipes.multicrop import multicrop_cross_entropy, pair_weights
     >>> weights = pair_weights(num_global=2, num_local=6, loss_weights=(0.4, 0.6))
     >>> [round(w, 12) for w in weights[0][:3]], round(sum(map(sum, weights)), 12)  # 0.2 per global pair, 0.05 per local
     ([0.0, 0.2, 0.05], 1.0)

@@ -16,8 +16,8 @@ the same steps as lightly's.
 
 Example:
     >>> import torch
-    >>> from smooth_infonce.integrations.backbones import build_backbone
-    >>> from smooth_infonce.integrations.optim import build_optimizer, parameter_groups
+    >>> from smooth_infonce.integrations.recipes.backbones import build_backbone
+    >>> from smooth_infonce.integrations.recipes.optim import build_optimizer, parameter_groups
     >>> from smooth_infonce.integrations.recipes import get_preset
     >>> recipe = get_preset("sslight_moco")
     >>> model = build_backbone("mobilenet_v2")
@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .recipes import OptimizerSpec
+from .specs import OptimizerSpec
 
 
 def is_depthwise_conv(module: nn.Module) -> bool:

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .backbones import Backbone
-from .digits import ImageList
+from smooth_infonce.integrations.data.digits import ImageList
+from smooth_infonce.integrations.recipes import CropSpec, Recipe, ViewSpec
+from smooth_infonce.integrations.recipes.backbones import Backbone
+
 from .evaluation import EvalData
-from .recipes import CropSpec, Recipe, ViewSpec
 
 # tqdm refreshes: smooth on a terminal, a line every few seconds in a log file.
 BAR_INTERVAL = 0.2 if sys.stderr.isatty() else 5.0
@@ -70,7 +71,7 @@ def build_view_cache(images: ImageList, views: ViewSpec, per_image: int, seed: i
     and solarisation probabilities must agree (digits: none)."""
     from tqdm.auto import tqdm
 
-    from .lightly_models import build_crop_transform
+    from smooth_infonce.integrations.lightly.models import build_crop_transform
 
     crop = views.global_crops if crop is None else crop
     first = 0 if crop is views.global_crops else views.global_crops.count
@@ -186,7 +187,7 @@ def pretrain(recipe: Recipe, train_data: Dataset, evaluation: EvalData, *, seed:
     """
     import lightning as L
 
-    from .lightning import PretrainDataModule, build_module
+    from smooth_infonce.integrations.lightning.module import PretrainDataModule, build_module
 
     result = RunResult(run, seed, recipe.loss.smoothing, recipe.loss.mode if recipe.loss.smoothing else "-",
                        recipe.loss.neighbors_or_none, 0.0, 0.0, 0.0, masked=mask_own_keys, description=description)

@@ -14,7 +14,7 @@ cosine lr and the scheduled weight decay (set every step), the multi-crop views
 gathers the negatives of every process and MoCo enqueues the keys of every process
 (``gather_distributed``); nothing here is a hand-written loop.
 
-DINO and SwAV (SSLight's pair-weighted multi-crop loss, `lightly_multicrop`): the student and its
+DINO and SwAV (SSLight's pair-weighted multi-crop loss, `integrations.lightly.multicrop`): the student and its
 EMA teacher (`DINOModel`), or the prototypes and the queue (`SwAVModel`). DINO: the teacher
 temperature by epoch, the teacher's EMA after every optimiser step at
 ``recipe.dino.teacher_momentum_at(step, total steps)``, the last layer's gradients dropped in the
@@ -40,6 +40,7 @@ resumes bit for bit on every process, with or without workers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -58,14 +59,38 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "smooth_infonce.integrations.lightning needs Lightning: pip install 'smooth-infonce[lightning]'"
     ) from err
 
-from .cached_step import cached_training_loss, chunk_slices, lightning_hooks
-from .lightly import build_loss
-from .lightly_models import build_model, build_view_transform
-from .optim import build_optimizer, set_schedules
-from .recipes import Recipe, get_preset
+from smooth_infonce.cached_step import chunk_slices
+from smooth_infonce.integrations.lightly.loss import build_loss
+from smooth_infonce.integrations.lightly.models import build_model, build_view_transform
+from smooth_infonce.integrations.lightly.steps import cached_training_loss
+from smooth_infonce.integrations.recipes import Recipe, get_preset
+from smooth_infonce.integrations.recipes.optim import build_optimizer, set_schedules
 
 RNG_STATE_KEY = "smooth_infonce_rng_state"
 RNG_STATE_FORMAT = 2  # one state per process (format 1, before it: a single state, rank 0's)
+
+
+# --- cached-gradient steps under manual optimisation ---------------------------------------------
+
+def lightning_hooks(module) -> dict:
+    """``no_sync`` and ``backward`` for `cached_step` inside a LightningModule's
+    ``training_step`` under manual optimisation (``automatic_optimization = False``).
+
+    Every chunk is back-propagated through ``module.manual_backward`` (so the precision plugin
+    scales each alike) of a scalar whose gradient with respect to the chunk's outputs is exactly
+    the cached gradient; all chunks but the last run under the strategy's
+    ``block_backward_sync()`` (DDP's ``no_sync``), where Lightning does not arm DDP's reducer. The
+    gradients are thus all-reduced once per step, during the last chunk's backward. Single-device
+    strategies have no ``block_backward_sync``: nothing to block there.
+    """
+    strategy = module.trainer.strategy
+    no_sync = getattr(strategy, "block_backward_sync", None) or contextlib.nullcontext
+
+    def backward(outputs: Sequence[Tensor], gradients: Sequence[Tensor], last: bool) -> None:
+        module.manual_backward(sum((out * grad).sum() for out, grad in zip(outputs, gradients)))
+
+    return {"no_sync": no_sync, "backward": backward}
+
 
 
 def seed_streams(seed: int, rank: int, step: int = 0) -> None:
@@ -174,7 +199,11 @@ class PretrainDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is None:
-            from .fashion_mnist import fashion_mnist_images, is_data_spec, parse_data_spec
+            from smooth_infonce.integrations.data.fashion_mnist import (
+                fashion_mnist_images,
+                is_data_spec,
+                parse_data_spec,
+            )
 
             if is_data_spec(self.root):
                 self.dataset = fashion_mnist_images("train", parse_data_spec(self.root))
