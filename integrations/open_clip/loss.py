@@ -38,6 +38,16 @@ from smooth_infonce.validation import (
 )
 
 
+def _clip_loss_uses_bias() -> bool:
+    """Whether this open_clip's ClipLoss adds ``logit_bias`` to its logits (3.x: a zero gradient
+    reaches the bias) or accepts and ignores it (2.x: no gradient), asked of ClipLoss itself."""
+    bias = torch.zeros((), requires_grad=True)
+    return ClipLoss()(torch.eye(2), torch.eye(2), torch.ones(()), logit_bias=bias).requires_grad
+
+
+CLIP_LOSS_USES_BIAS = _clip_loss_uses_bias()
+
+
 class SmoothClipLoss(ClipLoss):
     """Smoothed InfoNCE as a drop-in subclass of open_clip's `ClipLoss`.
 
@@ -72,7 +82,8 @@ class SmoothClipLoss(ClipLoss):
       combination, and Horovod, gathers with open_clip's own ``gather_features``;
     - ``logit_bias`` (a scalar added to every logit) shifts each row of logits by a constant,
       which a softmax cross-entropy ignores, smoothed or not: the value does not change and its
-      gradient is zero (it still gets one, so weight decay reaches it as under `ClipLoss`);
+      gradient is zero (it still gets one where `ClipLoss` gives it one, open_clip >= 3.0, so
+      weight decay reaches it as there; open_clip 2.x's `ClipLoss` leaves it out, and so does this);
     - ``output_dict=True`` returns ``{"contrastive_loss": loss}``;
     - ``cache_labels`` is accepted and has nothing to cache here (the positives are by position).
 
@@ -178,7 +189,7 @@ class SmoothClipLoss(ClipLoss):
         if self.validate:
             check_finite(image_features=image_features, text_features=text_features)
         loss = self._loss(image_features, text_features, scale, check_smoothing(self.smoothing))
-        if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
+        if CLIP_LOSS_USES_BIAS and isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
             # a row-constant shift: no change to the value, a zero gradient (ClipLoss's, to rounding)
             loss = loss + (logit_bias * 0).sum().to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
