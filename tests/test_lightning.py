@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from smooth_infonce.integrations.lightning import (  # noqa: E402
+from smooth_infonce.integrations.lightning.module import (  # noqa: E402
     RNG_STATE_KEY,
     PretrainDataModule,
     from_preset,
