@@ -241,7 +241,11 @@ def table(report) -> str:
 
 
 def plot(report, png: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the JSON and the table are the results
+        print(f"no plot ({png.name}): matplotlib is not importable")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
