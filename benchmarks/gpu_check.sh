@@ -24,9 +24,13 @@
 #      and the summary prints which defaults to change;
 #   5. issue 18's step memory (cached-gradient step vs single pass, bf16, 96 px) and
 #   6. whole training steps (bf16 autocast, 224 px): both need lightly (the project's lightly models);
+#   6b. the toolkit drop-ins against the losses they replace (benchmarks/contrastive_losses.py): open_clip's
+#      ClipLoss vs SmoothClipLoss and sentence-transformers' MNRL vs SmoothMultipleNegativesRankingLoss,
+#      fwd+bwd time and peak memory at 4k-64k pairs, D 512 (each family only where its library imports);
 #   7. the summaries and each stage's time.
 # Every file goes to benchmarks/results/<device>-<date>*: .json/.png (benchmark), -doctor.json, -compile.json,
-# -pytest.txt/.xml, -tiles.json, -variants.json, -step_memory.*, -training_step.*, -versions.txt, -stages.tsv, -log.txt.
+# -pytest.txt/.xml, -tiles.json, -variants.json, -step_memory.*, -training_step.*, -contrastive_losses.*, -versions.txt,
+# -stages.tsv, -log.txt.
 #
 #   bash benchmarks/gpu_check.sh                 # .venv/bin/python if present, else python3
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -116,7 +120,8 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA
 import triton
 print("triton", triton.__version__)
 for module in ("lightly", "lightning", "pytorch_lightning", "torchmetrics", "timm", "torchvision", "sklearn",
-               "hydra", "matplotlib", "hypothesis", "pytest", "numpy", "inf_cl", "memeff"):
+               "hydra", "matplotlib", "hypothesis", "pytest", "numpy", "inf_cl", "memeff", "open_clip",
+               "sentence_transformers"):
     try:  # imported, not looked up in the metadata: a package that is present but hidden counts as absent
         print(module, getattr(importlib.import_module(module), "__version__", "(no __version__)"))
     except Exception as err:
@@ -155,6 +160,11 @@ STAGES="doctor:1.5:40 compile:2:20 pytest:2:20 benchmark:4:45 tiles:1:60 variant
 if [ $HAVE_LIGHTLY = 1 ]; then
     STAGES="$STAGES step_memory:1.5:50 training_step:1.5:50"
 fi
+LOSS_PROVIDERS=  # the drop-ins' families whose library imports here (6b)
+grep -q "^open_clip [0-9]" "$SHIM/probe.txt" && LOSS_PROVIDERS=clip,smooth_clip_0,smooth_clip_knn
+grep -q "^sentence_transformers [0-9]" "$SHIM/probe.txt" && \
+    LOSS_PROVIDERS=${LOSS_PROVIDERS:+$LOSS_PROVIDERS,}mnrl,smooth_mnrl_0,smooth_mnrl_knn
+[ -n "$LOSS_PROVIDERS" ] && STAGES="$STAGES contrastive:1:40"
 printf 'stage\tshare_s\tused_s\texit_code\tnote\n' >"$OUT-stages.tsv"
 SHARE=0
 stage_share() {  # sets SHARE for stage $1 (weight / sum of the remaining weights of what is left)
@@ -167,7 +177,7 @@ stage_min() { local s; for s in $STAGES; do [ "${s%%:*}" = "$1" ] && { echo "${s
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$OUT-stages.tsv"; }
 # run_stage NAME: runs the function NAME_stage in a child bash under `timeout $SHARE` (the whole
 # process group is stopped at the limit), unless the share is below the stage's minimum
-export PY OUT SHARE GPU_TEST_FILES DOCTOR_TRITON_CACHE
+export PY OUT SHARE GPU_TEST_FILES DOCTOR_TRITON_CACHE LOSS_PROVIDERS
 run_stage() {
     local name=$1
     stage_share "$name"
@@ -254,6 +264,21 @@ else
     record training_step 0 0 - "skipped: lightly not importable"
 fi
 
+if [ -n "$LOSS_PROVIDERS" ]; then
+    echo "== 6b. the drop-ins against ClipLoss / MNRL, fwd+bwd, D 512 ($(left) s left) -> $OUT-contrastive_losses.*"
+    contrastive_stage() {  # the JSON is rewritten per point: a stage stopped by its limit keeps what it measured
+        local batches=4096,16384,65536
+        [ "$SHARE" -lt 90 ] && batches=4096,16384
+        "$PY" benchmarks/contrastive_losses.py --device cuda --providers "$LOSS_PROVIDERS" --batches "$batches" \
+            --repeats-cuda 10 --out "$OUT-contrastive_losses"
+    }
+    run_stage contrastive
+else
+    echo "== 6b. the drop-ins against ClipLoss / MNRL: skipped, neither open_clip nor sentence_transformers is"
+    echo "   importable here (put unpacked wheels of either, with what they import, on GPU_CHECK_SITE)."
+    record contrastive 0 0 - "skipped: open_clip / sentence_transformers not importable"
+fi
+
 echo "== 7. summary"
 if [ -f "$OUT-compile.json" ]; then
     "$PY" -c "import json, sys; sys.path.insert(0, 'benchmarks'); import kernel_throughput as kt; \
@@ -271,6 +296,7 @@ if [ -f "$OUT-variants.json" ] && [ ! -f "$OUT.json" ]; then
     "$PY" benchmarks/kernel_throughput.py --summary "$OUT-variants.json"
 fi
 [ -f "$OUT-pytest.txt" ] && echo "pytest -m gpu: $(tail -n 1 "$OUT-pytest.txt")"
+[ -f "$OUT-contrastive_losses.md" ] && tail -n +4 "$OUT-contrastive_losses.md"
 column -t -s "$(printf '\t')" "$OUT-stages.tsv" 2>/dev/null || cat "$OUT-stages.tsv"
 echo "== done in $(( $(date +%s) - START )) s; files: $(ls "$OUT"* | tr '\n' ' ')"
 exec >&- 2>&-
