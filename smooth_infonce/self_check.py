@@ -92,10 +92,6 @@ TOLERANCES: Dict[str, tuple] = {
 # (the frozen MoCo queue): between them every backward kernel of the mode is launched.
 PROBE = dict(n=16, m=48, dim=32, temperature=0.2, smoothing=0.2, neighbors=3, seed=88)
 _PROBLEM_LAYOUT = {"in_batch": "inbatch", "moco": "moco", "moco_ids": "moco_ids", "two_tower": "twotower"}
-_TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-                "float32-tf32": torch.float32, "float64": torch.float64}
-
-
 class KernelFallbackWarning(RuntimeWarning):
     """The fused kernel failed its self-check for a kind: this process uses the reference op for it."""
 
@@ -402,7 +398,7 @@ def probe_problem(kind: Kind, device: torch.device):
     from .testing import make_problem
 
     problem = make_problem(_PROBLEM_LAYOUT[kind.layout], PROBE["n"], PROBE["m"], PROBE["dim"],
-                           dtype=_TORCH_DTYPE[kind.dtype], device=device, seed=PROBE["seed"])
+                           dtype=getattr(torch, kind.dtype.removesuffix("-tf32")), device=device, seed=PROBE["seed"])
     smoothing = 0.0 if kind.smoothing == "none" else PROBE["smoothing"]
     return problem, smoothing, PROBE["neighbors"] if kind.smoothing == "neighbors" else None
 

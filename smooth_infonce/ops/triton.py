@@ -849,8 +849,7 @@ def _with_signature(*structures, returns):
 _THREE_TENSORS = Tuple[Tensor, Tensor, Tensor]
 
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                torch.float64: "float64"}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 _KINDS: Dict[tuple, "self_check.Kind"] = {}
@@ -875,11 +874,11 @@ def kind_of(x: RowLossInputs) -> self_check.Kind:
 def _new_kind(x: RowLossInputs) -> self_check.Kind:
     for name in ("anchors", "candidates", "positive_keys"):
         t = getattr(x, name)
-        if t is not None and t.dtype not in _DTYPE_NAMES:
+        if t is not None and t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"triton backend: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     acc = compute_dtype(x.anchors, x.candidates, x.positive_keys)
     dtype = acc if acc == torch.float64 or x.anchors.dtype != x.candidates.dtype else x.anchors.dtype
-    dtype_name = "float32-tf32" if dtype == torch.float32 and x.allow_tf32 else _DTYPE_NAMES[dtype]
+    dtype_name = str(dtype).removeprefix("torch.") + ("-tf32" if dtype == torch.float32 and x.allow_tf32 else "")
     if x.positive_keys is not None:
         layout = "moco_ids" if x.ids_exclude and x.anchor_ids is not None else "moco"
     else:
