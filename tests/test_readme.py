@@ -1,7 +1,7 @@
 """The Python blocks of the README and of docs/ run as written, each with only the extra its section
 names: every Python block after a `<!-- readme-test extra=NAME -->` marker runs in a fresh interpreter in which the
-optional packages of every other extra cannot be imported (no extra: the core's torch, numpy and
-triton only)."""
+optional packages of every other extra cannot be imported and have no metadata (no extra: the core's
+torch, numpy and triton only)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ IMPORT_NAMES = {"lightly": "lightly", "torchvision": "torchvision", "timm": "tim
 RUNNER = """
 import importlib.abc, sys
 BLOCKED = set(sys.argv[1].split(",")) - {""}
+BLOCKED_DISTRIBUTIONS = set(sys.argv[2].split(",")) - {""}
 
 class WithoutBlocked(importlib.abc.MetaPathFinder):
     def __init__(self, finders):
@@ -46,9 +47,11 @@ class WithoutBlocked(importlib.abc.MetaPathFinder):
         for finder in self.finders:
             getattr(finder, "invalidate_caches", lambda: None)()
 
-    def find_distributions(self, *args, **kwargs):  # metadata stays visible (huggingface_hub reads it)
+    def find_distributions(self, *args, **kwargs):  # the others' metadata stays (huggingface_hub reads it)
         for finder in self.finders:
-            yield from getattr(finder, "find_distributions", lambda *a, **k: ())(*args, **kwargs)
+            for dist in getattr(finder, "find_distributions", lambda *a, **k: ())(*args, **kwargs):
+                if dist.metadata["Name"].lower().replace("_", "-") not in BLOCKED_DISTRIBUTIONS:
+                    yield dist
 
 sys.meta_path[:] = [WithoutBlocked(list(sys.meta_path))]
 exec(compile(sys.stdin.read(), "README.md block", "exec"), {"__name__": "__main__"})
@@ -104,8 +107,9 @@ def test_readme_block_runs_with_only_its_extra(index, tmp_path):
     table = extras()
     optional = set().union(*(names for name, names in table.items() if name != "test"))
     blocked = optional - table.get(extra, set())
-    done = subprocess.run([sys.executable, "-c", RUNNER, ",".join(sorted(blocked))], input=code, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    distributions = {name for name, module in IMPORT_NAMES.items() if module in blocked}
+    done = subprocess.run([sys.executable, "-c", RUNNER, ",".join(sorted(blocked)), ",".join(sorted(distributions))],
+                          input=code, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"block {index} (extra {extra!r}, blocked {sorted(blocked)}):\n{done.stderr[-4000:]}"
 
 
@@ -119,6 +123,6 @@ BUILD_BACKBONE = "from smooth_infonce.integrations.recipes.backbones import buil
 ])
 def test_a_missing_package_names_the_extra_to_install(blocked, code, extra, tmp_path):
     """The runner can fail, and a feature whose package is missing names the extra that brings it."""
-    done = subprocess.run([sys.executable, "-c", RUNNER, blocked], input=code, cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-c", RUNNER, blocked, blocked], input=code, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and f"pip install 'smooth-infonce[{extra}]'" in done.stderr, done.stderr[-2000:]
