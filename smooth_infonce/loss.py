@@ -6,13 +6,13 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .options import LossOptions, add_option_properties
+from .options import LossOptions, ScheduledSmoothing, add_option_properties
 from .validation import check_smoothing
 from .views import Weights, multi_view_loss
 
 
 @add_option_properties
-class SmoothInfoNCELoss(nn.Module):
+class SmoothInfoNCELoss(ScheduledSmoothing, nn.Module):
     """Smoothed InfoNCE loss ("Establishing a stronger baseline for lightweight contrastive
     models", arXiv 2212.07158).
 
@@ -89,13 +89,6 @@ class SmoothInfoNCELoss(nn.Module):
         self.smoothing = options.initial_smoothing  # the current alpha: the one thing that moves
         self.gather_distributed = gather_distributed
         self.validate = validate
-
-    def set_epoch(self, epoch: int) -> float:
-        """Set the current alpha (``smoothing``) from the schedule for this epoch and return it."""
-        if self.options.schedule is None:
-            raise RuntimeError("set_epoch needs a schedule: SmoothInfoNCELoss(..., schedule=SmoothingSchedule(...))")
-        self.smoothing = self.options.smoothing_at(epoch)
-        return self.smoothing
 
     def forward(
         self,

@@ -116,6 +116,28 @@ class LossOptions:
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossOptions))
 
 
+class ScheduledSmoothing:
+    """What every adapter holding ``self.options`` and its current alpha ``self.smoothing`` shares:
+    ``set_epoch`` and read access to the neighbours and the schedule (`add_option_properties` makes
+    them assignable where an adapter exposes every option)."""
+
+    @property
+    def neighbors(self) -> Optional[int]:
+        return self.options.neighbors
+
+    @property
+    def schedule(self) -> Optional[SmoothingSchedule]:
+        return self.options.schedule
+
+    def set_epoch(self, epoch: int) -> float:
+        """Set the current alpha (``smoothing``) from the schedule for this epoch and return it."""
+        if self.options.schedule is None:
+            raise RuntimeError(f"set_epoch needs a schedule: {type(self).__name__}(..., "
+                               "schedule=SmoothingSchedule(...))")
+        self.smoothing = self.options.smoothing_at(epoch)
+        return self.smoothing
+
+
 def add_option_properties(cls: type) -> type:
     """Give an adapter class holding ``self.options`` one property per option: ``loss.<name>``
     reads it, assigning replaces the options (validated again). ``smoothing`` is left out: the

@@ -31,7 +31,7 @@ except ImportError as err:  # exercised by tests/test_demo.py with lightly block
                       f"({err})") from err
 
 from smooth_infonce.integrations.recipes import Recipe
-from smooth_infonce.options import LossOptions, add_option_properties
+from smooth_infonce.options import LossOptions, ScheduledSmoothing, add_option_properties
 from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_smoothing
 from smooth_infonce.views import Weights, check_views, multi_view_loss, symmetric_moco_loss
@@ -54,7 +54,7 @@ class _BankState(NamedTuple):
 
 
 @add_option_properties
-class SmoothNTXentLoss(NTXentLoss):
+class SmoothNTXentLoss(ScheduledSmoothing, NTXentLoss):
     """Smoothed InfoNCE as a drop-in subclass of lightly's `NTXentLoss`.
 
     Same constructor arguments and call as `NTXentLoss` (``isinstance(loss, NTXentLoss)`` holds),
@@ -230,13 +230,6 @@ class SmoothNTXentLoss(NTXentLoss):
     @property
     def has_memory_bank(self) -> bool:
         return self.memory_bank.size[0] > 0
-
-    def set_epoch(self, epoch: int) -> float:
-        """Set the current alpha (``smoothing``) from the schedule for this epoch and return it."""
-        if self.options.schedule is None:
-            raise RuntimeError("set_epoch needs a schedule: SmoothNTXentLoss(..., schedule=SmoothingSchedule(...))")
-        self.smoothing = self.options.smoothing_at(epoch)
-        return self.smoothing
 
     @property
     def bank_filled(self) -> bool:

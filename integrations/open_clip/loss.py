@@ -27,7 +27,7 @@ except ImportError as err:
 
 from smooth_infonce import distributed
 from smooth_infonce.functional import compute_loss
-from smooth_infonce.options import LossOptions
+from smooth_infonce.options import LossOptions, ScheduledSmoothing
 from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import (
     check_embeddings,
@@ -48,7 +48,7 @@ def _clip_loss_uses_bias() -> bool:
 CLIP_LOSS_USES_BIAS = _clip_loss_uses_bias()
 
 
-class SmoothClipLoss(ClipLoss):
+class SmoothClipLoss(ScheduledSmoothing, ClipLoss):
     """Smoothed InfoNCE as a drop-in subclass of open_clip's `ClipLoss`.
 
     Same constructor arguments and call as `ClipLoss` (``isinstance(loss, ClipLoss)`` holds),
@@ -153,21 +153,6 @@ class SmoothClipLoss(ClipLoss):
         self.options = options
         self.smoothing = self.options.initial_smoothing  # the current alpha: the one thing that moves
         self.validate = validate
-
-    @property
-    def neighbors(self) -> Optional[int]:
-        return self.options.neighbors
-
-    @property
-    def schedule(self) -> Optional[SmoothingSchedule]:
-        return self.options.schedule
-
-    def set_epoch(self, epoch: int) -> float:
-        """Set the current alpha (``smoothing``) from the schedule for this epoch and return it."""
-        if self.options.schedule is None:
-            raise RuntimeError("set_epoch needs a schedule: SmoothClipLoss(..., schedule=SmoothingSchedule(...))")
-        self.smoothing = self.options.smoothing_at(epoch)
-        return self.smoothing
 
     def extra_repr(self) -> str:
         return (f"smoothing={self.smoothing}, neighbors={self.neighbors}, local_loss={self.local_loss}, "

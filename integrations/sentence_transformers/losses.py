@@ -42,7 +42,7 @@ except ImportError as err:
 from smooth_infonce import distributed
 from smooth_infonce.functional import compute_loss
 from smooth_infonce.layout import NO_ID
-from smooth_infonce.options import LossOptions
+from smooth_infonce.options import LossOptions, ScheduledSmoothing
 from smooth_infonce.schedule import SmoothingSchedule
 from smooth_infonce.validation import check_embeddings, check_finite, check_same_device, check_smoothing
 
@@ -85,7 +85,7 @@ def check_supported(loss) -> bool:
     return symmetric
 
 
-class _Smoothing:
+class _Smoothing(ScheduledSmoothing):
     """The smoothing shared by both drop-ins: its options, the scheduled alpha, the checks and the
     loss of some anchor rows of the batch (all of them, or one mini-batch of the cached loss)."""
 
@@ -100,22 +100,6 @@ class _Smoothing:
         self.validate = validate
         self._call_options: Optional[Tuple[tuple, LossOptions]] = None
         check_supported(self)
-
-    @property
-    def neighbors(self) -> Optional[int]:
-        return self.options.neighbors
-
-    @property
-    def schedule(self) -> Optional[SmoothingSchedule]:
-        return self.options.schedule
-
-    def set_epoch(self, epoch: int) -> float:
-        """Set the current alpha (``smoothing``) from the schedule for this epoch and return it."""
-        if self.options.schedule is None:
-            raise RuntimeError(f"set_epoch needs a schedule: {type(self).__name__}(..., "
-                               "schedule=SmoothingSchedule(...))")
-        self.smoothing = self.options.smoothing_at(epoch)
-        return self.smoothing
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {**super().get_config_dict(), "smoothing": self.smoothing, "neighbors": self.neighbors}
