@@ -210,9 +210,10 @@ def ratios(report) -> list:
         for batch in report["batches"]:
             mine, library = points.get((provider, batch)), points.get((family, batch))
             if mine and library:
+                # a growth below the RSS counters' resolution reads 0 MiB: no memory ratio there
+                memory = mine["peak_mib"] / library["peak_mib"] if library["peak_mib"] > 0 else None
                 rows.append(dict(provider=provider, library=family, batch=batch,
-                                 time_ratio=mine["seconds"] / library["seconds"],
-                                 memory_ratio=mine["peak_mib"] / library["peak_mib"]))
+                                 time_ratio=mine["seconds"] / library["seconds"], memory_ratio=memory))
     return rows
 
 
@@ -234,7 +235,8 @@ def table(report) -> str:
                 cell = f"{point['seconds']:.3g} s, {point['peak_mib']:.0f} MiB"
                 ratio = by_ratio.get((provider, batch))
                 if ratio:
-                    cell += f" ({ratio['time_ratio']:.2f}x, {ratio['memory_ratio']:.2f}x)"
+                    memory = "-" if ratio["memory_ratio"] is None else f"{ratio['memory_ratio']:.2f}x"
+                    cell += f" ({ratio['time_ratio']:.2f}x, {memory})"
                 cells.append(cell)
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
