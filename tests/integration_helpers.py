@@ -1,13 +1,23 @@
 """Small shared helpers for the integration tests: real digit images from the project's one
 digits loader (`smooth_infonce.integrations.data.digits`, scikit-learn's bundled digits, no download),
-and Fashion-MNIST's four IDX files made up at the official counts (no Debian package needed)."""
+Fashion-MNIST's four IDX files made up at the official counts (no Debian package needed), and a free
+port for the multi-process tests."""
+
+import socket
 
 import numpy as np
 
 from smooth_infonce.integrations.data import fashion_mnist as fm
 from smooth_infonce.integrations.data.digits import digit_images
 
-__all__ = ["digit_images", "fake_fashion_mnist"]
+__all__ = ["digit_images", "fake_fashion_mnist", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the rendezvous of a spawned gloo group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def fake_fashion_mnist(folder, gz: bool = True, seed: int = 0):

@@ -6,7 +6,6 @@ the global gradient exactly).
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from smooth_infonce import SmoothInfoNCELoss, smooth_infonce
+
+from integration_helpers import free_port
 
 WORLD, BATCH, WIDTH = 2, 5, 8
 pytestmark = pytest.mark.slow
@@ -51,12 +52,6 @@ def worker(rank, port, case, result_dir):
         torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("case", ["simclr", "supervised", "two_tower"])

@@ -7,7 +7,6 @@ it trains a tiny open_clip model built here without pretrained weights."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from smooth_infonce import SmoothingSchedule, smooth_infonce
 from smooth_infonce.integrations.open_clip import SmoothClipLoss
 from smooth_infonce.integrations.open_clip.loss import CLIP_LOSS_USES_BIAS
 
+from integration_helpers import free_port
 from oracles import two_tower_oracle
 
 WORLD, BATCH, WIDTH = 2, 5, 8
@@ -213,12 +213,6 @@ def test_trains_a_tiny_open_clip_model():
 
 
 # --- two gloo processes ---------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def rank_results(rank, combos, smoothing):
     """Per combination: (SmoothClipLoss's loss and grads, ClipLoss's) on this rank's slice."""

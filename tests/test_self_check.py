@@ -8,7 +8,6 @@ test has its own cache directory and starts with no in-process verdict (`self_ch
 
 import datetime
 import os
-import socket
 import warnings
 
 import pytest
@@ -22,6 +21,8 @@ from smooth_infonce.layout import dense_masks, make_pairs
 from smooth_infonce.ops import row_target_weights
 from smooth_infonce.ops import triton as host
 from smooth_infonce.self_check import KernelFallbackWarning, Kind
+
+from integration_helpers import free_port
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("isolated_self_check")]
 CPU = torch.device("cpu")
@@ -428,12 +429,6 @@ def moco_call_without_grad():
     gen = torch.Generator().manual_seed(5)
     queries, keys, queue = (torch.randn(rows, 24, generator=gen) for rows in (8, 8, 40))
     return smooth_infonce(queries, queue, positive_keys=keys, temperature=0.2, backend="triton")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ the written-out loss; the cached loss gives the uncached one; both train a tiny 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -35,6 +34,7 @@ from smooth_infonce.integrations.sentence_transformers import (
     SmoothMultipleNegativesRankingLoss,
 )
 
+from integration_helpers import free_port
 from oracles import loop_oracle
 
 WORLD, BATCH, WIDTH = 2, 4, 8
@@ -303,12 +303,6 @@ def test_trains_a_tiny_bert_with_the_cached_loss(tmp_path):
 
 
 # --- two gloo processes, gather_across_devices ------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def rank_results(rank, model):
     """Per setting and smoothing: this rank's (ours, library's) loss and column gradients, and the
