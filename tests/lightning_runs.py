@@ -111,7 +111,8 @@ class RecordStep(L.Callback):
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         grads = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
-        record = {"grad": grads, "world_size": trainer.world_size, "allreduce_calls": self.allreduce_calls}
+        record = {"grad": grads, "world_size": trainer.world_size, "allreduce_calls": self.allreduce_calls,
+                  "automatic_optimization": module.automatic_optimization}  # False: the chunked step ran
         if module.recipe.framework == "dino":
             record["center"] = module.criterion.center.clone()
             record["teacher"] = {name: p.detach().clone() for name, p in module.model.teacher_head.named_parameters()}

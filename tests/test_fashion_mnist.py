@@ -189,7 +189,10 @@ def test_the_demo_trains_on_fashion_mnist(fake_dir, tmp_path):
         outcome["header"]
     # the fake classes are templates plus noise: raw pixels must find them
     assert outcome["references"]["raw pixels"]["knn_top1"] > 0.9
-    assert 0 <= outcome["results"][0].knn_top1 <= 1
+    # one epoch of pre-training already moves the probe well past the untrained network's (seed 0 on
+    # CPU: 0.84 against 0.67): the run trained on these images, not merely ran
+    trained, untrained = outcome["results"][0], outcome["references"]["random init"]
+    assert trained.linear_top1 > untrained["linear_top1"] + 0.05 and len(trained.loss_per_epoch) == 1
 
 
 def test_the_demo_refuses_missing_files_with_the_install_line(tmp_path, capsys):

@@ -187,7 +187,7 @@ def test_an_exception_falls_back_in_forward_and_backward(monkeypatch):
     assert_reference(got, moco_call(backend="reference"))
 
 
-def test_fp16_fallback_returns_gradients_in_the_input_dtype(monkeypatch):
+def test_fp16_fallback_returns_the_reference_loss_and_gradients(monkeypatch):
     plant(monkeypatch, "_kernel_forward", lambda x: x.anchors.dtype == torch.float16, nan_loss)
     with pytest.warns(KernelFallbackWarning, match="float16"):
         loss, grad = in_batch_call(dtype=torch.float16)

@@ -183,12 +183,29 @@ def test_methods_at_smoothing_zero_train_like_solo_learns(image_folder):
         assert losses[0] == pytest.approx(losses[1], rel=1e-5), ours_name
 
 
-def test_moco_keeps_its_own_queue_and_calls_solos_training_step():
+@pytest.mark.parametrize("method, base", [("smooth_mocov2plus", "BaseMomentumMethod"), ("smooth_simclr", "BaseMethod")])
+def test_each_method_steps_through_solos_training_step_and_moco_keeps_its_own_queue(method, base, image_folder,
+                                                                                   monkeypatch):
+    """Not a MoCoV2Plus (its (2, D, K) queue is solo's layout, ours is one key queue with ids), and
+    each step goes through solo's own training_step (forwards, momentum update, online classifier)."""
     from solo.methods.mocov2plus import MoCoV2Plus
 
-    assert SmoothMoCoV2Plus.__mro__[1:3] != (MoCoV2Plus,)  # not a MoCoV2Plus: its queue layout is solo's
-    assert issubclass(SmoothMoCoV2Plus, solo_methods.base.BaseMomentumMethod)
-    assert issubclass(SmoothSimCLR, BaseMethod)
+    assert not issubclass(SmoothMoCoV2Plus, MoCoV2Plus)
+    base_class = getattr(solo_methods.base, base)
+    assert issubclass(solo_methods.METHODS[method], base_class)
+    calls = []
+    solos_step = base_class.training_step
+
+    def spy(self, batch, batch_idx):
+        calls.append(batch_idx)
+        return solos_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(base_class, "training_step", spy)
+    config = "pretrain/smoke_cpu" if method == "smooth_mocov2plus" else "pretrain/smoke_cpu_simclr"
+    queue = ["method_kwargs.queue_size=8"] if method == "smooth_mocov2plus" else []
+    cfg = pretrain_cfg(config, ["backbone.name=tiny_cnn", *queue], image_folder / "train")
+    fit(solo_methods.METHODS[method](cfg), cfg, steps=2)
+    assert calls == [0, 1]
 
 
 # --- a training step of every method x backbone on CPU ------------------------------------------
