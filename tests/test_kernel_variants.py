@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton  # noqa: E402,F401  # a core dependency on Linux: a broken install fails, never skips
 from test_triton_kernel import (  # noqa: E402
+    LaunchSpy,
     assert_backward_path,
     assert_matches_reference,
     record_gradient_launches,
@@ -76,6 +77,35 @@ def test_variant_matches_reference(variants, layout, neighbors):
     if neighbors:
         got, expected = neighbor_columns(prob, neighbors, variants)
         assert torch.equal(got, expected)
+
+
+@interpreter
+def test_each_variant_takes_its_own_launches(monkeypatch):
+    """The values cannot tell an ignored variant from the default (both equal the reference); the
+    launches can. topk="two_pass": the statistics launch without the search (k 0), then a
+    search-only one (STATS=False); grad_d="one_block": both gradients of D 72 (128 padded) in one
+    128-wide output block instead of four 32-wide ones. atomics="red" launches as the default under
+    the interpreter (its PTX is checked by tests/test_compile_report.py), splits="occupancy" by
+    test_occupancy_plans_fewer_splits_than_two_per_sm."""
+    from smooth_infonce.ops import kernels
+
+    launches = []
+    for name in ("forward", "candidate_grad", "anchor_grad"):
+        monkeypatch.setattr(kernels, f"{name}_kernel", LaunchSpy(getattr(kernels, f"{name}_kernel"), name, launches,
+                                                                 fields=("STATS", "BLOCK_D")))
+    prob = make_problem("inbatch", 40, 40, 72, dtype=torch.float32, seed=3)
+
+    def launched(variants):
+        launches.clear()
+        with kernel_variants(variants):
+            run(triton_row_losses, prob, temperature=0.2, smoothing=0.1, neighbors=3, deterministic=True)
+        return [launch for launch in launches]
+
+    default = launched("default")
+    assert default == [("forward", None, 32), ("candidate_grad", None, 32), ("anchor_grad", None, 32)], default
+    assert launched("topk=two_pass") == [("forward", None, 32), ("forward", False, 32), *default[1:]]
+    assert launched("grad_d=one_block") == [("forward", None, 32), ("candidate_grad", None, 128),
+                                            ("anchor_grad", None, 128)]
 
 
 @interpreter

@@ -397,18 +397,19 @@ def test_allow_tf32_follows_torch(monkeypatch):
 
 class LaunchSpy:
     """Stands in for one @triton.jit kernel of `smooth_infonce.ops.kernels`: records the kernel's
-    name and its ATOMIC_ANCHOR_GRAD flag at each ``kernel[grid](...)`` launch, then launches it
-    (the launches of the self-check's probe of a kind met first here are not recorded)."""
+    name and the keyword arguments named in `fields` (by default its ATOMIC_ANCHOR_GRAD flag) at
+    each ``kernel[grid](...)`` launch, then launches it (the launches of the self-check's probe of a
+    kind met first here are not recorded)."""
 
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
+    def __init__(self, kernel, name, launches, fields=("ATOMIC_ANCHOR_GRAD",)):
+        self.kernel, self.name, self.launches, self.fields = kernel, name, launches, fields
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def recorded(*args, **kwargs):
             if not self_check.probing():
-                self.launches.append((self.name, kwargs.get("ATOMIC_ANCHOR_GRAD")))
+                self.launches.append((self.name, *(kwargs.get(field) for field in self.fields)))
             return launch(*args, **kwargs)
 
         return recorded
