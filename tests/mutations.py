@@ -115,6 +115,14 @@ MUTATIONS: List[Mutation] = [
       'probs = tl.exp(tl.where(valid, sims, float("-inf")) - lse)',
       ("tests/test_triton_kernel.py", "-k", "gradcheck_fp64 and inbatch"),
       "the backward's softmax forgets 1 / tau"),
+    M("variant-two-pass-ignored", "smooth_infonce/ops/triton.py",
+      'if p.neighbors and p.variants.topk == "two_pass":', "if False:",
+      ("tests/test_kernel_variants.py", "-k", "each_variant_takes_its_own_launches"),
+      "topk='two_pass' is ignored (the fused search runs; the values still match the reference)", ci=True),
+    M("variant-one-block-ignored", "smooth_infonce/ops/triton.py",
+      'one_block = grad_d == "one_block" and kernel != "forward"', "one_block = False",
+      ("tests/test_kernel_variants.py", "-k", "each_variant_takes_its_own_launches"),
+      "grad_d='one_block' is ignored (the gradients keep their narrow output blocks)"),
     # --- the public API: validation, layouts, options, schedule, call forms --------------------------
     M("temperature-zero-accepted", "smooth_infonce/validation.py",
       "if not math.isfinite(temperature) or temperature <= 0:", "if not math.isfinite(temperature) or temperature < 0:",
@@ -371,6 +379,36 @@ def _last_failure(output: str) -> str:
     return lines[-1][:300] if lines else output.strip().splitlines()[-1][:300]
 
 
+def cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def run_record(argv, seconds: float, jobs: int) -> dict:
+    """When, on what and from which tree the verdicts were reached, for a committed result."""
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+    import triton
+
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = " + uncommitted changes" if git("status", "--porcelain") else ""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": git("rev-parse", "--short", "HEAD") + dirty,
+            "command": "python tests/mutations.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": f"{os.cpu_count()} cores, {cpu_model()}",
+            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "jobs": jobs, "wall_seconds": round(seconds, 1)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for m in chosen:
             print(f"{m.name}{'  [ci]' if m.ci else ''}\n    {m.path}: {m.plants}\n    tests: {' '.join(m.tests)}")
         return 0
-    results = []
+    results, started = [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each mutation's pytest is its own process
         for number, result in enumerate(pool.map(lambda m: check(m, timeout=args.timeout), chosen), 1):
             results.append(result)
@@ -395,7 +433,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     counts = {v: sum(r["verdict"] == v for r in results) for v in VERDICTS}
     print("  ".join(f"{v}: {n}" for v, n in counts.items()))
     if args.json:
-        args.json.write_text(json.dumps({"counts": counts, "mutations": results}, indent=2) + "\n")
+        record = {"counts": counts, **run_record(argv, time.perf_counter() - started, args.jobs), "mutations": results}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0 if counts["caught"] == len(results) else 1
 
 
