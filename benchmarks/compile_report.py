@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib.util
 import io
 import json
@@ -51,7 +50,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS_FILE = ROOT / "smooth_infonce" / "ops" / "kernels.py"
-RUNS = ROOT / "benchmarks" / "runs"  # git-ignored
+# environment.py beside this file, also when a test loads this file by path or PYTHONSAFEPATH=1 is set
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from environment import default_stem  # noqa: E402
 
 SM_COUNT = {90: 132, 80: 108}  # H100 / H200 SXM, A100 SXM: what the host's work splitting sees
 SMEM_LIMIT = {90: 232448, 80: 166912}  # max dynamic shared memory per block (227 KiB, 163 KiB)
@@ -593,7 +595,7 @@ def main(argv=None):
         sys.exit("unset TRITON_INTERPRET: this compiles for real GPUs")
     import triton
 
-    out = args.out or RUNS / f"compile-triton{triton.__version__}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out = args.out or default_stem(f"compile-triton{triton.__version__}")
     out.mkdir(parents=True, exist_ok=True)
     cache = tempfile.mkdtemp(prefix="compile_report_cache_")
     os.environ["TRITON_CACHE_DIR"] = cache  # the workers inherit it; nothing lands in ~/.triton

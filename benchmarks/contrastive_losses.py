@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -47,10 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput.reporting import _version, cpu_name, slug  # noqa: E402
+from environment import default_stem, machine, slug, write_json  # noqa: E402
 from throughput.timing import measure_peak_rss_growth  # noqa: E402
 
-RUNS = ROOT / "benchmarks" / "runs"
 PROVIDERS = {  # name: (family, what it is)
     "clip": ("clip", "open_clip ClipLoss"),
     "smooth_clip_0": ("clip", "SmoothClipLoss, smoothing 0"),
@@ -187,19 +185,6 @@ def run_cuda(args, report, stem) -> None:
 
 # --- the report --------------------------------------------------------------------------------------
 
-def environment(device: str) -> dict:
-    env = dict(date=f"{datetime.date.today()}", python=platform.python_version(), torch=torch.__version__,
-               open_clip_torch=_version("open_clip_torch"), sentence_transformers=_version("sentence_transformers"),
-               smooth_infonce=_version("smooth_infonce"))
-    if device == "cuda":
-        import triton
-
-        env.update(device=torch.cuda.get_device_name(0), triton=triton.__version__)
-    else:
-        env.update(device=cpu_name(), threads=1)
-    return env
-
-
 def ratios(report) -> list:
     """Each smoothed provider's time and peak memory over its library loss's, batch by batch."""
     points = {(p["provider"], p["batch"]): p for p in report["points"] if "error" not in p}
@@ -275,19 +260,19 @@ def plot(report, png: Path) -> None:
 
 
 def write(report, stem: Path, final: bool) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     if final:
         report["ratios"] = ratios(report)
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        env = report["environment"]
-        header = (f"Contrastive losses, fwd+bwd of N pairs, D = {report['width']}: time (median of the stated runs) "
-                  f"and peak memory growth. {env['device']}, torch {env['torch']}, open_clip_torch "
-                  f"{env['open_clip_torch']}, sentence-transformers {env['sentence_transformers']}, {env['date']}. "
-                  "In brackets: time and memory over the library loss's at the same batch.\n"
-                  f"Command: `{report['command']}`\n\n")
-        stem.with_suffix(".md").write_text(header + table(report) + "\n")
-        plot(report, stem.with_suffix(".png"))
+    write_json(report, stem)
+    if not final:
+        return
+    env = report["environment"]
+    header = (f"Contrastive losses, fwd+bwd of N pairs, D = {report['width']}: time (median of the stated runs) "
+              f"and peak memory growth. {env['device']}, torch {env['torch']}, open_clip_torch "
+              f"{env['open_clip_torch']}, sentence-transformers {env['sentence_transformers']}, {env['date']}. "
+              "In brackets: time and memory over the library loss's at the same batch.\n"
+              f"Command: `{report['command']}`\n\n")
+    stem.with_suffix(".md").write_text(header + table(report) + "\n")
+    plot(report, stem.with_suffix(".png"))
 
 
 def main(argv=None) -> None:
@@ -312,8 +297,11 @@ def main(argv=None) -> None:
         parser.error(f"unknown providers {sorted(unknown)}; choose from {list(PROVIDERS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
-    env = environment(args.device)
-    stem = args.out or RUNS / f"contrastive_losses-{slug(env['device'])}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    env = dict(date=f"{datetime.date.today()}",
+               **machine(args.device, ["open_clip_torch", "sentence_transformers", "smooth_infonce"]))
+    if args.device == "cpu":
+        env["threads"] = 1  # every provider's process sets it
+    stem = args.out or default_stem("contrastive_losses", slug(env["device"]))
     command = "python benchmarks/contrastive_losses.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = dict(environment=env, width=args.width, batches=args.batches, providers=args.providers,
                   command=command.strip(), repeats=dict(small=args.repeats, large=args.repeats_large,

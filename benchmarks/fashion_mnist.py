@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import textwrap
@@ -51,6 +50,11 @@ from smooth_infonce.integrations.data.fashion_mnist import fashion_mnist_images,
 from smooth_infonce.integrations.demo.cli import DemoConfig, demo_recipe, multicrop_recipe
 from smooth_infonce.integrations.demo.evaluation import EvalData, eval_transform, paired_difference
 from smooth_infonce.integrations.recipes import Recipe, get_preset
+
+# environment.py beside this file, also when a test loads this file by path or PYTHONSAFEPATH=1 is set
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fashion_mnist"
 
@@ -236,10 +240,7 @@ def train_run(task) -> dict:
     record.update(study=study, arm=arm, seed=seed, images_per_second=images / record["seconds"],
                   recipe=recipe.to_dict(), machine=machine(),
                   finished=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    path = run_path(out, study, arm, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-    path.with_suffix(".tmp").rename(path)  # a killed run leaves no half-written record
+    environment.write_json(record, run_path(out, study, arm, seed).with_suffix(""))
     return record
 
 
@@ -302,7 +303,7 @@ def references(settings: Settings, out: Path) -> Dict[str, Dict[str, float]]:
         scores[name] = evaluation.evaluate(build_recipe(settings, "supervised", arm).backbone.build(), "cpu",
                                            settings.knn_k)
     refs = {name: {"knn": 100 * s["knn_top1"], "linear": 100 * s["linear_top1"]} for name, s in scores.items()}
-    path.write_text(json.dumps(dict(settings=dataclasses.asdict(settings), references=refs), indent=1))
+    environment.write_json(dict(settings=dataclasses.asdict(settings), references=refs), path.with_suffix(""))
     return refs
 
 
@@ -410,12 +411,7 @@ def plot(path: Path, record: dict) -> None:
 
 
 def machine() -> dict:
-    import lightly
-    import lightning
-
-    return dict(cpu=platform.processor() or platform.machine(), cores=multiprocessing.cpu_count(),
-                python=platform.python_version(), torch=torch.__version__, lightning=lightning.__version__,
-                lightly=lightly.__version__, torch_threads_per_run=1)
+    return dict(environment.machine("cpu", ["lightning", "lightly"]), torch_threads_per_run=1)
 
 
 def write_summary(out: Path, settings: Settings, refs: dict, started: float, jobs: int) -> dict:
@@ -431,7 +427,7 @@ def write_summary(out: Path, settings: Settings, refs: dict, started: float, job
                   wall_seconds_this_invocation=time.perf_counter() - started,
                   train_seconds_all_runs=sum(r["seconds"] for r in runs),
                   summary=summarise(runs), runs=runs)
-    (out / "results.json").write_text(json.dumps(record, indent=1))
+    environment.write_json(record, out / "results")
     (out / "results.md").write_text(markdown(record))
     plot(out / "results.png", record)
     return record

@@ -65,19 +65,12 @@ import torch
 # the package beside this file; explicit, since gpu_check.sh's PYTHONSAFEPATH=1 keeps a script's folder off sys.path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# step_memory.py, training_step.py and gpu_check.sh's summary import _version, cpu_name, slug,
-# measure_peak_rss_growth and warmup_summary from this command
+# gpu_check.sh's summary imports warmup_summary from this command
 from throughput import benchmark, reporting, study_runs, timing  # noqa: E402
 from throughput.problems import CPU_SHAPES  # noqa: E402
-from throughput.reporting import _version, cpu_name, slug, warmup_summary  # noqa: E402, F401
+from throughput.reporting import warmup_summary  # noqa: E402, F401
 from throughput.studies import TILE_NEIGHBOURS, VARIANT_AXES, VARIANT_NEIGHBORS  # noqa: E402
-from throughput.timing import (  # noqa: E402, F401
-    CPU_QUICK_RUNS,
-    CPU_RUNS,
-    GPU_QUICK_RUNS,
-    GPU_RUNS,
-    measure_peak_rss_growth,
-)
+from throughput.timing import CPU_QUICK_RUNS, CPU_RUNS, GPU_QUICK_RUNS, GPU_RUNS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,15 +7,17 @@ against the op's own host preparation for scale. Host time only, so the CPU meas
 
 import argparse
 import datetime
-import json
 import os
-import platform
+import sys
 import timeit
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the host code runs on CPU tensors
+# environment.py beside this file, also when a test loads this file by path or PYTHONSAFEPATH=1 is set
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from environment import machine, write_json  # noqa: E402
 
 from smooth_infonce import __version__, self_check  # noqa: E402
 from smooth_infonce.ops import triton as host  # noqa: E402
@@ -41,10 +43,9 @@ def main() -> None:
     microseconds = {name: min(timeit.repeat(stmt, number=reps, repeat=5)) / reps * 1e6
                     for name, (stmt, reps) in cases.items()}
     result = {"benchmark": "self_check_overhead", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-              "torch": torch.__version__, "smooth_infonce": __version__, "problem": "moco_ids 256 x 4096, D 128, bf16",
+              "machine": machine("cpu"), "smooth_infonce": __version__, "problem": "moco_ids 256 x 4096, D 128, bf16",
               "timing": "best of 5 repeats, per call", "microseconds": microseconds}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out.with_suffix(""))
     for name, value in microseconds.items():
         print(f"{name:20s} {value:8.3f} us")
 

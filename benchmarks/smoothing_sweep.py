@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import textwrap
@@ -31,10 +30,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from smooth_infonce.integrations.demo.cli import DemoConfig, run_demo
 from smooth_infonce.integrations.demo.evaluation import paired_difference, t_critical
+
+# environment.py beside this file, also when a test loads this file by path or PYTHONSAFEPATH=1 is set
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from environment import machine, write_json  # noqa: E402
 
 
 def cell_name(alpha: float, mode: str) -> str:
@@ -70,7 +72,7 @@ def save(record: dict, out: Path) -> None:
     record["effects"] = {metric: {cell: dict(mean=m, se=se, seeds=n, ci95=t_critical(n) * se)
                                   for cell, (m, se, n) in paired_effects(record["runs"], metric).items()}
                          for metric in ("knn", "linear")}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    write_json(record, out)
 
 
 def plot(path: Path, runs: list[dict], alphas: list[float], modes: list[str], title: str) -> None:
@@ -122,8 +124,7 @@ def main(argv=None) -> int:
     record = dict(
         what="main job (SimCLR, tiny_cnn width 16, 16 px digits, batch 128, tau 0.2): kNN / linear top-1 "
              "of smoothed runs minus plain InfoNCE, paired by seed",
-        machine=dict(cpu=platform.processor() or platform.machine(), python=platform.python_version(),
-                     torch=torch.__version__, torch_threads=1),
+        machine=dict(machine("cpu"), torch_threads=1),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), epochs=args.epochs,
         seeds=args.seeds, alphas=args.alphas, modes=args.modes, runs=[])
     if args.resume and out.with_suffix(".json").exists():

@@ -47,9 +47,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kernel_throughput import _version, cpu_name, measure_peak_rss_growth, slug  # noqa: E402
+from environment import default_stem, machine, slug, write_json  # noqa: E402
+from throughput.timing import measure_peak_rss_growth  # noqa: E402
 
-RUNS = ROOT / "benchmarks" / "runs"
 SEED = 0
 
 
@@ -244,15 +244,10 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
     second_pass = time_second_pass(args) if args.time_batch else None
     print(json.dumps(second_pass), flush=True)
-    if args.device == "gpu":
-        props = torch.cuda.get_device_properties(0)
-        device = dict(device=props.name, memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda)
-    else:
-        device = dict(device=cpu_name(), cores=os.cpu_count(), torch_threads=1)
     report = dict(
-        benchmark="step_memory", date=datetime.datetime.now().isoformat(timespec="seconds"), **device,
+        benchmark="step_memory", date=datetime.datetime.now().isoformat(timespec="seconds"),
+        **machine("cuda" if args.device == "gpu" else "cpu", ["lightly", "timm"]), torch_threads=1,
         memory_points_date=memory_date or datetime.datetime.now().isoformat(timespec="seconds"),
-        torch=torch.__version__, lightly=_version("lightly"), timm=_version("timm"), python=sys.version.split()[0],
         load_average_at_start=load_at_start, load_average_at_end=os.getloadavg(),
         settings=dict(recipe="light_moco", backbone=args.backbone, image_size=args.image_size, queue=args.queue,
                       chunk_size=args.chunk_size, views=2, seed=SEED, bf16=args.bf16, device=args.device,
@@ -268,10 +263,8 @@ def main(argv=None) -> None:
                              "per-round ratios"),
         results=results, summary=summarise(results), second_pass=second_pass,
     )
-    now = datetime.datetime.now()
-    stem = Path(args.out) if args.out else RUNS / f"step_memory-{slug(report['device'])}-{now:%Y%m%d-%H%M%S}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem = Path(args.out) if args.out else default_stem("step_memory", slug(report["device"]))
+    write_json(report, stem)
     plot(report, stem.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")

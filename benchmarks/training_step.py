@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -44,9 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kernel_throughput import _version, cpu_name, slug  # noqa: E402
+from environment import default_stem, machine, slug, write_json  # noqa: E402
 
-RUNS = ROOT / "benchmarks" / "runs"
 SEED = 0
 FAMILIES = {
     # name: (preset, overrides). SimCLR has no preset: light_moco's loss with an in-batch SimCLR
@@ -254,14 +252,9 @@ def main(argv=None) -> None:
 
     load_at_start = os.getloadavg()
     results = run(args, device)
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info = dict(device=props.name, cuda=torch.version.cuda, triton=_version("triton"))
-    else:
-        info = dict(device=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads())
     report = dict(
-        benchmark="training_step", date=datetime.datetime.now().isoformat(timespec="seconds"), **info,
-        torch=torch.__version__, lightly=_version("lightly"), timm=_version("timm"), python=sys.version.split()[0],
+        benchmark="training_step", date=datetime.datetime.now().isoformat(timespec="seconds"),
+        **machine(device, ["lightly", "timm"]), torch_threads=torch.get_num_threads(),
         # a shared machine: other work inflates the absolute times
         load_average_at_start=load_at_start, load_average_at_end=os.getloadavg(),
         settings=dict(batch=args.batch, global_px=args.global_px, local_px=args.local_px, repeats=args.repeats,
@@ -279,10 +272,8 @@ def main(argv=None) -> None:
                       no_ids="MoCo runs without sample ids (lightly has none), so every variant does the same work"),
         results=results,
     )
-    now = datetime.datetime.now()
-    stem = Path(args.out) if args.out else RUNS / f"training_step-{slug(report['device'])}-{now:%Y%m%d-%H%M%S}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem = Path(args.out) if args.out else default_stem("training_step", slug(report["device"]))
+    write_json(report, stem)
     plot(report, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
 

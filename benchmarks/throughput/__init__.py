@@ -7,7 +7,8 @@
   what its timings conclude (fastest, suggested change); no GPU needed
 - benchmark: the CPU and GPU benchmark runs (S6 included) and the compile warm-up of their kernels
 - study_runs: the tile-candidate and speed-variant studies, run on the machine
-- reporting: the machine and versions a run records, where its files go, the JSON, plots and summaries
+- reporting: the JSON with its plot, the summaries (the machine record, output stems and JSON writer
+  every benchmark shares: benchmarks/environment.py)
 
 The command puts benchmarks/ on sys.path (it is the script's folder), which makes this package
 importable as ``throughput``; importing it adds the repository root last, as a fallback for

@@ -10,7 +10,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from environment import default_stem, machine, slug, write_json
 
 from smooth_infonce.ops.reference import reference_row_losses
 
@@ -37,20 +37,7 @@ from .problems import (
     s6_base,
 )
 from .providers import CEILINGS, CPU_PROVIDERS, GPU_PROVIDERS, Skip, ceiling, cpu_step, s6_triton_loss
-from .reporting import (
-    _version,
-    cpu_name,
-    cpu_row_line,
-    default_stem,
-    gpu_environment,
-    plot_cpu,
-    plot_gpu,
-    slug,
-    summary,
-    warmup_summary,
-    write,
-    write_json,
-)
+from .reporting import cpu_row_line, plot_cpu, plot_gpu, summary, warmup_summary, write
 from .studies import provider_phases, warmup_tasks
 from .timing import (
     CPU_QUICK_RUNS,
@@ -88,12 +75,10 @@ def run_cpu(args):
             if r["shape"] == shape and base:
                 r["time_vs_lightly"] = r["fwdbwd_ms"] / base["fwdbwd_ms"]
                 r["memory_vs_lightly"] = r["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
-    name = cpu_name()
     report = dict(
-        mode="cpu", date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=name,
-        cores=os.cpu_count(), torch_threads=torch.get_num_threads(), python=platform.python_version(),
+        mode="cpu", date=datetime.datetime.now().isoformat(timespec="seconds"), **machine("cpu", ["lightly"]),
+        torch_threads=torch.get_num_threads(),
         load_average_at_end=os.getloadavg(),  # other work on the machine inflates absolute times
-        torch=torch.__version__, lightly=_version("lightly"),
         settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS, dtype="float32",
                       timing=f"median of {repeats} fwd+bwd runs after one warm-up, one process, "
                              "providers interleaved round-robin",
@@ -101,7 +86,7 @@ def run_cpu(args):
                              "subprocess, MALLOC_MMAP_THRESHOLD_=65536"),
         results=results,
     )
-    stem = args.out or default_stem(f"cpu-{slug(name)}")
+    stem = args.out or default_stem("cpu", slug(report["cpu"]))
     write(report, Path(stem), plot_cpu)
 
 
@@ -239,7 +224,7 @@ def run_s6(quick):
 def run_gpu(args):
     shapes = args.shapes or list(GPU_SHAPES) + ["S6"]
     providers = args.providers or [*GPU_PROVIDERS, *CEILINGS]
-    environment = gpu_environment()
+    environment = machine("cuda", ["lightly", "inf_cl", "memeff"])
     stem = Path(args.out or default_stem(slug(environment["gpu"])))
     results, s6 = [], []
 
@@ -247,7 +232,7 @@ def run_gpu(args):
         add_gemm_fractions(results)
         return dict(
             mode="gpu", date=datetime.datetime.now().isoformat(timespec="seconds"), partial=partial,
-            **environment, lightly=_version("lightly"), inf_cl=_version("inf_cl"), memeff=_version("memeff"),
+            **environment,
             settings=dict(temperature=TEMPERATURE, smoothing=SMOOTHING, neighbors=NEIGHBORS,
                           timing=f"triton.testing.do_bench median, >= {GPU_QUICK_RUNS if args.quick else GPU_RUNS} "
                                  "runs after warm-up; L2 flushed before each run (cold L2); bwd = fwd+bwd - fwd; "
@@ -371,7 +356,7 @@ def run_warmup(args):
                  for s, t in share if (s, t) not in done]
     wall = time.monotonic() - start
     ok = [r for r in rows if r["status"] == "ok"]
-    environment = gpu_environment()
+    environment = machine("cuda")
     report = dict(
         mode="warmup", date=datetime.datetime.now().isoformat(timespec="seconds"), **environment,
         jobs=jobs, wall_s=wall, stopped_by_budget=stopped, triton_cache=str(cache), cubins_before=before,
@@ -386,6 +371,6 @@ def run_warmup(args):
                              "time includes waiting for CPU with the other processes"),
         results=rows,
     )
-    stem = Path(args.out or default_stem(slug(environment["gpu"]) + "-compile"))
+    stem = Path(args.out or default_stem(slug(environment["gpu"]), "compile"))
     write_json(report, stem)
     print(warmup_summary(report))

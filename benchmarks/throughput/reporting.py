@@ -1,79 +1,20 @@
-"""What a run leaves behind: the machine and versions it records, where its files go (never the
-committed results without --out), the JSON (rewritten as a run goes; a study's outcome also added
-to the benchmark's JSON), the plots, the lines printed per CPU row, and the text summaries that
---summary prints from a JSON of any mode."""
+"""What a run leaves behind, beside the machine record and the JSON writer of benchmarks/environment.py:
+the JSON with its plot (a study's outcome also added to the benchmark's JSON), the lines printed per
+CPU row, and the text summaries that --summary prints from a JSON of any mode."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
-import re
-import subprocess
 from pathlib import Path
 
-import torch
+from environment import write_json
 
-from . import BENCHMARKS
 from .problems import CPU_SHAPES, GPU_SHAPES
 from .studies import tile_suggestion, variant_suggestion
 
-RUNS = BENCHMARKS / "runs"  # default output folder, git-ignored; committed runs go to results/ only with --out
-
-
 # ================================================================================================
-# The machine and versions
+# The JSON and its plot
 # ================================================================================================
-
-def _version(module):
-    try:
-        from importlib.metadata import version
-
-        return version(module.replace("_", "-"))
-    except Exception:
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def gpu_environment() -> dict:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True).stdout.strip().splitlines()[0]
-    except (OSError, IndexError):
-        driver = "unknown"
-    return dict(gpu=props.name, sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
-                driver=driver, cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version())
-
-
-# ================================================================================================
-# Files
-# ================================================================================================
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def default_stem(device_slug: str) -> Path:
-    return RUNS / f"{device_slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-
-
-def write_json(report, stem: Path):
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-
 
 def write(report, stem: Path, plot):
     write_json(report, stem)

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from environment import default_stem, gpu_environment, slug, write_json
 
 from . import BENCHMARKS, COMMAND
 from .problems import GPU_SHAPES, SMOOTHING, TEMPERATURE, build_problem
 from .providers import GPU_PROVIDERS, Skip, triton_loss
-from .reporting import default_stem, gpu_environment, record_outcome, slug, write_json
+from .reporting import record_outcome
 from .studies import (
     TILE_MIN_SPEEDUP,
     TILE_NEIGHBOURS,
@@ -170,7 +171,7 @@ def run_tile_candidates(args):
                                            TILE_PROVIDER, "--quick" if args.quick else "full"),
                                 min_speedup=TILE_MIN_SPEEDUP),
                   results=rows, fastest=fastest_tiles(rows))
-    stem = Path(args.out or default_stem(slug(environment["gpu"]) + "-tiles"))
+    stem = Path(args.out or default_stem(slug(environment["gpu"]), "tiles"))
     write_json(report, stem)
     record_outcome(args.record_in, "tile_candidates", stem, report["fastest"])
     print(tile_suggestion(report["fastest"]))
@@ -188,7 +189,7 @@ def run_variants(args):
 
     start = time.monotonic()
     environment = gpu_environment()
-    stem = Path(args.out or default_stem(slug(environment["gpu"]) + "-variants"))
+    stem = Path(args.out or default_stem(slug(environment["gpu"]), "variants"))
     rows = []
 
     def report(partial):
