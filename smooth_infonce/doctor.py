@@ -1,6 +1,7 @@
 """smooth-infonce-doctor: what this machine gives the fused kernel, and whether to trust it (issue 24).
 
-    smooth-infonce-doctor [--json PATH] [--budget SECONDS] [--timing-seconds SECONDS] [--all-kinds]
+    smooth-infonce-doctor [--json PATH] [--budget SECONDS] [--timing-seconds SECONDS] [--widths D,...]
+                          [--all-kinds]
     python -m smooth_infonce.doctor ...
 
 1. the environment: Python, torch, triton, CUDA, the NVIDIA driver, the GPUs, smooth-infonce, and
@@ -8,7 +9,8 @@
 2. the reference op against its written-out form (`layout.dense_masks`, `ops.reference.smoothed_targets`),
    loss and gradients in float64, every layout and smoothing mode;
 3. the kernel's self-check (`smooth_infonce.self_check`) for every kind: each dtype, layout family,
-   smoothing mode and backward mode, with the selected speed variants, probed afresh (cached verdicts
+   smoothing mode and backward mode, with the selected speed variants, at each head width of --widths
+   (default 128; a head width names the compiled tile configuration), probed afresh (cached verdicts
    are not read; the new ones are written to the cache, so later processes skip their probes): a table
    of verdict, worst error and probe time, at most --budget seconds (kinds not reached are listed as
    not checked). Without CUDA: a few kinds under the Triton interpreter (all with --all-kinds), in a
@@ -43,12 +45,15 @@ from typing import Callable, List, Optional
 import torch
 
 from . import self_check
+from .ops import padded_dim
 from .self_check import LAYOUTS, SMOOTHING, TOLERANCES, Kind
 
 OPTIONAL = ("lightly", "lightning", "pytorch-lightning", "solo-learn")
 REFERENCE_TOLERANCE = 1e-10  # the reference op and the dense formula, both float64
-# Without CUDA, the interpreter probes these kinds (about 0.2 s each): every layout and smoothing
-# mode in float32, each other dtype once, and the deterministic backward once.
+GPU_WIDTHS = "128"  # --widths' default: the usual projection head (light-moco's, SimCLR's)
+# Without CUDA, the interpreter probes these kinds at width 32 (about 0.2 s each): every layout and
+# smoothing mode in float32, each other dtype once, and the deterministic backward once.
+INTERPRETER_WIDTH = 32
 INTERPRETER_KINDS = ([("float32", layout, smoothing, False) for layout in LAYOUTS for smoothing in SMOOTHING]
                      + [(dtype, "in_batch", "neighbors", False) for dtype in ("bfloat16", "float16", "float64")]
                      + [("float32", "moco_ids", "neighbors", True)])
@@ -65,6 +70,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default 300; a cold Triton cache compiles every kind's kernels)")
     parser.add_argument("--timing-seconds", type=float, default=30.0, metavar="SECONDS",
                         help="the timing's limit; 0 skips it (default 30)")
+    parser.add_argument("--widths", default=GPU_WIDTHS, metavar="D,...",
+                        help="with CUDA: the head widths (D) to probe every kind at, each rounded up to the "
+                        f"kernels' padded width (default {GPU_WIDTHS})")
     parser.add_argument("--all-kinds", action="store_true",
                         help="without CUDA: probe every kind under the interpreter, not only a few")
     parser.add_argument("--interpreter-worker", metavar="JSON", help=argparse.SUPPRESS)
@@ -73,6 +81,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--budget must be > 0 seconds, got {args.budget}")
     if args.timing_seconds < 0:
         parser.error(f"--timing-seconds must be >= 0, got {args.timing_seconds}")
+    try:
+        widths = sorted({padded_dim(int(d)) for d in args.widths.split(",")})
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 16 or any(int(d) < 1 for d in args.widths.split(",")):
+        parser.error(f"--widths must be positive integers separated by commas, got {args.widths!r}")
     try:
         self_check.mode()
     except ValueError as err:  # the first kernel call would raise it: say it up front
@@ -106,8 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
         print(f"\n== self-check of every kind on {env['gpus'][device.index]['name']} (probed afresh; at most "
               f"{args.budget:g} s)")
-        rows = check_kinds(self_check.all_kinds(_target_name(device), env["kernel_variants"]), device,
-                           args.budget, on_row=lambda rows: (report.update(self_check_kinds=rows), write()))
+        kinds = [kind for width in widths
+                 for kind in self_check.all_kinds(_target_name(device), width, env["kernel_variants"])]
+        rows = check_kinds(kinds, device, args.budget,
+                           on_row=lambda rows: (report.update(self_check_kinds=rows), write()))
     else:
         print("\n== no CUDA device: the kernel cannot run here on a GPU. Its probe runs under the Triton "
               "interpreter instead (the same kernel code, executed on the CPU)")
@@ -211,7 +227,7 @@ def reference_checks() -> List[dict]:
     rows = []
     for layout in LAYOUTS:
         for smoothing_mode in SMOOTHING:
-            kind = Kind("cpu", "float64", layout, smoothing_mode, "default", False)
+            kind = Kind("cpu", "float64", layout, smoothing_mode, "default", False, INTERPRETER_WIDTH)
             problem, smoothing, neighbors = self_check.probe_problem(kind, cpu)
             keys = problem.keys
             tensors = [problem.anchors, problem.candidates] + ([] if keys is None else [keys])
@@ -328,9 +344,9 @@ def _interpreter_on_here() -> bool:
 
 def _probe_interpreter_kinds(all_kinds: bool, budget: float, variants: str) -> List[dict]:
     if all_kinds:
-        kinds = self_check.all_kinds("interpreter", variants)
+        kinds = self_check.all_kinds("interpreter", INTERPRETER_WIDTH, variants)
     else:
-        kinds = [Kind("interpreter", dtype, layout, smoothing, variants, det)
+        kinds = [Kind("interpreter", dtype, layout, smoothing, variants, det, INTERPRETER_WIDTH)
                  for dtype, layout, smoothing, det in INTERPRETER_KINDS]
     return check_kinds(kinds, torch.device("cpu"), budget)
 

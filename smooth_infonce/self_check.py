@@ -2,8 +2,9 @@
 
 A GPU the kernel has never met cannot give a user a wrong gradient. The first time a process sends
 the fused op a problem of a new `Kind` (what the launches are planned for, the kernels' dtype, the
-layout family, the smoothing mode, the selected speed variants `KernelVariants` and the backward
-mode), the op first runs a small probe of that kind through the same functions it launches with
+layout family, the smoothing mode, the selected speed variants `KernelVariants`, the backward mode
+and the padded head width that picks the compiled tiles), the op first runs a small probe of that
+kind through the same functions it launches with
 (`ops.triton._kernel_forward` / `_kernel_backward`) and compares the loss and every gradient with the
 reference op in float64 on the same input values, within `TOLERANCES`. On a mismatch, a non-finite
 value or any exception (a compile error, out of resources, a launch failure), the process warns once
@@ -84,13 +85,16 @@ TOLERANCES: Dict[str, tuple] = {
 }
 
 # The probe: one small problem per layout (in-batch: 8 instances x 2 views; MoCo: 16 queries and a
-# queue of 48; two-tower: 16 anchors, 48 candidates), D = 32, tau = 0.2, alpha = 0.2, k = 3. The seed
-# is chosen so that in every layout each row's k-th and (k+1)-th negative similarities differ by more
-# than 2^-9 (5.2e-3; tests/test_self_check.py): TF32 rounding moves a similarity of unit vectors by
-# at most 2^-10, so the kernel and the reference pick the same neighbours. The backward runs once
-# with every input needing a gradient and, outside the in-batch layout, once for the anchors alone
-# (the frozen MoCo queue): between them every backward kernel of the mode is launched.
-PROBE = dict(n=16, m=48, dim=32, temperature=0.2, smoothing=0.2, neighbors=3, seed=88)
+# queue of 48; two-tower: 16 anchors, 48 candidates) at the kind's head width, tau = 0.2, alpha = 0.2,
+# k = 3. Its vectors are drawn in 32 dimensions (16 for the narrowest width) and mapped into the
+# kind's width by a random isometry (`make_problem(width=...)`), so the kernels compiled for that
+# width are the ones probed while every similarity stays the drawn one. The seeds are chosen so that
+# in every layout each row's k-th and (k+1)-th negative similarities differ by more than 2^-9 at every
+# width and dtype (tests/test_self_check.py): TF32 rounding moves a similarity of unit vectors by at
+# most 2^-10, so the kernel and the reference pick the same neighbours. The backward runs once with
+# every input needing a gradient and, outside the in-batch layout, once for the anchors alone (the
+# frozen MoCo queue): between them every backward kernel of the mode is launched.
+PROBE = dict(n=16, m=48, temperature=0.2, smoothing=0.2, neighbors=3, seeds={32: 88, 16: 38})  # drawn dim: seed
 _PROBLEM_LAYOUT = {"in_batch": "inbatch", "moco": "moco", "moco_ids": "moco_ids", "two_tower": "twotower"}
 class KernelFallbackWarning(RuntimeWarning):
     """The fused kernel failed its self-check for a kind: this process uses the reference op for it."""
@@ -105,10 +109,11 @@ class Kind(NamedTuple):
     smoothing: str  # one of SMOOTHING
     variants: str  # the selected KernelVariants, as KernelVariants.text() writes them ("default")
     deterministic: bool  # the backward mode
+    width: int  # the head width the kernels are compiled for: D padded to a power of two, at least 16
 
     def text(self) -> str:
-        return (f"{self.target} {self.dtype} {self.layout} smoothing={self.smoothing} variants={self.variants} "
-                f"{'deterministic' if self.deterministic else 'atomic'}")
+        return (f"{self.target} {self.dtype} {self.layout} width={self.width} smoothing={self.smoothing} "
+                f"variants={self.variants} {'deterministic' if self.deterministic else 'atomic'}")
 
 
 @dataclass(frozen=True)
@@ -386,19 +391,21 @@ def store(env: dict, kind: Kind, verdict: Verdict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def all_kinds(target: str, variants: str = "default", dtypes: Sequence[str] = DTYPES,
+def all_kinds(target: str, width: int, variants: str = "default", dtypes: Sequence[str] = DTYPES,
               deterministic: Sequence[bool] = (False, True)) -> List[Kind]:
-    """Every kind of a target (the doctor's table), the non-deterministic backward first."""
-    return [Kind(target, dtype, layout, smoothing, variants, det) for det in deterministic for dtype in dtypes
-            for layout in LAYOUTS for smoothing in SMOOTHING]
+    """Every kind of a target at one head width (the doctor's table), the non-deterministic backward first."""
+    return [Kind(target, dtype, layout, smoothing, variants, det, width) for det in deterministic
+            for dtype in dtypes for layout in LAYOUTS for smoothing in SMOOTHING]
 
 
 def probe_problem(kind: Kind, device: torch.device):
     """The probe's `smooth_infonce.testing.Problem` for a kind, and its (smoothing, neighbors)."""
     from .testing import make_problem
 
-    problem = make_problem(_PROBLEM_LAYOUT[kind.layout], PROBE["n"], PROBE["m"], PROBE["dim"],
-                           dtype=getattr(torch, kind.dtype.removesuffix("-tf32")), device=device, seed=PROBE["seed"])
+    drawn = min(32, kind.width)
+    problem = make_problem(_PROBLEM_LAYOUT[kind.layout], PROBE["n"], PROBE["m"], drawn, width=kind.width,
+                           dtype=getattr(torch, kind.dtype.removesuffix("-tf32")), device=device,
+                           seed=PROBE["seeds"][drawn])
     smoothing = 0.0 if kind.smoothing == "none" else PROBE["smoothing"]
     return problem, smoothing, PROBE["neighbors"] if kind.smoothing == "neighbors" else None
 

@@ -93,13 +93,20 @@ def make_problem(
     shuffle: bool = True,
     classes: int = 3,
     views: int = 2,
+    width: Optional[int] = None,
 ) -> Problem:
     """Unit-norm random inputs of ``layout`` (see `LAYOUTS`), drawn in float64 on the CPU from
     ``seed`` and cast to ``dtype`` on ``device``. ``grads`` says which of (anchors, candidates, keys)
     need gradients. ``shuffle`` permutes the in-batch ids (else view v of instance b is row
     v * (n // views) + b, the layout of ``torch.cat(views)``). In-batch layouts round n to a
-    multiple of ``views`` and set m = n."""
+    multiple of ``views`` and set m = n. ``width`` (>= dim): the vectors drawn in ``dim`` dimensions,
+    then mapped into ``width`` by a random isometry (orthonormal columns, its own generator), so every
+    inner product is kept and every coordinate is used: the same problem at another head width."""
     gen = torch.Generator().manual_seed(seed)
+    if width is not None and width < dim:
+        raise ValueError(f"width must be at least dim ({dim}), got {width}")
+    isometry = None if width is None else torch.linalg.qr(
+        torch.randn(width, dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64))[0]
 
     def unit(rows: int) -> Tensor:
         return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=1)
@@ -137,7 +144,7 @@ def make_problem(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
     def put(x: Tensor) -> Tensor:
-        return x.to(device=device, dtype=dtype)
+        return (x if isometry is None else x @ isometry.T).to(device=device, dtype=dtype)
 
     def put_ids(x: Optional[Tensor]) -> Optional[Tensor]:
         return None if x is None else x.to(device)

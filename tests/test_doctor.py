@@ -25,7 +25,7 @@ cpu_report = pytest.mark.skipif(torch.cuda.is_available(), reason="the doctor's 
 
 
 
-EXPECTED_KINDS = [f"interpreter {dtype} {layout} smoothing={smoothing} variants=default "
+EXPECTED_KINDS = [f"interpreter {dtype} {layout} width=32 smoothing={smoothing} variants=default "
                   f"{'deterministic' if det else 'atomic'}"
                   for dtype, layout, smoothing, det in doctor.INTERPRETER_KINDS]
 
@@ -79,11 +79,12 @@ def test_a_kind_that_falls_back_exits_1(tmp_path, monkeypatch, capsys):
 
 
 def test_usage_errors_exit_2(capsys, monkeypatch):
-    for argv in (["--budget", "0"], ["--timing-seconds", "-1"], ["--bogus"]):
+    for argv in (["--budget", "0"], ["--timing-seconds", "-1"], ["--bogus"], ["--widths", "128,x"], ["--widths", "0"]):
         with pytest.raises(SystemExit) as stopped:
             doctor.main(argv)
         assert stopped.value.code == 2
-    assert "--budget must be > 0 seconds" in capsys.readouterr().err
+    errors = capsys.readouterr().err
+    assert "--budget must be > 0 seconds" in errors and "--widths must be positive integers" in errors
     monkeypatch.setenv(self_check.MODE_ENV, "on")
     with pytest.raises(SystemExit) as stopped:
         doctor.main([])

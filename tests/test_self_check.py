@@ -21,6 +21,7 @@ from smooth_infonce.layout import dense_masks, make_pairs
 from smooth_infonce.ops import row_target_weights
 from smooth_infonce.ops import triton as host
 from smooth_infonce.self_check import KernelFallbackWarning, Kind
+from smooth_infonce.testing import make_problem
 
 from integration_helpers import free_port
 
@@ -30,9 +31,9 @@ CPU = torch.device("cpu")
 
 
 
-def kinds(**fixed):
-    """Every default-variant, non-deterministic interpreter kind whose fields equal ``fixed``."""
-    every = self_check.all_kinds("interpreter", deterministic=(False,))
+def kinds(width=32, **fixed):
+    """Every default-variant, non-deterministic interpreter kind at ``width`` whose fields equal ``fixed``."""
+    every = self_check.all_kinds("interpreter", width, deterministic=(False,))
     return [k for k in every if all(getattr(k, name) == value for name, value in fixed.items())]
 
 
@@ -84,7 +85,7 @@ def test_a_perturbed_gradient_is_caught_for_exactly_the_neighbour_kinds(monkeypa
     plant(monkeypatch, "_kernel_backward", lambda x: x.neighbors > 0, perturb_candidate_grad)
     every = kinds(dtype="float32")
     assert failing(every) == {k for k in every if k.smoothing == "neighbors"}
-    verdict = self_check.probe(Kind("interpreter", "float32", "two_tower", "neighbors", "default", False), CPU)
+    verdict = self_check.probe(Kind("interpreter", "float32", "two_tower", "neighbors", "default", False, 32), CPU)
     assert verdict.worst.startswith("gradient of candidates: error 0.01") and "> 0.001" in verdict.worst
 
 
@@ -96,6 +97,28 @@ def test_a_nan_is_caught_for_exactly_the_dtype_it_appears_in(monkeypatch):
     assert verdict.worst == "loss: error inf > 0.001"
 
 
+def test_a_fault_at_wide_heads_is_caught_for_exactly_the_widths_it_affects(monkeypatch):
+    """A kernel wrong only from 128 features on (another tile configuration): the probe runs at the
+    kind's width, so the wide kinds fail and the narrow ones pass; through the public API a 24-wide
+    call keeps the kernel while a 100-wide one (padded to 128) gets the reference op's numbers."""
+    plant(monkeypatch, "_kernel_backward", lambda x: x.anchors.shape[1] >= 128, perturb_candidate_grad)
+    narrow, wide = kinds(32, dtype="float32", layout="two_tower"), kinds(128, dtype="float32", layout="two_tower")
+    assert failing(narrow + wide) == set(wide)
+    gen = torch.Generator().manual_seed(5)
+    a, c = (torch.randn(rows, 100, generator=gen).requires_grad_() for rows in (8, 24))
+
+    def call(backend):
+        loss = smooth_infonce(a, c, temperature=0.2, smoothing=0.1, neighbors=3, backend=backend)
+        return (loss.detach(), *torch.autograd.grad(loss, (a, c)))
+
+    with pytest.warns(KernelFallbackWarning, match="width=128"):
+        got = call("triton")
+    assert_reference(got, call("reference"))
+    narrow_call = smooth_infonce(a[:, :24], c[:, :24], temperature=0.2, smoothing=0.1, backend="triton")
+    assert torch.isfinite(narrow_call) and not any(
+        not verdict.ok for kind, verdict in self_check.verdicts().items() if kind.width == 32)
+
+
 def test_an_exception_at_launch_is_caught_for_exactly_the_layout_it_affects(monkeypatch):
     plant(monkeypatch, "_kernel_forward", lambda x: x.ids_exclude, raise_at_launch)
     every = kinds(dtype="float32")
@@ -105,12 +128,20 @@ def test_an_exception_at_launch_is_caught_for_exactly_the_layout_it_affects(monk
     assert verdict.loss_error is None and verdict.seconds > 0
 
 
-def test_the_probe_problems_have_no_near_ties_at_the_kth_neighbour():
+@pytest.mark.parametrize("width", [16, 32, 64, 128, 256, 1024])
+def test_the_probe_problems_have_no_near_ties_at_the_kth_neighbour(width):
     """TF32 rounding moves a similarity of unit vectors by at most 2^-10: a gap of more than twice
-    that between each row's k-th and (k+1)-th negative keeps the kernel's neighbours the reference's."""
+    that between each row's k-th and (k+1)-th negative keeps the kernel's neighbours the reference's,
+    at every head width the probe is mapped into."""
     k = self_check.PROBE["neighbors"]
-    for kind in kinds(smoothing="neighbors"):
+    for kind in kinds(width, smoothing="neighbors"):
         problem, _, _ = self_check.probe_problem(kind, CPU)
+        assert problem.dim == width
+        if kind.dtype == "float64":  # the isometry keeps every similarity of the drawn problem
+            drawn = min(32, width)
+            base = make_problem(problem.layout, 16, 48, drawn, seed=self_check.PROBE["seeds"][drawn])
+            torch.testing.assert_close(problem.anchors.detach() @ problem.candidates.detach().T,
+                                       base.anchors.detach() @ base.candidates.detach().T, rtol=0, atol=1e-12)
         sims = problem.anchors.detach().double() @ problem.candidates.detach().double().T
         valid, positive = dense_masks(problem.pairs, problem.n, problem.m, CPU)
         if problem.keys is not None:
@@ -161,7 +192,7 @@ def test_a_failing_kind_warns_once_and_then_computes_the_reference(monkeypatch):
     fallbacks = [w for w in caught if issubclass(w.category, KernelFallbackWarning)]
     assert len(fallbacks) == 1  # older stacks add numpy DeprecationWarnings from the interpreter around it
     message = str(fallbacks[0].message)
-    kind = Kind("interpreter", "float32", "in_batch", "neighbors", "default", False)
+    kind = Kind("interpreter", "float32", "in_batch", "neighbors", "default", False, 32)
     env = self_check.environment(CPU)
     for text in (kind.text(), env["gpu"], f"torch {torch.__version__}", f"triton {env['triton']}",
                  f"smooth-infonce {env['smooth_infonce']}", "gradient of candidates: error", "smooth-infonce-doctor",
@@ -206,12 +237,12 @@ def test_the_kind_of_a_call():
         options = dict(dict(temperature=0.2, smoothing=0.1, neighbors=None), **options)
         return host.kind_of(host.row_loss_inputs(anchors, candidates, keys, pairs, **options))
 
-    assert kind(a, c) == Kind("interpreter", "float32", "two_tower", "uniform", "default", False)  # mixed: fp32
+    assert kind(a, c) == Kind("interpreter", "float32", "two_tower", "uniform", "default", False, 16)  # mixed: fp32
     assert kind(a, a[:4].repeat(2, 1), smoothing=0.0, neighbors=3).dtype == "bfloat16"
     assert kind(a, c.double(), smoothing=0.0, neighbors=3)[1:4] == ("float64", "two_tower", "none")
     assert kind(c, c, allow_tf32=True, deterministic=True, neighbors=2, pairs=make_pairs(
         10, 10, anchor_ids=torch.arange(10) % 5, candidate_ids=torch.arange(10) % 5, self_offset=0)) == Kind(
-        "interpreter", "float32-tf32", "in_batch", "neighbors", "default", True)
+        "interpreter", "float32-tf32", "in_batch", "neighbors", "default", True, 16)
     moco = make_pairs(6, 10, has_positive_key=True)
     assert kind(a.float(), c, a.float(), pairs=moco).layout == "moco"
     with_ids = make_pairs(6, 10, anchor_ids=torch.arange(6), candidate_ids=torch.arange(10) - 4,
@@ -237,7 +268,7 @@ def count_probes(monkeypatch):
     return probed
 
 
-KIND = Kind("interpreter", "float32", "in_batch", "neighbors", "default", False)
+KIND = Kind("interpreter", "float32", "in_batch", "neighbors", "default", False, 32)
 
 
 def test_the_cache_is_written_and_read_by_a_later_process(monkeypatch):

@@ -20,6 +20,12 @@ import torch
 from torch import Tensor
 
 
+def padded_dim(dim: int) -> int:
+    """The D the fused kernels are compiled for: ``dim`` rounded up to a power of two, at least 16
+    (their tile choice, `ops.triton.tiles`, and a self-check kind's head width)."""
+    return max(16, 1 << max(0, dim - 1).bit_length())
+
+
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """float64 if any input is float64, else float32: logits are never formed in half precision."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

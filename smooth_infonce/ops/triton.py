@@ -81,7 +81,7 @@ from torch import Tensor
 
 from .. import self_check
 from ..layout import Pairs
-from . import compute_dtype, row_target_weights
+from . import compute_dtype, padded_dim, row_target_weights
 
 try:
     import triton
@@ -379,7 +379,7 @@ def choose_tiles(kernel: str, dim: int, dtype: torch.dtype, precision: str = "ie
     grad_d="one_block" (`KernelVariants`): where the gradient kernels would write a streamed D in
     several output blocks, one block (of at most ONE_BLOCK_GRAD's max_d) with ONE_BLOCK_GRAD's
     tiles; under the interpreter: all of D in one block."""
-    padded = max(16, _next_power_of_two(dim))
+    padded = padded_dim(dim)
     one_block = grad_d == "one_block" and kernel != "forward"
     if arch is None:
         if padded <= 32:
@@ -858,13 +858,14 @@ _KINDS: Dict[tuple, "self_check.Kind"] = {}
 def kind_of(x: RowLossInputs) -> self_check.Kind:
     """The self-check's kind of a call (`smooth_infonce.self_check.Kind`): what the launches are
     planned for, the kernels' dtype (as `_prepare` casts), the layout family, the smoothing mode, the
-    speed variants selected now and the backward mode. It runs on every call: the facts that decide
+    speed variants selected now, the backward mode and the padded head width (which picks the
+    compiled tile configuration). It runs on every call: the facts that decide
     the kind (the planner `_target` among them: the offline tools replace it) are read and looked up,
     and the kind is formed only the first time."""
     keys = x.positive_keys
     facts = (x.anchors.dtype, x.candidates.dtype, None if keys is None else keys.dtype, x.allow_tf32,
              x.anchors.device, x.anchor_ids is None, x.ids_exclude, x.self_offset is None, x.neighbors > 0,
-             x.smoothed, x.deterministic, _VARIANTS_TEXT, _target)
+             x.smoothed, x.deterministic, _VARIANTS_TEXT, _target, x.anchors.shape[-1])
     kind = _KINDS.get(facts)
     if kind is None:
         kind = _KINDS[facts] = _new_kind(x)
@@ -886,7 +887,7 @@ def _new_kind(x: RowLossInputs) -> self_check.Kind:
     smoothing = "neighbors" if x.neighbors else ("uniform" if x.smoothed else "none")
     arch = _target(x.anchors.device).arch
     return self_check.Kind("interpreter" if arch is None else f"sm_{arch}", dtype_name, layout, smoothing,
-                           _VARIANTS_TEXT, bool(x.deterministic))
+                           _VARIANTS_TEXT, bool(x.deterministic), padded_dim(x.anchors.shape[-1]))
 
 
 def _problem(x: RowLossInputs) -> _Problem:
