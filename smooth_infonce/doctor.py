@@ -291,7 +291,7 @@ def _row_text(row: dict) -> str:
         return "-" if value is None else f"{value:.1e}"
 
     seconds = row.get("probe_s")
-    return (f"   {row['kind']:<72} {row['verdict']:<12} loss {number(row.get('loss_error'))}  "
+    return (f"   {row['kind']:<96} {row['verdict']:<12} loss {number(row.get('loss_error'))}  "
             f"grad {number(row.get('grad_error'))}  {'-' if seconds is None else '%.2f s' % seconds}"
             + (f"  {row['worst']}" if row["verdict"] != "ok" else ""))
 
