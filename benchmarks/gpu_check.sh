@@ -6,8 +6,9 @@
 # not be there (what needs it is skipped with a note). At most 8 minutes, cold Triton cache included:
 #   1. versions (GPU, driver, CUDA, python, torch, triton, the optional packages), the import check;
 #   1b. the doctor (python -m smooth_infonce.doctor): the kernel's first-use self-check probed for every
-#      kind (dtype x layout x smoothing x backward mode) it has time for, the environment and a short
-#      timing, in -doctor.json before anything else can fail; its verdicts are this run's self-check
+#      kind (dtype x layout x smoothing x backward mode, at head width 128) it has time for, the
+#      environment and a short timing, in -doctor.json before anything else can fail; its verdicts are
+#      this run's self-check
 #      cache, so the later stages skip those probes (it compiles into a Triton cache of its own: stage 2
 #      still measures a cold compile);
 #   2. compile: the Triton kernels of every benchmark shape compiled in parallel processes into a
