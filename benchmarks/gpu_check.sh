@@ -8,9 +8,8 @@
 #   1b. the doctor (python -m smooth_infonce.doctor): the kernel's first-use self-check probed for every
 #      kind (dtype x layout x smoothing x backward mode, at head width 128) it has time for, the
 #      environment and a short timing, in -doctor.json before anything else can fail; its verdicts are
-#      this run's self-check
-#      cache, so the later stages skip those probes (it compiles into a Triton cache of its own: stage 2
-#      still measures a cold compile);
+#      this run's self-check cache, so the later stages skip those probes (it compiles into a Triton
+#      cache of its own: stage 2 still measures a cold compile);
 #   2. compile: the Triton kernels of every benchmark shape compiled in parallel processes into a
 #      fresh Triton cache, each task's compile time recorded apart from its run time;
 #   3. the tests marked `gpu` (pytest -m gpu, the test files that use the marker);
