@@ -82,11 +82,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.timing_seconds < 0:
         parser.error(f"--timing-seconds must be >= 0, got {args.timing_seconds}")
     try:
-        widths = sorted({padded_dim(int(d)) for d in args.widths.split(",")})
+        dims = [int(d) for d in args.widths.split(",")]
     except ValueError:
-        widths = []
-    if not widths or min(widths) < 16 or any(int(d) < 1 for d in args.widths.split(",")):
+        dims = []
+    if not dims or min(dims) < 1:
         parser.error(f"--widths must be positive integers separated by commas, got {args.widths!r}")
+    widths = sorted({padded_dim(d) for d in dims})
     try:
         self_check.mode()
     except ValueError as err:  # the first kernel call would raise it: say it up front
